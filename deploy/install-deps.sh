@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything needed to build, test and benchmark the project on Debian bookworm.
+# Used by the README, by .ci/run and by the Dockerfile, so they cannot disagree.
+#
+#   deploy/install-deps.sh            build + test dependencies (including PyTorch for fixtures)
+#   deploy/install-deps.sh --build    only what compiling needs (the container's build stage)
+set -euo pipefail
+
+build_packages=(
+  build-essential cmake ninja-build pkg-config git ca-certificates
+  libdnnl-dev ocl-icd-opencl-dev opencl-c-headers libabsl-dev
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libgtest-dev libgmock-dev libbenchmark-dev
+)
+test_packages=(
+  python3 python3-numpy python3-torch
+)
+
+packages=("${build_packages[@]}")
+if [[ "${1:-}" != "--build" ]]; then
+  packages+=("${test_packages[@]}")
+fi
+
+if [[ "$(id -u)" -ne 0 ]]; then
+  SUDO=sudo
+else
+  SUDO=
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update
+$SUDO apt-get install -y --no-install-recommends "${packages[@]}"

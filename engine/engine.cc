@@ -1,0 +1,248 @@
+#include "gradengine/engine.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <list>
+#include <memory>
+#include <new>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/plan.h"
+#include "engine/request_validation.h"
+#include "oneapi/dnnl/dnnl.hpp"
+
+namespace gradengine {
+namespace {
+
+std::string IsaName(dnnl::cpu_isa isa) {
+  switch (isa) {
+    case dnnl::cpu_isa::sse41:
+      return "sse41";
+    case dnnl::cpu_isa::avx:
+      return "avx";
+    case dnnl::cpu_isa::avx2:
+      return "avx2";
+    case dnnl::cpu_isa::avx2_vnni:
+      return "avx2_vnni";
+    case dnnl::cpu_isa::avx512_mic:
+      return "avx512_mic";
+    case dnnl::cpu_isa::avx512_mic_4ops:
+      return "avx512_mic_4ops";
+    case dnnl::cpu_isa::avx512_core:
+      return "avx512_core";
+    case dnnl::cpu_isa::avx512_core_vnni:
+      return "avx512_core_vnni";
+    case dnnl::cpu_isa::avx512_core_bf16:
+      return "avx512_core_bf16";
+    case dnnl::cpu_isa::avx512_core_amx:
+      return "avx512_core_amx";
+    default:
+      return "unknown";
+  }
+}
+
+// Sets the calling thread's OpenMP team size for the duration of a call and restores it, so
+// that an Engine does not change the caller's own OpenMP settings.
+class ScopedOmpThreads {
+ public:
+  explicit ScopedOmpThreads(int threads) : previous_(omp_get_max_threads()) {
+    omp_set_num_threads(threads);
+  }
+  ~ScopedOmpThreads() { omp_set_num_threads(previous_); }
+
+ private:
+  int previous_;
+};
+
+}  // namespace
+
+class Engine::Impl {
+ public:
+  Impl(const EngineOptions& options, dnnl::engine cpu)
+      : options_(options), cpu_(std::move(cpu)) {}
+
+  absl::StatusOr<ForwardResult> Forward(const ForwardRequest& request) {
+    absl::StatusOr<ValidatedNetwork> validated =
+        ValidateForwardRequest(request, options_.max_elements);
+    if (!validated.ok()) return validated.status();
+
+    PlanNeeds needs;
+    needs.training = false;
+    absl::StatusOr<std::shared_ptr<Plan>> plan =
+        GetPlan(request.network, *validated, request.input.shape, needs);
+    if (!plan.ok()) return plan.status();
+
+    ScopedOmpThreads threads(options_.threads_per_call);
+    PlanBindings bindings;
+    bindings.input = request.input;
+    bindings.parameters = &request.parameters;
+    ForwardResult result;
+    result.output = Tensor::Zeros(validated->output_shapes.back());
+    bindings.output = &result.output;
+    absl::Status status = (*plan)->Execute(bindings, request.should_continue);
+    if (!status.ok()) return status;
+    return result;
+  }
+
+  absl::StatusOr<GradientResult> ComputeGradients(const GradientRequest& request) {
+    absl::StatusOr<ValidatedNetwork> validated =
+        ValidateGradientRequest(request, options_.max_elements);
+    if (!validated.ok()) return validated.status();
+
+    PlanNeeds needs;
+    needs.training = true;
+    needs.input_grad = request.gradients.input;
+    for (const auto& [name, shape] : validated->parameter_shapes) {
+      if (request.gradients.all_parameters ||
+          std::find(request.gradients.parameters.begin(), request.gradients.parameters.end(),
+                    name) != request.gradients.parameters.end()) {
+        needs.parameter_grads.insert(name);
+      }
+    }
+    absl::StatusOr<std::shared_ptr<Plan>> plan =
+        GetPlan(request.network, *validated, request.input.shape, needs);
+    if (!plan.ok()) return plan.status();
+
+    ScopedOmpThreads threads(options_.threads_per_call);
+    GradientResult result;
+    result.output = Tensor::Zeros(validated->output_shapes.back());
+    if (needs.input_grad) result.input_grad = Tensor::Zeros(request.input.shape);
+    for (const auto& [name, shape] : validated->parameter_shapes) {
+      if (needs.parameter_grads.count(name) > 0) {
+        result.parameter_grads.emplace(name, Tensor::Zeros(shape));
+      }
+    }
+
+    PlanBindings bindings;
+    bindings.input = request.input;
+    bindings.parameters = &request.parameters;
+    bindings.output = &result.output;
+    bindings.objective = &request.objective;
+    bindings.loss = &result.loss;
+    bindings.input_grad = result.input_grad ? &*result.input_grad : nullptr;
+    bindings.parameter_grads = &result.parameter_grads;
+    absl::Status status = (*plan)->Execute(bindings, request.should_continue);
+    if (!status.ok()) return status;
+    return result;
+  }
+
+  EngineInfo info() const {
+    EngineInfo info;
+    const dnnl_version_t* version = dnnl_version();
+    info.onednn_version = absl::StrCat(version->major, ".", version->minor, ".", version->patch);
+    info.cpu_isa = IsaName(dnnl::get_effective_cpu_isa());
+    info.threads_per_call = options_.threads_per_call;
+    info.max_elements = options_.max_elements;
+    return info;
+  }
+
+  EngineStats stats() const {
+    absl::MutexLock lock(&mu_);
+    EngineStats stats = stats_;
+    stats.cached_plans = static_cast<int64_t>(plans_.size());
+    return stats;
+  }
+
+ private:
+  // Returns the cached plan for this exact computation, compiling it on a miss. Two threads
+  // missing on the same key at once may both compile; one result is kept. Compiling outside
+  // the lock keeps a slow JIT from stalling every other call.
+  absl::StatusOr<std::shared_ptr<Plan>> GetPlan(const NetworkSpec& network,
+                                                const ValidatedNetwork& validated,
+                                                const std::vector<int64_t>& input_shape,
+                                                const PlanNeeds& needs) {
+    const std::string key = PlanKey(network, input_shape, needs);
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = plans_.find(key);
+      if (it != plans_.end()) {
+        ++stats_.plan_cache_hits;
+        lru_.splice(lru_.begin(), lru_, it->second.lru_position);
+        return it->second.plan;
+      }
+    }
+    absl::StatusOr<std::unique_ptr<Plan>> created;
+    {
+      ScopedOmpThreads threads(options_.threads_per_call);
+      created = Plan::Create(cpu_, network, validated, input_shape, needs);
+    }
+    if (!created.ok()) return created.status();
+    std::shared_ptr<Plan> plan = std::move(*created);
+
+    absl::MutexLock lock(&mu_);
+    ++stats_.plans_created;
+    auto it = plans_.find(key);
+    if (it != plans_.end()) return it->second.plan;
+    lru_.push_front(key);
+    plans_.emplace(key, CacheEntry{plan, lru_.begin()});
+    while (static_cast<int>(plans_.size()) > options_.max_cached_plans) {
+      plans_.erase(lru_.back());
+      lru_.pop_back();
+    }
+    return plan;
+  }
+
+  struct CacheEntry {
+    std::shared_ptr<Plan> plan;
+    std::list<std::string>::iterator lru_position;
+  };
+
+  const EngineOptions options_;
+  const dnnl::engine cpu_;
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<std::string, CacheEntry> plans_ ABSL_GUARDED_BY(mu_);
+  // Most recently used first.
+  std::list<std::string> lru_ ABSL_GUARDED_BY(mu_);
+  EngineStats stats_ ABSL_GUARDED_BY(mu_);
+};
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
+  EngineOptions resolved = options;
+  if (resolved.threads_per_call < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "threads_per_call=", resolved.threads_per_call, " must be >= 0 (0 = all cores)"));
+  }
+  if (resolved.threads_per_call == 0) resolved.threads_per_call = omp_get_max_threads();
+  if (resolved.max_elements < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_elements=", resolved.max_elements, " must be positive"));
+  }
+  if (resolved.max_cached_plans < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_cached_plans=", resolved.max_cached_plans, " must be positive"));
+  }
+  try {
+    dnnl::engine cpu(dnnl::engine::kind::cpu, 0);
+    return std::unique_ptr<Engine>(new Engine(std::make_unique<Impl>(resolved, std::move(cpu))));
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("oneDNN could not create a CPU engine: ", e.what()));
+  }
+}
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Engine::~Engine() = default;
+
+absl::StatusOr<ForwardResult> Engine::Forward(const ForwardRequest& request) {
+  return impl_->Forward(request);
+}
+
+absl::StatusOr<GradientResult> Engine::ComputeGradients(const GradientRequest& request) {
+  return impl_->ComputeGradients(request);
+}
+
+EngineInfo Engine::info() const { return impl_->info(); }
+EngineStats Engine::stats() const { return impl_->stats(); }
+
+}  // namespace gradengine

@@ -1,0 +1,384 @@
+#include "gradengine/engine.h"
+
+#include <cmath>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace gradengine {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::ElementsAreArray;
+using ::testing::HasSubstr;
+
+std::vector<float> Iota(int64_t n, float start = 1.0f) {
+  std::vector<float> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) v[i] = start + static_cast<float>(i);
+  return v;
+}
+
+std::vector<float> Random(int64_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist;
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+std::unique_ptr<Engine> MakeEngine(EngineOptions options = {}) {
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(options);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  return std::move(*engine);
+}
+
+// 1x1x3x3 input 1..9, one 2x2 kernel of ones, no padding, objective sum(y).
+// y = window sums: [[1+2+4+5, 2+3+5+6], [4+5+7+8, 5+6+8+9]] = [[12, 16], [24, 28]], loss 80.
+// dL/dx counts how many windows cover each pixel: [[1,2,1],[2,4,2],[1,2,1]].
+// dL/dw[i][j] sums the inputs each tap sees: [[1+2+4+5, 2+3+5+6], [4+5+7+8, 5+6+8+9]].
+// dL/db = number of outputs = 4.
+TEST(EngineTest, HandComputedSumObjective) {
+  std::unique_ptr<Engine> engine = MakeEngine();
+  std::vector<float> input = Iota(9);
+  std::vector<float> weight(4, 1.0f);
+  std::vector<float> bias = {0.5f};
+  GradientRequest request;
+  request.network.layers = {{"conv", Conv2dSpec::Square(1, 1, 2, 1, 0, true)}};
+  request.input = TensorView({1, 1, 3, 3}, input);
+  request.parameters = {{"conv.weight", TensorView({1, 1, 2, 2}, weight)},
+                        {"conv.bias", TensorView({1}, bias)}};
+  request.objective.kind = ObjectiveKind::kSum;
+
+  absl::StatusOr<GradientResult> result = engine->ComputeGradients(request);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_THAT(result->output.shape, ElementsAre(1, 1, 2, 2));
+  EXPECT_THAT(result->output.data, ElementsAre(12.5f, 16.5f, 24.5f, 28.5f));
+  ASSERT_TRUE(result->loss.has_value());
+  EXPECT_DOUBLE_EQ(*result->loss, 82.0);
+  ASSERT_TRUE(result->input_grad.has_value());
+  EXPECT_THAT(result->input_grad->data, ElementsAre(1, 2, 1, 2, 4, 2, 1, 2, 1));
+  EXPECT_THAT(result->parameter_grads.at("conv.weight").data, ElementsAre(12, 16, 24, 28));
+  EXPECT_THAT(result->parameter_grads.at("conv.bias").data, ElementsAre(4));
+}
+
+// mean((y - t)^2) on an identity-like network: relu of a positive input is the input.
+TEST(EngineTest, MseLossAndGradientOnActivationOnlyNetwork) {
+  std::unique_ptr<Engine> engine = MakeEngine();
+  std::vector<float> input = {1, 2, 3, 4};
+  std::vector<float> target = {0, 2, 5, 4};
+  GradientRequest request;
+  request.network.layers = {{"relu", ActivationSpec{ActivationKind::kRelu}}};
+  request.input = TensorView({1, 1, 2, 2}, input);
+  request.objective = {ObjectiveKind::kMse, TensorView({1, 1, 2, 2}, target)};
+  absl::StatusOr<GradientResult> result = engine->ComputeGradients(request);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_DOUBLE_EQ(*result->loss, (1.0 + 0.0 + 4.0 + 0.0) / 4.0);
+  // 2 (y - t) / 4
+  EXPECT_THAT(result->input_grad->data, ElementsAre(0.5f, 0.0f, -1.0f, 0.0f));
+  EXPECT_TRUE(result->parameter_grads.empty());
+}
+
+TEST(EngineTest, GradOutputHasNoLossAndScalesGradients) {
+  std::unique_ptr<Engine> engine = MakeEngine();
+  std::vector<float> input = Iota(9);
+  std::vector<float> weight(4, 1.0f);
+  std::vector<float> grad_output = {1, 0, 0, 2};
+  GradientRequest request;
+  request.network.layers = {{"conv", Conv2dSpec::Square(1, 1, 2, 1, 0, false)}};
+  request.input = TensorView({1, 1, 3, 3}, input);
+  request.parameters = {{"conv.weight", TensorView({1, 1, 2, 2}, weight)}};
+  request.objective = {ObjectiveKind::kGradOutput, TensorView({1, 1, 2, 2}, grad_output)};
+  absl::StatusOr<GradientResult> result = engine->ComputeGradients(request);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_FALSE(result->loss.has_value());
+  // Window (0,0) weighted 1, window (1,1) weighted 2.
+  EXPECT_THAT(result->input_grad->data, ElementsAre(1, 1, 0, 1, 3, 2, 0, 2, 2));
+  EXPECT_THAT(result->parameter_grads.at("conv.weight").data,
+              ElementsAre(1 + 2 * 5, 2 + 2 * 6, 4 + 2 * 8, 5 + 2 * 9));
+}
+
+// A 3-layer network used by several tests below.
+struct Fixture3 {
+  std::vector<float> input = Random(2 * 3 * 9 * 7, 1);
+  std::vector<float> w1 = Random(5 * 3 * 3 * 3, 2);
+  std::vector<float> b1 = Random(5, 3);
+  std::vector<float> w3 = Random(4 * 5 * 2 * 2, 4);
+  std::vector<float> target = Random(2 * 4 * 8 * 6, 5);
+
+  GradientRequest Request() const {
+    GradientRequest request;
+    request.network.layers = {{"c1", Conv2dSpec::Square(3, 5, 3, 1, 1, true)},
+                              {"act", ActivationSpec{ActivationKind::kTanh}},
+                              {"c3", Conv2dSpec::Square(5, 4, 2, 1, 0, false)}};
+    request.input = TensorView({2, 3, 9, 7}, input);
+    request.parameters = {{"c1.weight", TensorView({5, 3, 3, 3}, w1)},
+                          {"c1.bias", TensorView({5}, b1)},
+                          {"c3.weight", TensorView({4, 5, 2, 2}, w3)}};
+    request.objective = {ObjectiveKind::kMse, TensorView({2, 4, 8, 6}, target)};
+    return request;
+  }
+};
+
+TEST(EngineTest, ReturnsOnlyRequestedGradientsWithSameValues) {
+  std::unique_ptr<Engine> engine = MakeEngine();
+  Fixture3 f;
+  absl::StatusOr<GradientResult> all = engine->ComputeGradients(f.Request());
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->parameter_grads.size(), 3u);
+
+  GradientRequest request = f.Request();
+  request.gradients.input = false;
+  request.gradients.all_parameters = false;
+  request.gradients.parameters = {"c3.weight"};
+  absl::StatusOr<GradientResult> some = engine->ComputeGradients(request);
+  ASSERT_TRUE(some.ok()) << some.status();
+  EXPECT_FALSE(some->input_grad.has_value());
+  ASSERT_EQ(some->parameter_grads.size(), 1u);
+  EXPECT_EQ(some->parameter_grads.at("c3.weight").data,
+            all->parameter_grads.at("c3.weight").data);
+  EXPECT_EQ(some->output.data, all->output.data);
+  EXPECT_EQ(*some->loss, *all->loss);
+
+  request.gradients.parameters = {"c1.bias"};
+  some = engine->ComputeGradients(request);
+  ASSERT_TRUE(some.ok()) << some.status();
+  ASSERT_EQ(some->parameter_grads.size(), 1u);
+  EXPECT_EQ(some->parameter_grads.at("c1.bias").data, all->parameter_grads.at("c1.bias").data);
+
+  // Forward alone gives the training pass's output.
+  ForwardRequest forward;
+  forward.network = request.network;
+  forward.parameters = request.parameters;
+  forward.input = request.input;
+  absl::StatusOr<ForwardResult> fwd = engine->Forward(forward);
+  ASSERT_TRUE(fwd.ok()) << fwd.status();
+  EXPECT_EQ(fwd->output.shape, all->output.shape);
+  ASSERT_EQ(fwd->output.data.size(), all->output.data.size());
+  for (size_t i = 0; i < fwd->output.data.size(); ++i) {
+    EXPECT_NEAR(fwd->output.data[i], all->output.data[i], 1e-5f);
+  }
+}
+
+TEST(EngineTest, CachesPlansPerShapeAndWork) {
+  std::unique_ptr<Engine> engine = MakeEngine();
+  Fixture3 f;
+  ASSERT_TRUE(engine->ComputeGradients(f.Request()).ok());
+  ASSERT_TRUE(engine->ComputeGradients(f.Request()).ok());
+  EXPECT_EQ(engine->stats().plans_created, 1);
+  EXPECT_EQ(engine->stats().plan_cache_hits, 1);
+  GradientRequest request = f.Request();
+  request.gradients.input = false;
+  ASSERT_TRUE(engine->ComputeGradients(request).ok());
+  EXPECT_EQ(engine->stats().plans_created, 2);
+  EXPECT_EQ(engine->stats().cached_plans, 2);
+}
+
+TEST(EngineTest, EvictsLeastRecentlyUsedPlans) {
+  EngineOptions options;
+  options.max_cached_plans = 2;
+  std::unique_ptr<Engine> engine = MakeEngine(options);
+  for (int64_t width : {4, 5, 6, 4}) {
+    std::vector<float> input = Random(width * 4, 7);
+    ForwardRequest request;
+    request.network.layers = {{"s", ActivationSpec{ActivationKind::kSigmoid}}};
+    request.input = TensorView({1, 1, 4, width}, input);
+    ASSERT_TRUE(engine->Forward(request).ok());
+  }
+  EXPECT_EQ(engine->stats().cached_plans, 2);
+  EXPECT_EQ(engine->stats().plans_created, 4);  // width 4 was evicted before its reuse
+}
+
+TEST(EngineTest, ConcurrentCallsMatchSerialResultsBitForBit) {
+  EngineOptions options;
+  options.threads_per_call = 1;
+  std::unique_ptr<Engine> engine = MakeEngine(options);
+  Fixture3 f;
+  absl::StatusOr<GradientResult> serial = engine->ComputeGradients(f.Request());
+  ASSERT_TRUE(serial.ok()) << serial.status();
+
+  constexpr int kThreads = 8;
+  constexpr int kCallsPerThread = 20;
+  std::vector<std::thread> threads;
+  std::vector<int> mismatches(kThreads, 0);
+  absl::Notification start;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      start.WaitForNotification();
+      for (int i = 0; i < kCallsPerThread; ++i) {
+        absl::StatusOr<GradientResult> r = engine->ComputeGradients(f.Request());
+        if (!r.ok() || r->output.data != serial->output.data ||
+            r->input_grad->data != serial->input_grad->data || *r->loss != *serial->loss ||
+            r->parameter_grads.at("c1.weight").data !=
+                serial->parameter_grads.at("c1.weight").data ||
+            r->parameter_grads.at("c1.bias").data != serial->parameter_grads.at("c1.bias").data ||
+            r->parameter_grads.at("c3.weight").data !=
+                serial->parameter_grads.at("c3.weight").data) {
+          ++mismatches[t];
+        }
+      }
+    });
+  }
+  start.Notify();
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_THAT(mismatches, ElementsAreArray(std::vector<int>(kThreads, 0)));
+}
+
+TEST(EngineTest, NonFiniteValuesPropagateLikePyTorch) {
+  std::unique_ptr<Engine> engine = MakeEngine();
+  std::vector<float> input = Iota(16);
+  input[5] = std::nanf("");
+  std::vector<float> weight(1, 2.0f);
+  ForwardRequest request;
+  request.network.layers = {{"c", Conv2dSpec::Square(1, 1, 1)}};
+  request.input = TensorView({1, 1, 4, 4}, input);
+  std::vector<float> bias = {0.0f};
+  request.parameters = {{"c.weight", TensorView({1, 1, 1, 1}, weight)},
+                        {"c.bias", TensorView({1}, bias)}};
+  absl::StatusOr<ForwardResult> result = engine->Forward(request);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_TRUE(std::isnan(result->output.data[5]));
+  EXPECT_EQ(result->output.data[4], 10.0f);
+}
+
+TEST(EngineTest, StopsBetweenLayersWhenToldAndKeepsServing) {
+  std::unique_ptr<Engine> engine = MakeEngine();
+  Fixture3 f;
+  GradientRequest request = f.Request();
+  int checks = 0;
+  request.should_continue = [&checks]() -> absl::Status {
+    if (++checks == 2) return absl::DeadlineExceededError("deadline passed after layer 1");
+    return absl::OkStatus();
+  };
+  absl::StatusOr<GradientResult> stopped = engine->ComputeGradients(request);
+  EXPECT_EQ(stopped.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(checks, 2);
+  // The same plan and its workspace serve the next call normally.
+  absl::StatusOr<GradientResult> next = engine->ComputeGradients(f.Request());
+  EXPECT_TRUE(next.ok()) << next.status();
+}
+
+struct BadRequestCase {
+  std::string label;
+  std::function<void(GradientRequest&)> mutate;
+  absl::StatusCode code;
+  std::string message;
+};
+
+TEST(EngineTest, RejectsBadRequestsAndKeepsWorking) {
+  std::unique_ptr<Engine> engine = MakeEngine();
+  Fixture3 f;
+  std::vector<float> spare = Random(1000, 9);
+  const auto kInvalid = absl::StatusCode::kInvalidArgument;
+  std::vector<BadRequestCase> cases = {
+      {"missing weight", [](GradientRequest& r) { r.parameters.erase("c3.weight"); }, kInvalid,
+       "parameters[\"c3.weight\"] is missing: layers[2] (\"c3\") needs a tensor of shape "
+       "[4, 5, 2, 2]"},
+      {"missing bias", [](GradientRequest& r) { r.parameters.erase("c1.bias"); }, kInvalid,
+       "parameters[\"c1.bias\"] is missing"},
+      {"wrong weight shape",
+       [&](GradientRequest& r) {
+         r.parameters["c1.weight"] = TensorView({5, 3, 3, 2}, absl::MakeSpan(spare.data(), 90));
+       },
+       kInvalid, "parameters[\"c1.weight\"].shape=[5, 3, 3, 2] must be [5, 3, 3, 3]"},
+      {"wrong bias shape",
+       [&](GradientRequest& r) {
+         r.parameters["c1.bias"] = TensorView({6}, absl::MakeSpan(spare.data(), 6));
+       },
+       kInvalid, "parameters[\"c1.bias\"].shape=[6] must be [5]"},
+      {"bias on bias-free layer",
+       [&](GradientRequest& r) {
+         r.parameters["c3.bias"] = TensorView({4}, absl::MakeSpan(spare.data(), 4));
+       },
+       kInvalid, "parameters[\"c3.bias\"] is given but layers[2].conv2d.bias is false"},
+      {"parameter for activation",
+       [&](GradientRequest& r) {
+         r.parameters["act.weight"] = TensorView({4}, absl::MakeSpan(spare.data(), 4));
+       },
+       kInvalid, "layers[1] (\"act\") is an activation without parameters"},
+      {"unknown parameter",
+       [&](GradientRequest& r) {
+         r.parameters["nope.weight"] = TensorView({4}, absl::MakeSpan(spare.data(), 4));
+       },
+       kInvalid, "parameters[\"nope.weight\"] does not belong to any layer"},
+      {"input too short",
+       [&](GradientRequest& r) { r.input.size -= 1; }, kInvalid,
+       "input has 377 values but its shape [2, 3, 9, 7] needs 378"},
+      {"parameter too long",
+       [&](GradientRequest& r) { r.parameters["c1.bias"].size = 6; }, kInvalid,
+       "parameters[\"c1.bias\"] has 6 values but its shape [5] needs 5"},
+      {"target shape",
+       [&](GradientRequest& r) { r.objective.tensor.shape = {2, 4, 6, 8}; }, kInvalid,
+       "objective.mse.target.shape=[2, 4, 6, 8] must equal the network's output shape "
+       "[2, 4, 8, 6]"},
+      {"grad_output shape",
+       [&](GradientRequest& r) {
+         r.objective.kind = ObjectiveKind::kGradOutput;
+         r.objective.tensor.shape = {1, 4, 8, 6};
+       },
+       kInvalid, "objective.grad_output.shape=[1, 4, 8, 6]"},
+      {"sum with tensor",
+       [&](GradientRequest& r) { r.objective.kind = ObjectiveKind::kSum; }, kInvalid,
+       "objective.sum takes no tensor"},
+      {"unknown objective",
+       [&](GradientRequest& r) { r.objective.kind = static_cast<ObjectiveKind>(42); }, kInvalid,
+       "objective.kind=42"},
+      {"unknown gradient name",
+       [&](GradientRequest& r) {
+         r.gradients.all_parameters = false;
+         r.gradients.parameters = {"c1.weight", "c2.weight"};
+       },
+       kInvalid, "gradients.parameters[1]=\"c2.weight\" is not a parameter of the network"},
+      {"unknown activation",
+       [&](GradientRequest& r) {
+         r.network.layers[1].op = ActivationSpec{static_cast<ActivationKind>(99)};
+       },
+       kInvalid, "layers[1].activation=99 is not a known kind"},
+      {"null input data",
+       [&](GradientRequest& r) { r.input.data = nullptr; }, kInvalid, "input has no data"},
+  };
+  for (const BadRequestCase& c : cases) {
+    GradientRequest request = f.Request();
+    c.mutate(request);
+    absl::StatusOr<GradientResult> result = engine->ComputeGradients(request);
+    EXPECT_EQ(result.status().code(), c.code) << c.label << ": " << result.status();
+    EXPECT_THAT(result.status().message(), HasSubstr(c.message)) << c.label;
+  }
+  EXPECT_TRUE(engine->ComputeGradients(f.Request()).ok());
+}
+
+TEST(EngineTest, TensorsOverTheLimitAreResourceExhausted) {
+  EngineOptions options;
+  options.max_elements = 300;
+  std::unique_ptr<Engine> engine = MakeEngine(options);
+  Fixture3 f;
+  absl::StatusOr<GradientResult> result = engine->ComputeGradients(f.Request());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(result.status().message(), HasSubstr("input has 378 elements, over the limit"));
+}
+
+TEST(EngineTest, CreateRejectsBadOptions) {
+  EngineOptions options;
+  options.threads_per_call = -1;
+  EXPECT_EQ(Engine::Create(options).status().code(), absl::StatusCode::kInvalidArgument);
+  options = {};
+  options.max_elements = 0;
+  EXPECT_EQ(Engine::Create(options).status().code(), absl::StatusCode::kInvalidArgument);
+  options = {};
+  options.max_cached_plans = 0;
+  EXPECT_EQ(Engine::Create(options).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(EngineTest, ReportsVersionAndIsa) {
+  std::unique_ptr<Engine> engine = MakeEngine();
+  EngineInfo info = engine->info();
+  EXPECT_EQ(info.onednn_version, "2.6.3");
+  EXPECT_NE(info.cpu_isa, "unknown");
+  EXPECT_GE(info.threads_per_call, 1);
+}
+
+}  // namespace
+}  // namespace gradengine

@@ -1,0 +1,84 @@
+// The compute engine: forward and backward passes of conv/activation chains on the CPU,
+// implemented with oneDNN.
+//
+// Thread safety: an Engine is safe for concurrent use from any number of threads without
+// external synchronization, and concurrent calls give exactly the results serial calls
+// would. Compiled primitives are cached per (network, input shape, requested work) and shared
+// across calls; each call has its own activations and scratchpad.
+//
+// Threading: each call runs oneDNN's OpenMP-parallel kernels on the calling thread's OpenMP
+// team with Options::threads_per_call threads. Callers that run many calls at once should
+// lower threads_per_call so calls x threads does not exceed the cores.
+//
+// Errors: malformed specs, shapes and parameters are InvalidArgument with a message that names
+// the layer index, field and value; tensors over Options::max_elements are ResourceExhausted;
+// failures inside oneDNN are Internal. No exception leaves the engine. NaN and Inf inputs are
+// computed through, as PyTorch does.
+
+#ifndef GRADENGINE_ENGINE_H_
+#define GRADENGINE_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "gradengine/network.h"
+#include "gradengine/tensor.h"
+
+namespace gradengine {
+
+struct EngineOptions {
+  // OpenMP threads each call uses. Default: 0 = all the process may use
+  // (omp_get_max_threads() when the Engine is created).
+  int threads_per_call = 0;
+  // Upper bound on the elements of any one tensor (input, parameter, activation, gradient).
+  // Default: 2^30 (4 GiB of float32).
+  int64_t max_elements = int64_t{1} << 30;
+  // Compiled plans kept for reuse; least recently used ones are dropped past this.
+  // Default: 64.
+  int max_cached_plans = 64;
+};
+
+// Counters for observability; read with Engine::stats().
+struct EngineStats {
+  int64_t plans_created = 0;
+  int64_t plan_cache_hits = 0;
+  int64_t cached_plans = 0;
+};
+
+// What oneDNN is and which instruction set it runs.
+struct EngineInfo {
+  std::string onednn_version;  // "2.6.3"
+  std::string cpu_isa;         // e.g. "avx2", as oneDNN reports what it dispatches to
+  int threads_per_call = 0;
+  int64_t max_elements = 0;
+};
+
+class Engine {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
+
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+  ~Engine();
+
+  // Runs the network forward (inference mode) and returns its output.
+  absl::StatusOr<ForwardResult> Forward(const ForwardRequest& request);
+
+  // Runs forward, evaluates the objective and back-propagates; returns the output, the loss
+  // and the requested gradients.
+  absl::StatusOr<GradientResult> ComputeGradients(const GradientRequest& request);
+
+  EngineInfo info() const;
+  EngineStats stats() const;
+
+ private:
+  class Impl;
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace gradengine
+
+#endif  // GRADENGINE_ENGINE_H_

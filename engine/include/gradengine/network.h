@@ -1,0 +1,166 @@
+// The description of a computation: an ordered chain of named layers, the parameters they
+// use, what the chain is trained against, and which gradients the caller wants.
+//
+// These are plain value types with PyTorch's meanings and layouts:
+//   conv2d weight [out_channels, in_channels / groups, kernel_h, kernel_w], bias [out_channels],
+//   dilation 1 = none, activations as in torch.nn.functional.
+// ValidateNetwork() checks a spec against an input shape; the Engine calls it on every request.
+
+#ifndef GRADENGINE_NETWORK_H_
+#define GRADENGINE_NETWORK_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "gradengine/tensor.h"
+
+namespace gradengine {
+
+struct Conv2dSpec {
+  int64_t in_channels = 0;
+  int64_t out_channels = 0;
+  int64_t kernel_h = 0;
+  int64_t kernel_w = 0;
+  int64_t stride_h = 1;
+  int64_t stride_w = 1;
+  // Zero padding added to each side of the input.
+  int64_t pad_top = 0;
+  int64_t pad_bottom = 0;
+  int64_t pad_left = 0;
+  int64_t pad_right = 0;
+  // Spacing between kernel taps, as in PyTorch: 1 means a dense kernel.
+  int64_t dilation_h = 1;
+  int64_t dilation_w = 1;
+  int64_t groups = 1;
+  // Whether the layer has a bias parameter ("<name>.bias").
+  bool bias = true;
+
+  // Convenience for the common square case: kernel k×k, stride s, padding p on every side.
+  static Conv2dSpec Square(int64_t in_channels, int64_t out_channels, int64_t kernel,
+                           int64_t stride = 1, int64_t padding = 0, bool bias = true);
+};
+
+enum class ActivationKind {
+  kRelu,
+  kLeakyRelu,  // uses `alpha` as negative_slope (PyTorch default 0.01)
+  kTanh,
+  kSigmoid,
+  kElu,        // uses `alpha` (PyTorch default 1.0)
+  kGeluErf,    // F.gelu(x)  (approximate='none')
+  kGeluTanh,   // F.gelu(x, approximate='tanh')
+};
+
+struct ActivationSpec {
+  ActivationKind kind = ActivationKind::kRelu;
+  // negative_slope for kLeakyRelu, alpha for kElu; ignored otherwise.
+  float alpha = 0.0f;
+};
+
+// "relu", "leaky_relu", "tanh", "sigmoid", "elu", "gelu", "gelu_tanh".
+const char* ActivationName(ActivationKind kind);
+
+struct LayerSpec {
+  // Unique within the network; parameters are named "<name>.weight" and "<name>.bias".
+  std::string name;
+  std::variant<Conv2dSpec, ActivationSpec> op;
+};
+
+struct NetworkSpec {
+  std::vector<LayerSpec> layers;
+};
+
+// Parameters by name ("conv1.weight", "conv1.bias"), borrowed for the duration of a call.
+using ParameterViews = std::map<std::string, TensorView>;
+// Parameter gradients by the parameter's name.
+using ParameterTensors = std::map<std::string, Tensor>;
+
+enum class ObjectiveKind {
+  kMse,         // loss = mean((y - target)^2); `tensor` is the target, same shape as y
+  kSum,         // loss = sum(y); no tensor
+  kGradOutput,  // `tensor` is dL/dy supplied by the caller (a vector-Jacobian product)
+};
+
+// "mse", "sum", "grad_output".
+const char* ObjectiveName(ObjectiveKind kind);
+
+struct Objective {
+  ObjectiveKind kind = ObjectiveKind::kMse;
+  TensorView tensor;
+};
+
+// Which gradients to compute. Work nobody asked for is not done.
+struct GradientSelection {
+  bool input = true;
+  // If true, every parameter's gradient; otherwise only those named in `parameters`.
+  bool all_parameters = true;
+  std::vector<std::string> parameters;
+};
+
+// Called between layers; a non-OK status (e.g. DeadlineExceeded, Cancelled) stops the call
+// and is returned as its result. Must be safe to call from the calling thread.
+using ContinueCheck = std::function<absl::Status()>;
+
+struct ForwardRequest {
+  NetworkSpec network;
+  ParameterViews parameters;
+  TensorView input;
+  ContinueCheck should_continue;  // optional
+};
+
+struct ForwardResult {
+  Tensor output;
+};
+
+struct GradientRequest {
+  NetworkSpec network;
+  ParameterViews parameters;
+  TensorView input;
+  Objective objective;
+  GradientSelection gradients;
+  ContinueCheck should_continue;  // optional
+};
+
+struct GradientResult {
+  Tensor output;
+  // Absent for kGradOutput, where the caller owns the loss.
+  std::optional<double> loss;
+  // Present iff requested.
+  std::optional<Tensor> input_grad;
+  // One entry per requested parameter, same shape as the parameter.
+  ParameterTensors parameter_grads;
+};
+
+// Shape facts derived by validation; index i describes layers[i].
+struct ValidatedNetwork {
+  std::vector<std::vector<int64_t>> output_shapes;
+  // Every parameter the network uses with its expected shape, in layer order.
+  std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes;
+};
+
+// Checks `network` against an NCHW `input_shape` and returns every layer's output shape.
+// Errors are InvalidArgument naming the layer index and field, e.g.
+// "layers[1].conv2d.groups=3 does not divide in_channels=8".
+// Tensors with more than `max_elements` elements are ResourceExhausted.
+absl::StatusOr<ValidatedNetwork> ValidateNetwork(const NetworkSpec& network,
+                                                 absl::Span<const int64_t> input_shape,
+                                                 int64_t max_elements);
+
+// PyTorch's output size for one spatial dim, or a value < 1 when the kernel does not fit.
+int64_t ConvOutputSize(int64_t input, int64_t kernel, int64_t stride, int64_t pad_begin,
+                       int64_t pad_end, int64_t dilation);
+
+// Number of elements of `shape`, or an error if a dim is negative or the product
+// overflows int64. `what` names the tensor in the message.
+absl::StatusOr<int64_t> CheckedNumElements(absl::Span<const int64_t> shape,
+                                           const std::string& what);
+
+}  // namespace gradengine
+
+#endif  // GRADENGINE_NETWORK_H_

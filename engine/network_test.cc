@@ -1,0 +1,160 @@
+#include "gradengine/network.h"
+
+#include <limits>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace gradengine {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int64_t kNoLimit = std::numeric_limits<int64_t>::max();
+
+LayerSpec Conv(const std::string& name, Conv2dSpec spec) { return LayerSpec{name, spec}; }
+LayerSpec Act(const std::string& name, ActivationKind kind, float alpha = 0.0f) {
+  return LayerSpec{name, ActivationSpec{kind, alpha}};
+}
+
+TEST(ConvOutputSizeTest, MatchesPyTorchFormula) {
+  // floor((in + pad_begin + pad_end - dilation * (kernel - 1) - 1) / stride) + 1
+  EXPECT_EQ(ConvOutputSize(28, 3, 1, 1, 1, 1), 28);
+  EXPECT_EQ(ConvOutputSize(28, 3, 1, 0, 0, 1), 26);
+  EXPECT_EQ(ConvOutputSize(7, 3, 2, 0, 0, 1), 3);
+  EXPECT_EQ(ConvOutputSize(8, 3, 2, 0, 0, 1), 3);
+  EXPECT_EQ(ConvOutputSize(10, 3, 3, 2, 1, 2), 3);  // (10 + 3 - 5) / 3 + 1
+  EXPECT_EQ(ConvOutputSize(2, 3, 1, 0, 0, 1), 0);
+  EXPECT_EQ(ConvOutputSize(2, 3, 1, 1, 0, 1), 1);
+}
+
+TEST(CheckedNumElementsTest, CountsAndRejects) {
+  EXPECT_EQ(*CheckedNumElements({2, 3, 4}, "x"), 24);
+  EXPECT_EQ(*CheckedNumElements({}, "x"), 1);
+  EXPECT_EQ(*CheckedNumElements({5, 0}, "x"), 0);
+  absl::StatusOr<int64_t> negative = CheckedNumElements({2, -1}, "input");
+  EXPECT_EQ(negative.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(negative.status().message(), HasSubstr("input.shape[1]=-1"));
+  absl::StatusOr<int64_t> overflow =
+      CheckedNumElements({int64_t{1} << 32, int64_t{1} << 32}, "input");
+  EXPECT_EQ(overflow.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(overflow.status().message(), HasSubstr("more elements than int64"));
+}
+
+TEST(ValidateNetworkTest, ComputesShapesAndParameters) {
+  NetworkSpec net;
+  net.layers = {Conv("c1", Conv2dSpec::Square(1, 8, 3, 1, 1, false)),
+                Act("r1", ActivationKind::kRelu),
+                Conv("c2", Conv2dSpec::Square(8, 16, 3, 2, 0, true))};
+  absl::StatusOr<ValidatedNetwork> v = ValidateNetwork(net, {2, 1, 28, 28}, kNoLimit);
+  ASSERT_TRUE(v.ok()) << v.status();
+  ASSERT_EQ(v->output_shapes.size(), 3u);
+  EXPECT_EQ(v->output_shapes[0], (std::vector<int64_t>{2, 8, 28, 28}));
+  EXPECT_EQ(v->output_shapes[1], (std::vector<int64_t>{2, 8, 28, 28}));
+  EXPECT_EQ(v->output_shapes[2], (std::vector<int64_t>{2, 16, 13, 13}));
+  ASSERT_EQ(v->parameter_shapes.size(), 3u);
+  EXPECT_EQ(v->parameter_shapes[0].first, "c1.weight");
+  EXPECT_EQ(v->parameter_shapes[0].second, (std::vector<int64_t>{8, 1, 3, 3}));
+  EXPECT_EQ(v->parameter_shapes[1].first, "c2.weight");
+  EXPECT_EQ(v->parameter_shapes[2].first, "c2.bias");
+  EXPECT_EQ(v->parameter_shapes[2].second, (std::vector<int64_t>{16}));
+}
+
+TEST(ValidateNetworkTest, GroupedWeightsHaveInPerGroupChannels) {
+  Conv2dSpec conv = Conv2dSpec::Square(6, 9, 3);
+  conv.groups = 3;
+  NetworkSpec net;
+  net.layers = {Conv("g", conv)};
+  absl::StatusOr<ValidatedNetwork> v = ValidateNetwork(net, {1, 6, 5, 5}, kNoLimit);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->parameter_shapes[0].second, (std::vector<int64_t>{9, 2, 3, 3}));
+}
+
+struct BadNetworkCase {
+  std::string label;
+  NetworkSpec network;
+  std::vector<int64_t> input_shape;
+  absl::StatusCode code;
+  std::string message;
+};
+
+TEST(ValidateNetworkTest, RejectsEachMalformedSpecWithFieldAndValue) {
+  auto conv = [](auto mutate) {
+    Conv2dSpec spec = Conv2dSpec::Square(4, 8, 3, 1, 1);
+    mutate(spec);
+    NetworkSpec net;
+    net.layers = {Act("a0", ActivationKind::kTanh), Conv("c1", spec)};
+    return net;
+  };
+  const std::vector<int64_t> in = {1, 4, 6, 6};
+  const auto kInvalid = absl::StatusCode::kInvalidArgument;
+  std::vector<BadNetworkCase> cases = {
+      {"empty", NetworkSpec{}, in, kInvalid, "layers is empty"},
+      {"zero in", conv([](Conv2dSpec& s) { s.in_channels = 0; }), in, kInvalid,
+       "layers[1].conv2d.in_channels=0 must be positive"},
+      {"negative out", conv([](Conv2dSpec& s) { s.out_channels = -2; }), in, kInvalid,
+       "layers[1].conv2d.out_channels=-2"},
+      {"zero kernel", conv([](Conv2dSpec& s) { s.kernel_w = 0; }), in, kInvalid,
+       "layers[1].conv2d.kernel_size[1]=0"},
+      {"zero stride", conv([](Conv2dSpec& s) { s.stride_h = 0; }), in, kInvalid,
+       "layers[1].conv2d.stride[0]=0"},
+      {"zero dilation", conv([](Conv2dSpec& s) { s.dilation_w = 0; }), in, kInvalid,
+       "layers[1].conv2d.dilation[1]=0"},
+      {"negative padding", conv([](Conv2dSpec& s) { s.pad_right = -1; }), in, kInvalid,
+       "layers[1].conv2d.padding[3]=-1"},
+      {"huge kernel", conv([](Conv2dSpec& s) { s.kernel_h = int64_t{1} << 40; }), in, kInvalid,
+       "layers[1].conv2d.kernel_size[0]=1099511627776 exceeds"},
+      {"groups vs in", conv([](Conv2dSpec& s) { s.groups = 3; }), in, kInvalid,
+       "layers[1].conv2d.groups=3 does not divide in_channels=4"},
+      {"groups vs out", conv([](Conv2dSpec& s) {
+         s.groups = 4;
+         s.out_channels = 6;
+       }),
+       in, kInvalid, "layers[1].conv2d.groups=4 does not divide out_channels=6"},
+      {"channel mismatch", conv([](Conv2dSpec& s) { s.in_channels = 3; }), in, kInvalid,
+       "layers[1].conv2d.in_channels=3 does not match the 4 channels"},
+      {"kernel too big", conv([](Conv2dSpec& s) { s.kernel_h = 9; }), in, kInvalid,
+       "output would be empty"},
+      {"dilated too big", conv([](Conv2dSpec& s) { s.dilation_h = 4; }), in, kInvalid,
+       "output would be empty"},
+      {"input rank", conv([](Conv2dSpec&) {}), {4, 6, 6}, kInvalid,
+       "input.shape=[4, 6, 6] must have 4 dims"},
+      {"input zero dim", conv([](Conv2dSpec&) {}), {1, 4, 0, 6}, kInvalid,
+       "input.shape[2]=0 must be positive"},
+      {"input overflow", conv([](Conv2dSpec&) {}), {int64_t{1} << 20, 4, int64_t{1} << 30,
+                                                    int64_t{1} << 30},
+       kInvalid, "more elements than int64"},
+  };
+  NetworkSpec dup;
+  dup.layers = {Act("x", ActivationKind::kRelu), Act("x", ActivationKind::kTanh)};
+  cases.push_back({"duplicate name", dup, in, kInvalid,
+                   "layers[1].name=\"x\" is used by an earlier layer"});
+  NetworkSpec unnamed;
+  unnamed.layers = {Act("", ActivationKind::kRelu)};
+  cases.push_back({"empty name", unnamed, in, kInvalid, "layers[0].name is empty"});
+  NetworkSpec nan_slope;
+  nan_slope.layers = {Act("l", ActivationKind::kLeakyRelu, std::nanf(""))};
+  cases.push_back(
+      {"nan slope", nan_slope, in, kInvalid, "layers[0].leaky_relu.negative_slope=nan"});
+
+  for (const BadNetworkCase& c : cases) {
+    absl::StatusOr<ValidatedNetwork> v = ValidateNetwork(c.network, c.input_shape, kNoLimit);
+    EXPECT_EQ(v.status().code(), c.code) << c.label << ": " << v.status();
+    EXPECT_THAT(v.status().message(), HasSubstr(c.message)) << c.label;
+  }
+}
+
+TEST(ValidateNetworkTest, ElementLimitIsResourceExhausted) {
+  NetworkSpec net;
+  net.layers = {Conv("c", Conv2dSpec::Square(1, 64, 1))};
+  // Input has 100 elements, the output 6400.
+  absl::StatusOr<ValidatedNetwork> v = ValidateNetwork(net, {1, 1, 10, 10}, 1000);
+  EXPECT_EQ(v.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(v.status().message(), HasSubstr("layers[0].output has 6400 elements"));
+  v = ValidateNetwork(net, {1, 1, 100, 100}, 1000);
+  EXPECT_EQ(v.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(v.status().message(), HasSubstr("input has 10000 elements"));
+}
+
+}  // namespace
+}  // namespace gradengine
