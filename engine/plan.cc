@@ -367,7 +367,26 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
         const bool want_weight = needs.parameter_grads.count(weight_name) > 0;
         const bool want_bias = c.bias && needs.parameter_grads.count(bias_name) > 0;
 
-        if (want_weight || want_bias) {
+        if (want_bias && !want_weight) {
+          // Only the bias gradient: a sum of dL/dy over N, H and W is all it takes.
+          const memory::dims bias_dims = {1, c.out_channels, 1, 1};
+          dnnl::reduction::desc desc(dnnl::algorithm::reduction_sum, b.DescOf(diff),
+                                     memory::desc(bias_dims, DataType::f32, Tag::any), 0.0f,
+                                     0.0f);
+          dnnl::reduction::primitive_desc pd(desc, UserScratchpadAttr(), cpu);
+          const int bias_grad_user =
+              b.AddSlot(memory::desc(bias_dims, DataType::f32, Tag::abcd),
+                        Role::kParameterGrad, bias_name);
+          const int bias_grad = b.DescOf(bias_grad_user) == pd.dst_desc()
+                                    ? bias_grad_user
+                                    : b.AddSlot(pd.dst_desc());
+          b.AddOp(&plan->backward_ops_, pd, dnnl::reduction(pd),
+                  {{DNNL_ARG_SRC, diff}, {DNNL_ARG_DST, bias_grad}}, starts_layer);
+          starts_layer = false;
+          if (bias_grad != bias_grad_user) {
+            b.ConvertInto(&plan->backward_ops_, bias_grad, bias_grad_user, false);
+          }
+        } else if (want_weight || want_bias) {
           dnnl::convolution_backward_weights::desc desc(
               dnnl::algorithm::convolution_direct, AnyDesc(in_shape), AnyDesc(weights_shape),
               c.bias ? AnyDesc({c.out_channels}) : memory::desc(), AnyDesc(out_shape),

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite: a warnings-as-errors build with every test, then the engine's tests
+# again under AddressSanitizer + UndefinedBehaviorSanitizer.
+#
+#   bash tests/run_tests.sh
+#
+# GRAD_BUILD (default build/) and GRAD_ASAN_BUILD (default build-asan/) choose the build folders.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+build="${GRAD_BUILD:-$root/build}"
+asan_build="${GRAD_ASAN_BUILD:-$root/build-asan}"
+jobs="$(nproc)"
+
+echo "== build ($build)"
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DGRAD_WERROR=ON
+cmake --build "$build" -j "$jobs"
+
+echo "== tests"
+ctest --test-dir "$build" --output-on-failure -j "$jobs"
+
+echo "== engine tests under AddressSanitizer + UndefinedBehaviorSanitizer ($asan_build)"
+cmake -S "$root" -B "$asan_build" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DGRAD_WERROR=ON \
+  -DGRAD_SANITIZE=ON -DGRAD_BUILD_BENCHMARKS=OFF
+cmake --build "$asan_build" -j "$jobs"
+ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1" \
+  ctest --test-dir "$asan_build" --output-on-failure -L "engine|reference|client"
