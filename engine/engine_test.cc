@@ -170,6 +170,27 @@ TEST(EngineTest, ReturnsOnlyRequestedGradientsWithSameValues) {
   }
 }
 
+// With a single output pixel there is nothing to sum for the bias gradient: dL/dy is it.
+TEST(EngineTest, BiasOnlyGradientOfSinglePixelOutput) {
+  std::unique_ptr<Engine> engine = MakeEngine();
+  std::vector<float> input = {2.0f, -1.0f};
+  std::vector<float> weight = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
+  std::vector<float> bias = {0.0f, 0.0f, 0.0f};
+  GradientRequest request;
+  request.network.layers = {{"conv", Conv2dSpec::Square(2, 3, 1, 1, 0, true)}};
+  request.input = TensorView({1, 2, 1, 1}, input);
+  request.parameters = {{"conv.weight", TensorView({3, 2, 1, 1}, weight)},
+                        {"conv.bias", TensorView({3}, bias)}};
+  std::vector<float> grad_output = {0.5f, -2.0f, 3.0f};
+  request.objective = {ObjectiveKind::kGradOutput, TensorView({1, 3, 1, 1}, grad_output)};
+  request.gradients.all_parameters = false;
+  request.gradients.parameters = {"conv.bias"};
+  absl::StatusOr<GradientResult> result = engine->ComputeGradients(request);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_THAT(result->parameter_grads.at("conv.bias").data, ElementsAre(0.5f, -2.0f, 3.0f));
+  EXPECT_THAT(result->input_grad->data, ElementsAre(1.5f, 1.5f));
+}
+
 TEST(EngineTest, CachesPlansPerShapeAndWork) {
   std::unique_ptr<Engine> engine = MakeEngine();
   Fixture3 f;

@@ -370,22 +370,27 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
         if (want_bias && !want_weight) {
           // Only the bias gradient: a sum of dL/dy over N, H and W is all it takes.
           const memory::dims bias_dims = {1, c.out_channels, 1, 1};
-          dnnl::reduction::desc desc(dnnl::algorithm::reduction_sum, b.DescOf(diff),
-                                     memory::desc(bias_dims, DataType::f32, Tag::any), 0.0f,
-                                     0.0f);
-          dnnl::reduction::primitive_desc pd(desc, UserScratchpadAttr(), cpu);
           const int bias_grad_user =
               b.AddSlot(memory::desc(bias_dims, DataType::f32, Tag::abcd),
                         Role::kParameterGrad, bias_name);
-          const int bias_grad = b.DescOf(bias_grad_user) == pd.dst_desc()
-                                    ? bias_grad_user
-                                    : b.AddSlot(pd.dst_desc());
-          b.AddOp(&plan->backward_ops_, pd, dnnl::reduction(pd),
-                  {{DNNL_ARG_SRC, diff}, {DNNL_ARG_DST, bias_grad}}, starts_layer);
-          starts_layer = false;
-          if (bias_grad != bias_grad_user) {
-            b.ConvertInto(&plan->backward_ops_, bias_grad, bias_grad_user, false);
+          if (b.DescOf(diff).dims() == bias_dims) {
+            // N = OH = OW = 1: nothing to sum (oneDNN rejects such a reduction); dL/dy is it.
+            b.ConvertInto(&plan->backward_ops_, diff, bias_grad_user, starts_layer);
+          } else {
+            dnnl::reduction::desc desc(dnnl::algorithm::reduction_sum, b.DescOf(diff),
+                                       memory::desc(bias_dims, DataType::f32, Tag::any), 0.0f,
+                                       0.0f);
+            dnnl::reduction::primitive_desc pd(desc, UserScratchpadAttr(), cpu);
+            const int bias_grad = b.DescOf(bias_grad_user) == pd.dst_desc()
+                                      ? bias_grad_user
+                                      : b.AddSlot(pd.dst_desc());
+            b.AddOp(&plan->backward_ops_, pd, dnnl::reduction(pd),
+                    {{DNNL_ARG_SRC, diff}, {DNNL_ARG_DST, bias_grad}}, starts_layer);
+            if (bias_grad != bias_grad_user) {
+              b.ConvertInto(&plan->backward_ops_, bias_grad, bias_grad_user, false);
+            }
           }
+          starts_layer = false;
         } else if (want_weight || want_bias) {
           dnnl::convolution_backward_weights::desc desc(
               dnnl::algorithm::convolution_direct, AnyDesc(in_shape), AnyDesc(weights_shape),

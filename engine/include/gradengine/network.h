@@ -59,8 +59,15 @@ enum class ActivationKind {
 
 struct ActivationSpec {
   ActivationKind kind = ActivationKind::kRelu;
-  // negative_slope for kLeakyRelu, alpha for kElu; ignored otherwise.
+  // negative_slope for kLeakyRelu, alpha for kElu; ignored otherwise. Note the field's default
+  // is 0; use the factories below for PyTorch's defaults.
   float alpha = 0.0f;
+
+  // F.leaky_relu(x, negative_slope) and F.elu(x, alpha) with PyTorch's defaults.
+  static ActivationSpec LeakyRelu(float negative_slope = 0.01f) {
+    return {ActivationKind::kLeakyRelu, negative_slope};
+  }
+  static ActivationSpec Elu(float alpha = 1.0f) { return {ActivationKind::kElu, alpha}; }
 };
 
 // "relu", "leaky_relu", "tanh", "sigmoid", "elu", "gelu", "gelu_tanh".
