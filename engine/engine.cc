@@ -176,7 +176,10 @@ class Engine::Impl {
     absl::StatusOr<std::unique_ptr<Plan>> created;
     {
       ScopedOmpThreads threads(options_.threads_per_call);
-      created = Plan::Create(cpu_, network, validated, input_shape, needs);
+      PlanOptions plan_options;
+      plan_options.winograd = options_.winograd;
+      plan_options.winograd_min_channels = options_.winograd_min_channels;
+      created = Plan::Create(cpu_, network, validated, input_shape, needs, plan_options);
     }
     if (!created.ok()) return created.status();
     std::shared_ptr<Plan> plan = std::move(*created);

@@ -86,6 +86,31 @@ EltwiseAlgorithm ToEltwise(const ActivationSpec& act) {
   return {A::eltwise_relu, A::eltwise_relu, false};
 }
 
+// Creates a convolution primitive descriptor, preferring oneDNN's Winograd F(4x4, 3x3)
+// kernels (about half the arithmetic of a direct 3x3 convolution) where `winograd` allows and
+// oneDNN implements them for this shape and CPU, and the direct algorithm otherwise.
+template <typename PrimitiveDesc, typename MakeDesc, typename... Hint>
+PrimitiveDesc CreateConvPd(const MakeDesc& make_desc, const dnnl::primitive_attr& attr,
+                           const dnnl::engine& cpu, bool winograd, const Hint&... hint) {
+  if (winograd) {
+    PrimitiveDesc pd(make_desc(dnnl::algorithm::convolution_winograd), attr, cpu, hint...,
+                     /*allow_empty=*/true);
+    if (pd) return pd;
+  }
+  return PrimitiveDesc(make_desc(dnnl::algorithm::convolution_direct), attr, cpu, hint...);
+}
+
+// Winograd pays off on channel-rich 3x3 convolutions (measured here: 1.3-1.6x on 32->64 and
+// 64->64 layers, but 3-15x slower on 1->8 and 8->16 ones). Symmetric padding only: oneDNN
+// 2.6.3's Winograd backward-data accepts asymmetric padding but computes wrong input gradients.
+bool UseWinograd(const Conv2dSpec& c, const PlanOptions& options) {
+  return options.winograd && c.kernel_h == 3 && c.kernel_w == 3 && c.stride_h == 1 &&
+         c.stride_w == 1 && c.dilation_h == 1 && c.dilation_w == 1 && c.groups == 1 &&
+         c.pad_top == c.pad_bottom && c.pad_left == c.pad_right &&
+         c.in_channels >= options.winograd_min_channels &&
+         c.out_channels >= options.winograd_min_channels;
+}
+
 dnnl::primitive_attr UserScratchpadAttr() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -207,7 +232,8 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
                                                    const NetworkSpec& network,
                                                    const ValidatedNetwork& validated,
                                                    const std::vector<int64_t>& input_shape,
-                                                   const PlanNeeds& needs) {
+                                                   const PlanNeeds& needs,
+                                                   const PlanOptions& options) {
   std::unique_ptr<Plan> plan(new Plan());
   plan->cpu_ = cpu;
   try {
@@ -260,19 +286,22 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
         const int64_t span_w = c.dilation_w * (c.kernel_w - 1) + 1;
         step.padding_r = {(out_shape[2] - 1) * c.stride_h + span_h - shape[2] - c.pad_top,
                           (out_shape[3] - 1) * c.stride_w + span_w - shape[3] - c.pad_left};
+        const bool winograd = UseWinograd(c, options);
         const memory::desc bias_any =
             c.bias ? AnyDesc({c.out_channels}) : memory::desc();
-        dnnl::convolution_forward::desc desc(
-            prop, dnnl::algorithm::convolution_direct, AnyDesc(shape), AnyDesc(weights_shape),
-            bias_any, AnyDesc(out_shape), step.strides, step.dilates, step.padding_l,
-            step.padding_r);
+        auto make_desc = [&](dnnl::algorithm algorithm) {
+          return dnnl::convolution_forward::desc(
+              prop, algorithm, AnyDesc(shape), AnyDesc(weights_shape), bias_any,
+              AnyDesc(out_shape), step.strides, step.dilates, step.padding_l, step.padding_r);
+        };
         dnnl::primitive_attr attr = UserScratchpadAttr();
         if (step.activation != nullptr) {
           dnnl::post_ops ops;
           ops.append_eltwise(1.0f, step.eltwise.forward, step.eltwise.alpha, step.eltwise.beta);
           attr.set_post_ops(ops);
         }
-        step.conv_pd = dnnl::convolution_forward::primitive_desc(desc, attr, cpu);
+        step.conv_pd = CreateConvPd<dnnl::convolution_forward::primitive_desc>(
+            make_desc, attr, cpu, winograd);
 
         step.src_slot = b.Convert(&plan->forward_ops_, current, step.conv_pd.src_desc(), true);
         step.weights_user_slot =
@@ -365,6 +394,7 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
         const std::string weight_name = step.conv_name + ".weight";
         const std::string bias_name = step.conv_name + ".bias";
         const bool want_weight = needs.parameter_grads.count(weight_name) > 0;
+        const bool winograd = UseWinograd(c, options);
         const bool want_bias = c.bias && needs.parameter_grads.count(bias_name) > 0;
 
         if (want_bias && !want_weight) {
@@ -392,12 +422,14 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
           }
           starts_layer = false;
         } else if (want_weight || want_bias) {
-          dnnl::convolution_backward_weights::desc desc(
-              dnnl::algorithm::convolution_direct, AnyDesc(in_shape), AnyDesc(weights_shape),
-              c.bias ? AnyDesc({c.out_channels}) : memory::desc(), AnyDesc(out_shape),
-              step.strides, step.dilates, step.padding_l, step.padding_r);
-          dnnl::convolution_backward_weights::primitive_desc pd(desc, UserScratchpadAttr(), cpu,
-                                                                step.conv_pd);
+          auto make_desc = [&](dnnl::algorithm algorithm) {
+            return dnnl::convolution_backward_weights::desc(
+                algorithm, AnyDesc(in_shape), AnyDesc(weights_shape),
+                c.bias ? AnyDesc({c.out_channels}) : memory::desc(), AnyDesc(out_shape),
+                step.strides, step.dilates, step.padding_l, step.padding_r);
+          };
+          const auto pd = CreateConvPd<dnnl::convolution_backward_weights::primitive_desc>(
+              make_desc, UserScratchpadAttr(), cpu, winograd, step.conv_pd);
           const int src = b.Convert(&plan->backward_ops_, step.src_slot, pd.src_desc(),
                                     starts_layer);
           starts_layer = starts_layer && src == step.src_slot;
@@ -442,11 +474,13 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
         }
 
         if (need_diff_src) {
-          dnnl::convolution_backward_data::desc desc(
-              dnnl::algorithm::convolution_direct, AnyDesc(in_shape), AnyDesc(weights_shape),
-              AnyDesc(out_shape), step.strides, step.dilates, step.padding_l, step.padding_r);
-          dnnl::convolution_backward_data::primitive_desc pd(desc, UserScratchpadAttr(), cpu,
-                                                             step.conv_pd);
+          auto make_desc = [&](dnnl::algorithm algorithm) {
+            return dnnl::convolution_backward_data::desc(
+                algorithm, AnyDesc(in_shape), AnyDesc(weights_shape), AnyDesc(out_shape),
+                step.strides, step.dilates, step.padding_l, step.padding_r);
+          };
+          const auto pd = CreateConvPd<dnnl::convolution_backward_data::primitive_desc>(
+              make_desc, UserScratchpadAttr(), cpu, winograd, step.conv_pd);
           // Reuse the weights the forward pass already reordered when the layouts agree.
           const int weights =
               b.DescOf(step.weights_slot) == pd.weights_desc()
@@ -587,7 +621,7 @@ void Plan::ApplyObjective(const PlanBindings& bindings, Workspace& workspace) {
       // d/dy mean((y - t)^2) = 2 (y - t) / n, as autograd computes it in float32.
       const float* target = bindings.objective->tensor.data;
       const float scale = 2.0f / static_cast<float>(n);
-#pragma omp parallel for reduction(+ : loss) schedule(static)
+#pragma omp parallel for simd reduction(+ : loss) schedule(static)
       for (int64_t i = 0; i < n; ++i) {
         const float d = y[i] - target[i];
         loss += static_cast<double>(d) * static_cast<double>(d);
@@ -597,7 +631,7 @@ void Plan::ApplyObjective(const PlanBindings& bindings, Workspace& workspace) {
       break;
     }
     case ObjectiveKind::kSum: {
-#pragma omp parallel for reduction(+ : loss) schedule(static)
+#pragma omp parallel for simd reduction(+ : loss) schedule(static)
       for (int64_t i = 0; i < n; ++i) {
         loss += static_cast<double>(y[i]);
         grad[i] = 1.0f;

@@ -43,6 +43,13 @@ struct PlanNeeds {
   std::set<std::string> parameter_grads;
 };
 
+// How to compile; the same for every plan of an Engine.
+struct PlanOptions {
+  // See EngineOptions::winograd and winograd_min_channels.
+  bool winograd = true;
+  int64_t winograd_min_channels = 32;
+};
+
 // A deterministic string identifying (network, input shape, needs); equal keys mean the same
 // plan.
 std::string PlanKey(const NetworkSpec& network, const std::vector<int64_t>& input_shape,
@@ -68,7 +75,8 @@ class Plan {
                                                       const NetworkSpec& network,
                                                       const ValidatedNetwork& validated,
                                                       const std::vector<int64_t>& input_shape,
-                                                      const PlanNeeds& needs);
+                                                      const PlanNeeds& needs,
+                                                      const PlanOptions& options);
 
   ~Plan();
 

@@ -1,7 +1,7 @@
 // One full training step (forward, MSE, backward with every gradient) per iteration, reported
 // with GFLOP/s over the three passes (forward, backward-data, backward-weights).
 //
-//   build/tests/bench/engine_bench [--benchmark_filter=resblock] [--threads=N]
+//   build/tests/bench/engine_bench [--benchmark_filter=resblock] [--threads=N] [--no_winograd]
 
 #include <cstdlib>
 #include <cstring>
@@ -15,11 +15,13 @@
 namespace {
 
 int g_threads = 0;
+bool g_winograd = true;
 
 void BM_TrainingStep(benchmark::State& state, const std::string& name) {
   gradbench::Workload workload = gradbench::MakeWorkload(name);
   gradengine::EngineOptions options;
   options.threads_per_call = g_threads;
+  options.winograd = g_winograd;
   std::unique_ptr<gradengine::Engine> engine = *gradengine::Engine::Create(options);
   const gradengine::GradientRequest request = workload.Request();
   // The first call compiles the plan; steady-state steps are what is timed.
@@ -41,6 +43,7 @@ void BM_TrainingStep(benchmark::State& state, const std::string& name) {
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--threads=", 10) == 0) g_threads = std::atoi(argv[i] + 10);
+    if (std::strcmp(argv[i], "--no_winograd") == 0) g_winograd = false;
   }
   for (const std::string& name : gradbench::WorkloadNames()) {
     benchmark::RegisterBenchmark(name.c_str(), BM_TrainingStep, name)

@@ -311,8 +311,23 @@ class CaseGenerator {
     return multiply_adds <= kMaxMultiplyAdds;
   }
 
-  // A conv on `shape` whose output is at least 1x1.
+  // A conv on `shape` whose output is at least 1x1. About a third are dense 3x3 stride-1
+  // convolutions, the shape the engine computes with Winograd kernels where it can.
   Conv2dSpec RandomConv(const std::vector<int64_t>& shape) {
+    if (Chance(0.3)) {
+      Conv2dSpec conv = Conv2dSpec::Square(shape[1], Uniform(1, kMaxChannels), 3);
+      conv.bias = Chance(0.5);
+      for (int attempt = 0; attempt < 20; ++attempt) {
+        conv.pad_top = Uniform(0, 2);
+        conv.pad_bottom = Chance(0.7) ? conv.pad_top : Uniform(0, 2);
+        conv.pad_left = Chance(0.7) ? conv.pad_top : Uniform(0, 2);
+        conv.pad_right = Chance(0.7) ? conv.pad_left : Uniform(0, 2);
+        if (RefConvOutputSize(shape[2], 3, 1, conv.pad_top, conv.pad_bottom, 1) >= 1 &&
+            RefConvOutputSize(shape[3], 3, 1, conv.pad_left, conv.pad_right, 1) >= 1) {
+          return conv;
+        }
+      }
+    }
     Conv2dSpec conv;
     conv.in_channels = shape[1];
     std::vector<int64_t> divisors;
@@ -527,9 +542,9 @@ struct Coverage {
   }
 };
 
-std::unique_ptr<gradengine::Engine> MakeEngine() {
-  absl::StatusOr<std::unique_ptr<gradengine::Engine>> engine =
-      gradengine::Engine::Create(gradengine::EngineOptions());
+std::unique_ptr<gradengine::Engine> MakeEngine(
+    gradengine::EngineOptions options = gradengine::EngineOptions()) {
+  absl::StatusOr<std::unique_ptr<gradengine::Engine>> engine = gradengine::Engine::Create(options);
   EXPECT_TRUE(engine.ok()) << engine.status();
   return engine.ok() ? *std::move(engine) : nullptr;
 }
@@ -570,6 +585,12 @@ TEST(EnginePropertyTest, MatchesReferenceOnRandomCases) {
   // One Engine for every case, so that plans are cached, hit and evicted along the way.
   std::unique_ptr<gradengine::Engine> engine = MakeEngine();
   ASSERT_NE(engine, nullptr);
+  // The default engine keeps Winograd to channel-rich layers, which cases this small never
+  // have; a second engine uses it wherever it is eligible, so those kernels are checked too.
+  gradengine::EngineOptions winograd_everywhere;
+  winograd_everywhere.winograd_min_channels = 1;
+  std::unique_ptr<gradengine::Engine> winograd_engine = MakeEngine(winograd_everywhere);
+  ASSERT_NE(winograd_engine, nullptr);
   const std::optional<int> only = NumberFromEnvironment<int>("GRAD_TEST_CASE");
   Coverage coverage;
   int cases_run = 0;
@@ -586,6 +607,8 @@ TEST(EnginePropertyTest, MatchesReferenceOnRandomCases) {
     {
       SCOPED_TRACE(c.Describe());
       CheckCase(*engine, c, index);
+      SCOPED_TRACE("engine with winograd_min_channels=1");
+      CheckCase(*winograd_engine, c, index);
     }
     if (FailureCount() != failures_before) failed_cases.push_back(index);
     const double seconds =
@@ -605,6 +628,46 @@ TEST(EnginePropertyTest, MatchesReferenceOnRandomCases) {
   if (!only.has_value()) {
     EXPECT_EQ(cases_run, kCases);
     coverage.ExpectComplete();
+  }
+}
+
+// The channel-rich 3x3 layers the default engine computes with Winograd kernels (on CPUs
+// where oneDNN has them), against the reference: every gradient, padding 0 and 1.
+TEST(EnginePropertyTest, WinogradLayersMatchReference) {
+  ReportSeed();
+  std::unique_ptr<gradengine::Engine> engine = MakeEngine();
+  ASSERT_NE(engine, nullptr);
+  std::mt19937_64 rng(RunSeed());
+  auto uniform = [&rng](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  std::normal_distribution<double> normal;
+  for (int index = 0; index < 6; ++index) {
+    PropertyCase c;
+    c.seed = RunSeed();
+    c.index = static_cast<uint64_t>(index);
+    const int64_t in_channels = uniform(32, 48);
+    const int64_t out_channels = uniform(32, 48);
+    const int64_t padding = index % 2;
+    c.input_shape = {uniform(1, 2), in_channels, uniform(4, 12), uniform(4, 12)};
+    Conv2dSpec conv = Conv2dSpec::Square(in_channels, out_channels, 3, 1, padding, index < 3);
+    c.network.layers = {{"wide", conv}, {"act", ActivationSpec{ActivationKind::kTanh}}};
+    c.parameter_shapes = {{"wide.weight", {out_channels, in_channels, 3, 3}}};
+    if (conv.bias) c.parameter_shapes.push_back({"wide.bias", {out_channels}});
+    c.output_shape = {c.input_shape[0], out_channels, c.input_shape[2] + 2 * padding - 2,
+                      c.input_shape[3] + 2 * padding - 2};
+    c.input.resize(static_cast<size_t>(NumElements(c.input_shape)));
+    for (float& v : c.input) v = static_cast<float>(normal(rng));
+    for (const auto& [name, shape] : c.parameter_shapes) {
+      std::vector<float>& values = c.parameter_values[name];
+      values.resize(static_cast<size_t>(NumElements(shape)));
+      for (float& v : values) v = static_cast<float>(normal(rng) / std::sqrt(in_channels * 9.0));
+    }
+    c.objective = ObjectiveKind::kMse;
+    c.objective_tensor.resize(static_cast<size_t>(NumElements(c.output_shape)));
+    for (float& v : c.objective_tensor) v = static_cast<float>(normal(rng));
+    SCOPED_TRACE(c.Describe());
+    CheckCase(*engine, c, index);
   }
 }
 

@@ -35,6 +35,14 @@ struct EngineOptions {
   // Upper bound on the elements of any one tensor (input, parameter, activation, gradient).
   // Default: 2^30 (4 GiB of float32).
   int64_t max_elements = int64_t{1} << 30;
+  // Compute dense 3x3 stride-1 convolutions with symmetric padding and at least
+  // `winograd_min_channels` input and output channels with oneDNN's Winograd F(4x4, 3x3)
+  // kernels where it has them (AVX-512 CPUs). They need about half the arithmetic of direct
+  // convolution at a small cost in rounding error, far inside the 1e-4 relative tolerance the
+  // tests hold the engine to. Asymmetric padding is excluded: oneDNN 2.6.3's Winograd
+  // backward-data pass gives wrong input gradients for it. Default: true, 32.
+  bool winograd = true;
+  int64_t winograd_min_channels = 32;
   // Compiled plans kept for reuse; least recently used ones are dropped past this.
   // Default: 64.
   int max_cached_plans = 64;
