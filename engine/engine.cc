@@ -53,19 +53,6 @@ std::string IsaName(dnnl::cpu_isa isa) {
   }
 }
 
-// Sets the calling thread's OpenMP team size for the duration of a call and restores it, so
-// that an Engine does not change the caller's own OpenMP settings.
-class ScopedOmpThreads {
- public:
-  explicit ScopedOmpThreads(int threads) : previous_(omp_get_max_threads()) {
-    omp_set_num_threads(threads);
-  }
-  ~ScopedOmpThreads() { omp_set_num_threads(previous_); }
-
- private:
-  int previous_;
-};
-
 }  // namespace
 
 class Engine::Impl {
@@ -84,7 +71,6 @@ class Engine::Impl {
         GetPlan(request.network, *validated, request.input.shape, needs);
     if (!plan.ok()) return plan.status();
 
-    ScopedOmpThreads threads(options_.threads_per_call);
     PlanBindings bindings;
     bindings.input = request.input;
     bindings.parameters = &request.parameters;
@@ -115,7 +101,6 @@ class Engine::Impl {
         GetPlan(request.network, *validated, request.input.shape, needs);
     if (!plan.ok()) return plan.status();
 
-    ScopedOmpThreads threads(options_.threads_per_call);
     GradientResult result;
     result.output = Tensor::Zeros(validated->output_shapes.back());
     if (needs.input_grad) result.input_grad = Tensor::Zeros(request.input.shape);
@@ -173,14 +158,12 @@ class Engine::Impl {
         return it->second.plan;
       }
     }
-    absl::StatusOr<std::unique_ptr<Plan>> created;
-    {
-      ScopedOmpThreads threads(options_.threads_per_call);
-      PlanOptions plan_options;
-      plan_options.winograd = options_.winograd;
-      plan_options.winograd_min_channels = options_.winograd_min_channels;
-      created = Plan::Create(cpu_, network, validated, input_shape, needs, plan_options);
-    }
+    PlanOptions plan_options;
+    plan_options.max_threads = options_.threads_per_call;
+    plan_options.winograd = options_.winograd;
+    plan_options.winograd_min_channels = options_.winograd_min_channels;
+    absl::StatusOr<std::unique_ptr<Plan>> created =
+        Plan::Create(cpu_, network, validated, input_shape, needs, plan_options);
     if (!created.ok()) return created.status();
     std::shared_ptr<Plan> plan = std::move(*created);
 

@@ -1,5 +1,7 @@
 #include "gradengine/engine.h"
 
+#include <omp.h>
+
 #include <cmath>
 #include <random>
 #include <thread>
@@ -386,6 +388,16 @@ TEST(EngineTest, TensorsOverTheLimitAreResourceExhausted) {
   absl::StatusOr<GradientResult> result = engine->ComputeGradients(f.Request());
   EXPECT_EQ(result.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(result.status().message(), HasSubstr("input has 378 elements, over the limit"));
+}
+
+TEST(EngineTest, LeavesTheCallersOpenMpSettingAlone) {
+  EngineOptions options;
+  options.threads_per_call = 2;
+  std::unique_ptr<Engine> engine = MakeEngine(options);
+  omp_set_num_threads(3);
+  Fixture3 f;
+  ASSERT_TRUE(engine->ComputeGradients(f.Request()).ok());
+  EXPECT_EQ(omp_get_max_threads(), 3);
 }
 
 TEST(EngineTest, CreateRejectsBadOptions) {

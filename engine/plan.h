@@ -45,6 +45,8 @@ struct PlanNeeds {
 
 // How to compile; the same for every plan of an Engine.
 struct PlanOptions {
+  // OpenMP threads a call may use; small plans use fewer (see Plan::threads()).
+  int max_threads = 1;
   // See EngineOptions::winograd and winograd_min_channels.
   bool winograd = true;
   int64_t winograd_min_channels = 32;
@@ -80,6 +82,10 @@ class Plan {
 
   ~Plan();
 
+  // OpenMP threads the plan runs with: PlanOptions::max_threads, or fewer when the work is so
+  // small that waking more threads costs more than it saves.
+  int threads() const { return threads_; }
+
   // Runs the plan. `should_continue` (may be empty) is consulted before every layer.
   absl::Status Execute(const PlanBindings& bindings, const ContinueCheck& should_continue);
 
@@ -114,6 +120,7 @@ class Plan {
   void ApplyObjective(const PlanBindings& bindings, Workspace& workspace);
 
   dnnl::engine cpu_;
+  int threads_ = 1;
   std::vector<Slot> slots_;
   int scratchpad_slot_ = -1;
   int output_slot_ = -1;

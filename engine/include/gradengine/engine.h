@@ -7,8 +7,10 @@
 // across calls; each call has its own activations and scratchpad.
 //
 // Threading: each call runs oneDNN's OpenMP-parallel kernels on the calling thread's OpenMP
-// team with Options::threads_per_call threads. Callers that run many calls at once should
-// lower threads_per_call so calls x threads does not exceed the cores.
+// team with up to EngineOptions::threads_per_call threads; networks too small to gain from
+// more (under about 64 MFLOP of work per thread) use fewer. The caller's own OpenMP setting is
+// restored before a call returns. Callers that run many calls at once should lower
+// threads_per_call so that calls x threads does not exceed the cores.
 //
 // Errors: malformed specs, shapes and parameters are InvalidArgument with a message that names
 // the layer index, field and value; tensors over Options::max_elements are ResourceExhausted;
@@ -29,7 +31,7 @@
 namespace gradengine {
 
 struct EngineOptions {
-  // OpenMP threads each call uses. Default: 0 = all the process may use
+  // Most OpenMP threads a call uses. Default: 0 = all the process may use
   // (omp_get_max_threads() when the Engine is created).
   int threads_per_call = 0;
   // Upper bound on the elements of any one tensor (input, parameter, activation, gradient).
