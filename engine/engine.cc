@@ -3,13 +3,8 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstring>
 #include <list>
 #include <memory>
-#include <new>
-#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -17,7 +12,6 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "engine/plan.h"
 #include "engine/request_validation.h"
@@ -57,8 +51,7 @@ std::string IsaName(dnnl::cpu_isa isa) {
 
 class Engine::Impl {
  public:
-  Impl(const EngineOptions& options, dnnl::engine cpu)
-      : options_(options), cpu_(std::move(cpu)) {}
+  Impl(const EngineOptions& options, dnnl::engine cpu) : options_(options), cpu_(std::move(cpu)) {}
 
   absl::StatusOr<ForwardResult> Forward(const ForwardRequest& request) {
     absl::StatusOr<ValidatedNetwork> validated =
@@ -197,8 +190,8 @@ class Engine::Impl {
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
   EngineOptions resolved = options;
   if (resolved.threads_per_call < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "threads_per_call=", resolved.threads_per_call, " must be >= 0 (0 = all cores)"));
+    return absl::InvalidArgumentError(absl::StrCat("threads_per_call=", resolved.threads_per_call,
+                                                   " must be >= 0 (0 = all cores)"));
   }
   if (resolved.threads_per_call == 0) resolved.threads_per_call = omp_get_max_threads();
   if (resolved.max_elements < 1) {

@@ -141,8 +141,7 @@ TEST(EngineTest, ReturnsOnlyRequestedGradientsWithSameValues) {
   ASSERT_TRUE(some.ok()) << some.status();
   EXPECT_FALSE(some->input_grad.has_value());
   ASSERT_EQ(some->parameter_grads.size(), 1u);
-  EXPECT_EQ(some->parameter_grads.at("c3.weight").data,
-            all->parameter_grads.at("c3.weight").data);
+  EXPECT_EQ(some->parameter_grads.at("c3.weight").data, all->parameter_grads.at("c3.weight").data);
   EXPECT_EQ(some->output.data, all->output.data);
   EXPECT_EQ(*some->loss, *all->loss);
 
@@ -154,9 +153,8 @@ TEST(EngineTest, ReturnsOnlyRequestedGradientsWithSameValues) {
   // the summation order (and the last bits) may differ.
   const Tensor& bias_only = some->parameter_grads.at("c1.bias");
   const Tensor& bias_all = all->parameter_grads.at("c1.bias");
-  EXPECT_TRUE((gradtest::TensorsClose<float, float>("c1.bias grad", bias_only.shape,
-                                                    bias_only.data, bias_all.shape,
-                                                    bias_all.data)));
+  EXPECT_TRUE((gradtest::TensorsClose<float, float>("c1.bias grad", bias_only.shape, bias_only.data,
+                                                    bias_all.shape, bias_all.data)));
 
   // Forward alone gives the training pass's output.
   ForwardRequest forward;
@@ -334,14 +332,15 @@ TEST(EngineTest, RejectsBadRequestsAndKeepsWorking) {
          r.parameters["nope.weight"] = TensorView({4}, absl::MakeSpan(spare.data(), 4));
        },
        kInvalid, "parameters[\"nope.weight\"] does not belong to any layer"},
-      {"input too short",
-       [&](GradientRequest& r) { r.input.size -= 1; }, kInvalid,
+      {"input too short", [&](GradientRequest& r) { r.input.size -= 1; }, kInvalid,
        "input has 377 values but its shape [2, 3, 9, 7] needs 378"},
-      {"parameter too long",
-       [&](GradientRequest& r) { r.parameters["c1.bias"].size = 6; }, kInvalid,
-       "parameters[\"c1.bias\"] has 6 values but its shape [5] needs 5"},
+      {"parameter too long", [&](GradientRequest& r) { r.parameters["c1.bias"].size = 6; },
+       kInvalid, "parameters[\"c1.bias\"] has 6 values but its shape [5] needs 5"},
       {"target shape",
-       [&](GradientRequest& r) { r.objective.tensor.shape = {2, 4, 6, 8}; }, kInvalid,
+       [&](GradientRequest& r) {
+         r.objective.tensor.shape = {2, 4, 6, 8};
+       },
+       kInvalid,
        "objective.mse.target.shape=[2, 4, 6, 8] must equal the network's output shape "
        "[2, 4, 8, 6]"},
       {"grad_output shape",
@@ -350,9 +349,8 @@ TEST(EngineTest, RejectsBadRequestsAndKeepsWorking) {
          r.objective.tensor.shape = {1, 4, 8, 6};
        },
        kInvalid, "objective.grad_output.shape=[1, 4, 8, 6]"},
-      {"sum with tensor",
-       [&](GradientRequest& r) { r.objective.kind = ObjectiveKind::kSum; }, kInvalid,
-       "objective.sum takes no tensor"},
+      {"sum with tensor", [&](GradientRequest& r) { r.objective.kind = ObjectiveKind::kSum; },
+       kInvalid, "objective.sum takes no tensor"},
       {"unknown objective",
        [&](GradientRequest& r) { r.objective.kind = static_cast<ObjectiveKind>(42); }, kInvalid,
        "objective.kind=42"},
@@ -367,8 +365,8 @@ TEST(EngineTest, RejectsBadRequestsAndKeepsWorking) {
          r.network.layers[1].op = ActivationSpec{static_cast<ActivationKind>(99)};
        },
        kInvalid, "layers[1].activation=99 is not a known kind"},
-      {"null input data",
-       [&](GradientRequest& r) { r.input.data = nullptr; }, kInvalid, "input has no data"},
+      {"null input data", [&](GradientRequest& r) { r.input.data = nullptr; }, kInvalid,
+       "input has no data"},
   };
   for (const BadRequestCase& c : cases) {
     GradientRequest request = f.Request();

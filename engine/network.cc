@@ -49,9 +49,8 @@ absl::Status CheckElementLimit(const std::string& what, absl::Span<const int64_t
   absl::StatusOr<int64_t> count = CheckedNumElements(shape, what);
   if (!count.ok()) return count.status();
   if (*count > max_elements) {
-    return absl::ResourceExhaustedError(absl::StrCat(what, " has ", *count,
-                                                     " elements, over the limit of ",
-                                                     max_elements, " per tensor"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        what, " has ", *count, " elements, over the limit of ", max_elements, " per tensor"));
   }
   return absl::OkStatus();
 }
@@ -72,23 +71,20 @@ absl::Status ValidateConv(const Conv2dSpec& conv, const std::string& prefix,
     if (absl::Status s = CheckPositive(p + field, value); !s.ok()) return s;
     if (absl::Status s = CheckBounded(p + field, value); !s.ok()) return s;
   }
-  for (const auto& [field, value] :
-       {std::pair<const char*, int64_t>{"padding[0]", conv.pad_top},
-        {"padding[1]", conv.pad_bottom},
-        {"padding[2]", conv.pad_left},
-        {"padding[3]", conv.pad_right}}) {
+  for (const auto& [field, value] : {std::pair<const char*, int64_t>{"padding[0]", conv.pad_top},
+                                     {"padding[1]", conv.pad_bottom},
+                                     {"padding[2]", conv.pad_left},
+                                     {"padding[3]", conv.pad_right}}) {
     if (absl::Status s = CheckNonNegative(p + field, value); !s.ok()) return s;
     if (absl::Status s = CheckBounded(p + field, value); !s.ok()) return s;
   }
   if (conv.in_channels % conv.groups != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(p, "groups=", conv.groups,
-                                                   " does not divide in_channels=",
-                                                   conv.in_channels));
+    return absl::InvalidArgumentError(
+        absl::StrCat(p, "groups=", conv.groups, " does not divide in_channels=", conv.in_channels));
   }
   if (conv.out_channels % conv.groups != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(p, "groups=", conv.groups,
-                                                   " does not divide out_channels=",
-                                                   conv.out_channels));
+    return absl::InvalidArgumentError(absl::StrCat(
+        p, "groups=", conv.groups, " does not divide out_channels=", conv.out_channels));
   }
   if (in_shape[1] != conv.in_channels) {
     return absl::InvalidArgumentError(
@@ -97,8 +93,8 @@ absl::Status ValidateConv(const Conv2dSpec& conv, const std::string& prefix,
   }
   const int64_t out_h = ConvOutputSize(in_shape[2], conv.kernel_h, conv.stride_h, conv.pad_top,
                                        conv.pad_bottom, conv.dilation_h);
-  const int64_t out_w = ConvOutputSize(in_shape[3], conv.kernel_w, conv.stride_w,
-                                       conv.pad_left, conv.pad_right, conv.dilation_w);
+  const int64_t out_w = ConvOutputSize(in_shape[3], conv.kernel_w, conv.stride_w, conv.pad_left,
+                                       conv.pad_right, conv.dilation_w);
   if (out_h < 1 || out_w < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         p, "kernel_size=[", conv.kernel_h, ", ", conv.kernel_w, "] with dilation=[",
@@ -195,8 +191,8 @@ absl::StatusOr<int64_t> CheckedNumElements(absl::Span<const int64_t> shape,
           absl::StrCat(what, ".shape[", i, "]=", shape[i], " must be >= 0"));
     }
     if (!CheckedMultiply(count, shape[i], &count)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, ".shape=", ShapeToString(shape), " has more elements than int64 can count"));
+      return absl::InvalidArgumentError(absl::StrCat(what, ".shape=", ShapeToString(shape),
+                                                     " has more elements than int64 can count"));
     }
   }
   return count;
@@ -209,8 +205,8 @@ absl::StatusOr<ValidatedNetwork> ValidateNetwork(const NetworkSpec& network,
     return absl::InvalidArgumentError("layers is empty: a network needs at least one layer");
   }
   if (input_shape.size() != 4) {
-    return absl::InvalidArgumentError(absl::StrCat("input.shape=", ShapeToString(input_shape),
-                                                   " must have 4 dims (N, C, H, W)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("input.shape=", ShapeToString(input_shape), " must have 4 dims (N, C, H, W)"));
   }
   for (size_t i = 0; i < input_shape.size(); ++i) {
     if (input_shape[i] < 1) {

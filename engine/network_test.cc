@@ -117,18 +117,26 @@ TEST(ValidateNetworkTest, RejectsEachMalformedSpecWithFieldAndValue) {
        "output would be empty"},
       {"dilated too big", conv([](Conv2dSpec& s) { s.dilation_h = 4; }), in, kInvalid,
        "output would be empty"},
-      {"input rank", conv([](Conv2dSpec&) {}), {4, 6, 6}, kInvalid,
+      {"input rank",
+       conv([](Conv2dSpec&) {}),
+       {4, 6, 6},
+       kInvalid,
        "input.shape=[4, 6, 6] must have 4 dims"},
-      {"input zero dim", conv([](Conv2dSpec&) {}), {1, 4, 0, 6}, kInvalid,
+      {"input zero dim",
+       conv([](Conv2dSpec&) {}),
+       {1, 4, 0, 6},
+       kInvalid,
        "input.shape[2]=0 must be positive"},
-      {"input overflow", conv([](Conv2dSpec&) {}), {int64_t{1} << 20, 4, int64_t{1} << 30,
-                                                    int64_t{1} << 30},
-       kInvalid, "more elements than int64"},
+      {"input overflow",
+       conv([](Conv2dSpec&) {}),
+       {int64_t{1} << 20, 4, int64_t{1} << 30, int64_t{1} << 30},
+       kInvalid,
+       "more elements than int64"},
   };
   NetworkSpec dup;
   dup.layers = {Act("x", ActivationKind::kRelu), Act("x", ActivationKind::kTanh)};
-  cases.push_back({"duplicate name", dup, in, kInvalid,
-                   "layers[1].name=\"x\" is used by an earlier layer"});
+  cases.push_back(
+      {"duplicate name", dup, in, kInvalid, "layers[1].name=\"x\" is used by an earlier layer"});
   NetworkSpec unnamed;
   unnamed.layers = {Act("", ActivationKind::kRelu)};
   cases.push_back({"empty name", unnamed, in, kInvalid, "layers[0].name is empty"});

@@ -167,8 +167,8 @@ std::string PlanKey(const NetworkSpec& network, const std::vector<int64_t>& inpu
     if (const auto* c = std::get_if<Conv2dSpec>(&layer.op)) {
       absl::StrAppend(&key, "conv", c->in_channels, ",", c->out_channels, ",", c->kernel_h, ",",
                       c->kernel_w, ",", c->stride_h, ",", c->stride_w, ",", c->pad_top, ",",
-                      c->pad_bottom, ",", c->pad_left, ",", c->pad_right, ",", c->dilation_h,
-                      ",", c->dilation_w, ",", c->groups, ",", c->bias ? 1 : 0);
+                      c->pad_bottom, ",", c->pad_left, ",", c->pad_right, ",", c->dilation_h, ",",
+                      c->dilation_w, ",", c->groups, ",", c->bias ? 1 : 0);
     } else {
       const auto& a = std::get<ActivationSpec>(layer.op);
       absl::StrAppend(&key, "act", static_cast<int>(a.kind), ",",
@@ -267,12 +267,9 @@ struct Step {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
-                                                   const NetworkSpec& network,
-                                                   const ValidatedNetwork& validated,
-                                                   const std::vector<int64_t>& input_shape,
-                                                   const PlanNeeds& needs,
-                                                   const PlanOptions& options) {
+absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
+    const dnnl::engine& cpu, const NetworkSpec& network, const ValidatedNetwork& validated,
+    const std::vector<int64_t>& input_shape, const PlanNeeds& needs, const PlanOptions& options) {
   std::unique_ptr<Plan> plan(new Plan());
   plan->cpu_ = cpu;
   plan->threads_ = ThreadsFor(network, validated, needs, options.max_threads);
@@ -329,12 +326,11 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
         step.padding_r = {(out_shape[2] - 1) * c.stride_h + span_h - shape[2] - c.pad_top,
                           (out_shape[3] - 1) * c.stride_w + span_w - shape[3] - c.pad_left};
         const bool winograd = UseWinograd(c, options);
-        const memory::desc bias_any =
-            c.bias ? AnyDesc({c.out_channels}) : memory::desc();
+        const memory::desc bias_any = c.bias ? AnyDesc({c.out_channels}) : memory::desc();
         auto make_desc = [&](dnnl::algorithm algorithm) {
           return dnnl::convolution_forward::desc(
-              prop, algorithm, AnyDesc(shape), AnyDesc(weights_shape), bias_any,
-              AnyDesc(out_shape), step.strides, step.dilates, step.padding_l, step.padding_r);
+              prop, algorithm, AnyDesc(shape), AnyDesc(weights_shape), bias_any, AnyDesc(out_shape),
+              step.strides, step.dilates, step.padding_l, step.padding_r);
         };
         dnnl::primitive_attr attr = UserScratchpadAttr();
         if (step.activation != nullptr) {
@@ -342,8 +338,8 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
           ops.append_eltwise(1.0f, step.eltwise.forward, step.eltwise.alpha, step.eltwise.beta);
           attr.set_post_ops(ops);
         }
-        step.conv_pd = CreateConvPd<dnnl::convolution_forward::primitive_desc>(
-            make_desc, attr, cpu, winograd);
+        step.conv_pd =
+            CreateConvPd<dnnl::convolution_forward::primitive_desc>(make_desc, attr, cpu, winograd);
 
         step.src_slot = b.Convert(&plan->forward_ops_, current, step.conv_pd.src_desc(), true);
         step.weights_user_slot =
@@ -353,8 +349,8 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
         std::vector<std::pair<int, int>> args = {{DNNL_ARG_SRC, step.src_slot},
                                                  {DNNL_ARG_WEIGHTS, step.weights_slot}};
         if (c.bias) {
-          const int bias_user = b.AddSlot(PlainDesc({c.out_channels}), Role::kParameter,
-                                          step.conv_name + ".bias");
+          const int bias_user =
+              b.AddSlot(PlainDesc({c.out_channels}), Role::kParameter, step.conv_name + ".bias");
           step.bias_slot =
               b.Convert(&plan->forward_ops_, bias_user, step.conv_pd.bias_desc(), false);
           args.emplace_back(DNNL_ARG_BIAS, step.bias_slot);
@@ -366,8 +362,7 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
       } else {
         dnnl::eltwise_forward::desc desc(prop, step.eltwise.forward, b.DescOf(current),
                                          step.eltwise.alpha, step.eltwise.beta);
-        step.eltwise_pd =
-            dnnl::eltwise_forward::primitive_desc(desc, UserScratchpadAttr(), cpu);
+        step.eltwise_pd = dnnl::eltwise_forward::primitive_desc(desc, UserScratchpadAttr(), cpu);
         step.src_slot = current;
         step.dst_slot = b.AddSlot(step.eltwise_pd.dst_desc());
         b.AddOp(&plan->forward_ops_, step.eltwise_pd, dnnl::eltwise_forward(step.eltwise_pd),
@@ -442,9 +437,8 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
         if (want_bias && !want_weight) {
           // Only the bias gradient: a sum of dL/dy over N, H and W is all it takes.
           const memory::dims bias_dims = {1, c.out_channels, 1, 1};
-          const int bias_grad_user =
-              b.AddSlot(memory::desc(bias_dims, DataType::f32, Tag::abcd),
-                        Role::kParameterGrad, bias_name);
+          const int bias_grad_user = b.AddSlot(memory::desc(bias_dims, DataType::f32, Tag::abcd),
+                                               Role::kParameterGrad, bias_name);
           if (b.DescOf(diff).dims() == bias_dims) {
             // N = OH = OW = 1: nothing to sum (oneDNN rejects such a reduction); dL/dy is it.
             b.ConvertInto(&plan->backward_ops_, diff, bias_grad_user, starts_layer);
@@ -472,8 +466,8 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
           };
           const auto pd = CreateConvPd<dnnl::convolution_backward_weights::primitive_desc>(
               make_desc, UserScratchpadAttr(), cpu, winograd, step.conv_pd);
-          const int src = b.Convert(&plan->backward_ops_, step.src_slot, pd.src_desc(),
-                                    starts_layer);
+          const int src =
+              b.Convert(&plan->backward_ops_, step.src_slot, pd.src_desc(), starts_layer);
           starts_layer = starts_layer && src == step.src_slot;
           const int diff_dst =
               b.Convert(&plan->backward_ops_, diff, pd.diff_dst_desc(), starts_layer);
@@ -481,13 +475,12 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
 
           // Gradients land directly in the caller's tensors when the layouts agree.
           const int weight_grad_user =
-              want_weight
-                  ? b.AddSlot(PlainDesc(weights_shape), Role::kParameterGrad, weight_name)
-                  : -1;
-          const int weight_grad = (weight_grad_user >= 0 &&
-                                   b.DescOf(weight_grad_user) == pd.diff_weights_desc())
-                                      ? weight_grad_user
-                                      : b.AddSlot(pd.diff_weights_desc());
+              want_weight ? b.AddSlot(PlainDesc(weights_shape), Role::kParameterGrad, weight_name)
+                          : -1;
+          const int weight_grad =
+              (weight_grad_user >= 0 && b.DescOf(weight_grad_user) == pd.diff_weights_desc())
+                  ? weight_grad_user
+                  : b.AddSlot(pd.diff_weights_desc());
           std::vector<std::pair<int, int>> args = {{DNNL_ARG_SRC, src},
                                                    {DNNL_ARG_DIFF_DST, diff_dst},
                                                    {DNNL_ARG_DIFF_WEIGHTS, weight_grad}};
@@ -495,17 +488,15 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
           int bias_grad_user = -1;
           if (c.bias) {
             bias_grad_user =
-                want_bias ? b.AddSlot(PlainDesc({c.out_channels}), Role::kParameterGrad,
-                                      bias_name)
+                want_bias ? b.AddSlot(PlainDesc({c.out_channels}), Role::kParameterGrad, bias_name)
                           : -1;
-            bias_grad = (bias_grad_user >= 0 &&
-                         b.DescOf(bias_grad_user) == pd.diff_bias_desc())
+            bias_grad = (bias_grad_user >= 0 && b.DescOf(bias_grad_user) == pd.diff_bias_desc())
                             ? bias_grad_user
                             : b.AddSlot(pd.diff_bias_desc());
             args.emplace_back(DNNL_ARG_DIFF_BIAS, bias_grad);
           }
-          b.AddOp(&plan->backward_ops_, pd, dnnl::convolution_backward_weights(pd),
-                  std::move(args), starts_layer);
+          b.AddOp(&plan->backward_ops_, pd, dnnl::convolution_backward_weights(pd), std::move(args),
+                  starts_layer);
           starts_layer = false;
           if (weight_grad_user >= 0 && weight_grad != weight_grad_user) {
             b.ConvertInto(&plan->backward_ops_, weight_grad, weight_grad_user, false);
@@ -524,11 +515,10 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(const dnnl::engine& cpu,
           const auto pd = CreateConvPd<dnnl::convolution_backward_data::primitive_desc>(
               make_desc, UserScratchpadAttr(), cpu, winograd, step.conv_pd);
           // Reuse the weights the forward pass already reordered when the layouts agree.
-          const int weights =
-              b.DescOf(step.weights_slot) == pd.weights_desc()
-                  ? step.weights_slot
-                  : b.Convert(&plan->backward_ops_, step.weights_user_slot, pd.weights_desc(),
-                              starts_layer);
+          const int weights = b.DescOf(step.weights_slot) == pd.weights_desc()
+                                  ? step.weights_slot
+                                  : b.Convert(&plan->backward_ops_, step.weights_user_slot,
+                                              pd.weights_desc(), starts_layer);
           starts_layer = starts_layer && weights == step.weights_slot;
           const int diff_dst =
               b.Convert(&plan->backward_ops_, diff, pd.diff_dst_desc(), starts_layer);
@@ -605,7 +595,7 @@ void Plan::ReleaseWorkspace(std::unique_ptr<Workspace> workspace) {
   pool_.push_back(std::move(workspace));
 }
 
-absl::Status Plan::Bind(const PlanBindings& bindings, Workspace& workspace) {
+void Plan::Bind(const PlanBindings& bindings, Workspace& workspace) {
   for (size_t i = 0; i < slots_.size(); ++i) {
     const Slot& slot = slots_[i];
     void* handle = nullptr;
@@ -636,7 +626,6 @@ absl::Status Plan::Bind(const PlanBindings& bindings, Workspace& workspace) {
     }
     workspace.memories[i].set_data_handle(handle);
   }
-  return absl::OkStatus();
 }
 
 absl::Status Plan::RunOps(const std::vector<Op>& ops, Workspace& workspace,
@@ -694,8 +683,8 @@ absl::Status Plan::Execute(const PlanBindings& bindings, const ContinueCheck& sh
   absl::Status status;
   try {
     workspace = AcquireWorkspace();
-    status = Bind(bindings, *workspace);
-    if (status.ok()) status = RunOps(forward_ops_, *workspace, should_continue);
+    Bind(bindings, *workspace);
+    status = RunOps(forward_ops_, *workspace, should_continue);
     if (status.ok() && bindings.objective != nullptr) {
       ApplyObjective(bindings, *workspace);
       status = RunOps(backward_ops_, *workspace, should_continue);

@@ -66,19 +66,16 @@ struct PlanBindings {
   // Training only.
   const Objective* objective = nullptr;
   std::optional<double>* loss = nullptr;
-  Tensor* input_grad = nullptr;             // null unless PlanNeeds::input_grad
+  Tensor* input_grad = nullptr;                 // null unless PlanNeeds::input_grad
   ParameterTensors* parameter_grads = nullptr;  // one entry per PlanNeeds::parameter_grads
 };
 
 class Plan {
  public:
   // REQUIRES: `validated` is ValidateNetwork's result for (network, input_shape).
-  static absl::StatusOr<std::unique_ptr<Plan>> Create(const dnnl::engine& cpu,
-                                                      const NetworkSpec& network,
-                                                      const ValidatedNetwork& validated,
-                                                      const std::vector<int64_t>& input_shape,
-                                                      const PlanNeeds& needs,
-                                                      const PlanOptions& options);
+  static absl::StatusOr<std::unique_ptr<Plan>> Create(
+      const dnnl::engine& cpu, const NetworkSpec& network, const ValidatedNetwork& validated,
+      const std::vector<int64_t>& input_shape, const PlanNeeds& needs, const PlanOptions& options);
 
   ~Plan();
 
@@ -113,7 +110,8 @@ class Plan {
 
   std::unique_ptr<Workspace> AcquireWorkspace();
   void ReleaseWorkspace(std::unique_ptr<Workspace> workspace);
-  absl::Status Bind(const PlanBindings& bindings, Workspace& workspace);
+  // Points the workspace's caller-bound slots at this call's tensors.
+  void Bind(const PlanBindings& bindings, Workspace& workspace);
   absl::Status RunOps(const std::vector<Op>& ops, Workspace& workspace,
                       const ContinueCheck& should_continue);
   // Evaluates the objective on the output and writes dL/dy into the kDiffOutput slot.

@@ -19,8 +19,7 @@ absl::Status ValidateTensorData(const std::string& what, const TensorView& tenso
   if (tensor.size != *count) {
     return absl::InvalidArgumentError(absl::StrCat(what, " has ", tensor.size,
                                                    " values but its shape ",
-                                                   ShapeToString(tensor.shape), " needs ",
-                                                   *count));
+                                                   ShapeToString(tensor.shape), " needs ", *count));
   }
   if (tensor.size > 0 && tensor.data == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(what, " has no data"));
@@ -46,17 +45,15 @@ absl::Status ValidateParameters(const NetworkSpec& network, const ValidatedNetwo
     expected.emplace(name, &shape);
     auto it = parameters.find(name);
     if (it == parameters.end()) {
-      return absl::InvalidArgumentError(absl::StrCat("parameters[\"", name, "\"] is missing: ",
-                                                     OwnerOf(network, name),
-                                                     " needs a tensor of shape ",
-                                                     ShapeToString(shape)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameters[\"", name, "\"] is missing: ", OwnerOf(network, name),
+                       " needs a tensor of shape ", ShapeToString(shape)));
     }
     const std::string what = absl::StrCat("parameters[\"", name, "\"]");
     if (it->second.shape != shape) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ".shape=",
-                                                     ShapeToString(it->second.shape),
-                                                     " must be ", ShapeToString(shape), " for ",
-                                                     OwnerOf(network, name)));
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ".shape=", ShapeToString(it->second.shape), " must be ",
+                       ShapeToString(shape), " for ", OwnerOf(network, name)));
     }
     if (absl::Status s = ValidateTensorData(what, it->second); !s.ok()) return s;
   }
@@ -65,15 +62,14 @@ absl::Status ValidateParameters(const NetworkSpec& network, const ValidatedNetwo
     for (size_t i = 0; i < network.layers.size(); ++i) {
       const LayerSpec& layer = network.layers[i];
       if (name == layer.name + ".bias" && std::holds_alternative<Conv2dSpec>(layer.op)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("parameters[\"", name, "\"] is given but layers[", i,
-                         "].conv2d.bias is false"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "parameters[\"", name, "\"] is given but layers[", i, "].conv2d.bias is false"));
       }
       if (absl::StartsWith(name, layer.name + ".") &&
           std::holds_alternative<ActivationSpec>(layer.op)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "parameters[\"", name, "\"] is given but layers[", i, "] (\"", layer.name,
-            "\") is an activation without parameters"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("parameters[\"", name, "\"] is given but layers[", i, "] (\"", layer.name,
+                         "\") is an activation without parameters"));
       }
     }
     return absl::InvalidArgumentError(absl::StrCat(
@@ -83,12 +79,10 @@ absl::Status ValidateParameters(const NetworkSpec& network, const ValidatedNetwo
   return absl::OkStatus();
 }
 
-absl::StatusOr<ValidatedNetwork> ValidateCommon(const NetworkSpec& network,
-                                                const TensorView& input,
+absl::StatusOr<ValidatedNetwork> ValidateCommon(const NetworkSpec& network, const TensorView& input,
                                                 const ParameterViews& parameters,
                                                 int64_t max_elements) {
-  absl::StatusOr<ValidatedNetwork> validated =
-      ValidateNetwork(network, input.shape, max_elements);
+  absl::StatusOr<ValidatedNetwork> validated = ValidateNetwork(network, input.shape, max_elements);
   if (!validated.ok()) return validated.status();
   if (absl::Status s = ValidateTensorData("input", input); !s.ok()) return s;
   if (absl::Status s = ValidateParameters(network, *validated, parameters); !s.ok()) return s;
@@ -113,14 +107,12 @@ absl::StatusOr<ValidatedNetwork> ValidateGradientRequest(const GradientRequest& 
   switch (objective.kind) {
     case ObjectiveKind::kMse:
     case ObjectiveKind::kGradOutput: {
-      const std::string what = objective.kind == ObjectiveKind::kMse
-                                   ? "objective.mse.target"
-                                   : "objective.grad_output";
+      const std::string what =
+          objective.kind == ObjectiveKind::kMse ? "objective.mse.target" : "objective.grad_output";
       if (objective.tensor.shape != output_shape) {
         return absl::InvalidArgumentError(
             absl::StrCat(what, ".shape=", ShapeToString(objective.tensor.shape),
-                         " must equal the network's output shape ",
-                         ShapeToString(output_shape)));
+                         " must equal the network's output shape ", ShapeToString(output_shape)));
       }
       if (absl::Status s = ValidateTensorData(what, objective.tensor); !s.ok()) return s;
       break;
@@ -144,8 +136,7 @@ absl::StatusOr<ValidatedNetwork> ValidateGradientRequest(const GradientRequest& 
           std::any_of(validated->parameter_shapes.begin(), validated->parameter_shapes.end(),
                       [&](const auto& entry) { return entry.first == names[i]; });
       if (!known) {
-        return absl::InvalidArgumentError(absl::StrCat("gradients.parameters[", i, "]=\"",
-                                                       names[i],
+        return absl::InvalidArgumentError(absl::StrCat("gradients.parameters[", i, "]=\"", names[i],
                                                        "\" is not a parameter of the network"));
       }
     }

@@ -64,14 +64,12 @@ bool RunDemo(gradengine::Engine& engine, const Demo& demo, const std::string& fi
     std::cerr << "cannot load " << demo.fixture << ": " << fixture.status() << "\n";
     return false;
   }
-  absl::StatusOr<gradengine::GradientResult> result =
-      engine.ComputeGradients((*fixture)->request);
+  absl::StatusOr<gradengine::GradientResult> result = engine.ComputeGradients((*fixture)->request);
   if (!result.ok()) {
     std::cerr << demo.name << ": " << result.status() << "\n";
     return false;
   }
-  std::cout << "Output tensor shape: " << gradengine::ShapeToString(result->output.shape)
-            << "\n";
+  std::cout << "Output tensor shape: " << gradengine::ShapeToString(result->output.shape) << "\n";
   if (result->loss.has_value()) {
     std::cout << absl::StrFormat("Loss: %.6f (PyTorch: %.6f)\n", *result->loss,
                                  (*fixture)->expected_loss->data[0]);
@@ -85,8 +83,7 @@ bool RunDemo(gradengine::Engine& engine, const Demo& demo, const std::string& fi
     PrintTensor(absl::StrCat("Gradients for ", name, ":"), grad);
     worst = std::max(worst, RelativeError(grad, (*fixture)->expected_parameter_grads.at(name)));
   }
-  const ::testing::AssertionResult matches =
-      gradtest::GradientResultMatches(**fixture, *result);
+  const ::testing::AssertionResult matches = gradtest::GradientResultMatches(**fixture, *result);
   std::cout << absl::StrFormat(
       "%s PyTorch: largest difference %.2e of the tensor's scale (tolerance %.0e)\n\n",
       matches ? "Matches" : "DOES NOT MATCH", worst, gradtest::kRelativeTolerance);

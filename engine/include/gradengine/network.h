@@ -52,9 +52,9 @@ enum class ActivationKind {
   kLeakyRelu,  // uses `alpha` as negative_slope (PyTorch default 0.01)
   kTanh,
   kSigmoid,
-  kElu,        // uses `alpha` (PyTorch default 1.0)
-  kGeluErf,    // F.gelu(x)  (approximate='none')
-  kGeluTanh,   // F.gelu(x, approximate='tanh')
+  kElu,       // uses `alpha` (PyTorch default 1.0)
+  kGeluErf,   // F.gelu(x)  (approximate='none')
+  kGeluTanh,  // F.gelu(x, approximate='tanh')
 };
 
 struct ActivationSpec {
