@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <list>
 #include <memory>
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -213,12 +214,22 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Engine::~Engine() = default;
 
+// Result tensors are allocated outside the plans' own guards; running out of memory for them
+// is reported like any other failure, never thrown at the caller.
 absl::StatusOr<ForwardResult> Engine::Forward(const ForwardRequest& request) {
-  return impl_->Forward(request);
+  try {
+    return impl_->Forward(request);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of memory for the forward pass's tensors");
+  }
 }
 
 absl::StatusOr<GradientResult> Engine::ComputeGradients(const GradientRequest& request) {
-  return impl_->ComputeGradients(request);
+  try {
+    return impl_->ComputeGradients(request);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of memory for the gradient computation's tensors");
+  }
 }
 
 EngineInfo Engine::info() const { return impl_->info(); }
