@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <exception>
 #include <list>
 #include <memory>
 #include <new>
@@ -154,6 +155,7 @@ class Engine::Impl {
     }
     PlanOptions plan_options;
     plan_options.max_threads = options_.threads_per_call;
+    plan_options.max_workspace_bytes = static_cast<size_t>(options_.max_workspace_bytes);
     plan_options.winograd = options_.winograd;
     plan_options.winograd_min_channels = options_.winograd_min_channels;
     absl::StatusOr<std::unique_ptr<Plan>> created =
@@ -199,6 +201,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     return absl::InvalidArgumentError(
         absl::StrCat("max_elements=", resolved.max_elements, " must be positive"));
   }
+  if (resolved.max_workspace_bytes < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_workspace_bytes=", resolved.max_workspace_bytes, " must be positive"));
+  }
   if (resolved.max_cached_plans < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_cached_plans=", resolved.max_cached_plans, " must be positive"));
@@ -214,13 +220,15 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Engine::~Engine() = default;
 
-// Result tensors are allocated outside the plans' own guards; running out of memory for them
-// is reported like any other failure, never thrown at the caller.
+// Result tensors are allocated outside the plans' own guards; running out of memory for them,
+// or any other exception, is reported as a Status, never thrown at the caller.
 absl::StatusOr<ForwardResult> Engine::Forward(const ForwardRequest& request) {
   try {
     return impl_->Forward(request);
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError("out of memory for the forward pass's tensors");
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("forward pass failed: ", e.what()));
   }
 }
 
@@ -229,6 +237,8 @@ absl::StatusOr<GradientResult> Engine::ComputeGradients(const GradientRequest& r
     return impl_->ComputeGradients(request);
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError("out of memory for the gradient computation's tensors");
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("gradient computation failed: ", e.what()));
   }
 }
 

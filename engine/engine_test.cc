@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <limits>
 #include <random>
 #include <thread>
 #include <vector>
@@ -289,6 +290,28 @@ TEST(EngineTest, StopsBetweenLayersWhenToldAndKeepsServing) {
   EXPECT_TRUE(next.ok()) << next.status();
 }
 
+TEST(EngineTest, ChecksBeforeEveryForwardLayer) {
+  std::unique_ptr<Engine> engine = MakeEngine();
+  Fixture3 f;
+  ForwardRequest request;
+  GradientRequest gradient_request = f.Request();
+  request.network = gradient_request.network;
+  request.parameters = gradient_request.parameters;
+  request.input = gradient_request.input;
+  int checks = 0;
+  request.should_continue = [&checks]() -> absl::Status {
+    ++checks;
+    return absl::OkStatus();
+  };
+  ASSERT_TRUE(engine->Forward(request).ok());
+  // c1 with its tanh fused, then c3: two steps.
+  EXPECT_EQ(checks, 2);
+  request.should_continue = []() -> absl::Status {
+    return absl::CancelledError("client went away");
+  };
+  EXPECT_EQ(engine->Forward(request).status().code(), absl::StatusCode::kCancelled);
+}
+
 struct BadRequestCase {
   std::string label;
   std::function<void(GradientRequest&)> mutate;
@@ -354,6 +377,9 @@ TEST(EngineTest, RejectsBadRequestsAndKeepsWorking) {
       {"unknown objective",
        [&](GradientRequest& r) { r.objective.kind = static_cast<ObjectiveKind>(42); }, kInvalid,
        "objective.kind=42"},
+      {"unknown gradient name with all_parameters",
+       [&](GradientRequest& r) { r.gradients.parameters = {"c1.wieght"}; }, kInvalid,
+       "gradients.parameters[0]=\"c1.wieght\" is not a parameter of the network"},
       {"unknown gradient name",
        [&](GradientRequest& r) {
          r.gradients.all_parameters = false;
@@ -398,12 +424,25 @@ TEST(EngineTest, LeavesTheCallersOpenMpSettingAlone) {
   EXPECT_EQ(omp_get_max_threads(), 3);
 }
 
+TEST(EngineTest, WorkspaceOverTheLimitIsResourceExhausted) {
+  EngineOptions options;
+  options.max_workspace_bytes = 1000;
+  std::unique_ptr<Engine> engine = MakeEngine(options);
+  Fixture3 f;
+  absl::StatusOr<GradientResult> result = engine->ComputeGradients(f.Request());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(result.status().message(), HasSubstr("bytes of intermediate buffers per call"));
+}
+
 TEST(EngineTest, CreateRejectsBadOptions) {
   EngineOptions options;
   options.threads_per_call = -1;
   EXPECT_EQ(Engine::Create(options).status().code(), absl::StatusCode::kInvalidArgument);
   options = {};
   options.max_elements = 0;
+  EXPECT_EQ(Engine::Create(options).status().code(), absl::StatusCode::kInvalidArgument);
+  options = {};
+  options.max_workspace_bytes = 0;
   EXPECT_EQ(Engine::Create(options).status().code(), absl::StatusCode::kInvalidArgument);
   options = {};
   options.max_cached_plans = 0;

@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 namespace gradengine {
 namespace {
@@ -32,14 +33,16 @@ absl::Status CheckNonNegative(const std::string& field, int64_t value) {
   return absl::OkStatus();
 }
 
-// Caps hyperparameters far above any real network so that the index arithmetic below can
-// never overflow, whatever the caller sends.
-constexpr int64_t kMaxHyperparameter = int64_t{1} << 24;
+// Caps far above any real network, so that the index arithmetic below can never overflow and
+// a tiny request cannot make oneDNN spend minutes compiling kernels for absurd windows (padding,
+// stride or dilation of 2^24 took 24-124 s to compile).
+constexpr int64_t kMaxChannels = int64_t{1} << 24;
+constexpr int64_t kMaxWindow = 4096;  // kernel size, stride, padding and dilation
 
-absl::Status CheckBounded(const std::string& field, int64_t value) {
-  if (value > kMaxHyperparameter) {
+absl::Status CheckBounded(const std::string& field, int64_t value, int64_t limit) {
+  if (value > limit) {
     return absl::InvalidArgumentError(
-        absl::StrCat(field, "=", value, " exceeds the supported maximum ", kMaxHyperparameter));
+        absl::StrCat(field, "=", value, " exceeds the supported maximum ", limit));
   }
   return absl::OkStatus();
 }
@@ -69,14 +72,20 @@ absl::Status ValidateConv(const Conv2dSpec& conv, const std::string& prefix,
         {"dilation[1]", conv.dilation_w},
         {"groups", conv.groups}}) {
     if (absl::Status s = CheckPositive(p + field, value); !s.ok()) return s;
-    if (absl::Status s = CheckBounded(p + field, value); !s.ok()) return s;
+    const bool channels = absl::string_view(field) == "in_channels" ||
+                          absl::string_view(field) == "out_channels" ||
+                          absl::string_view(field) == "groups";
+    if (absl::Status s = CheckBounded(p + field, value, channels ? kMaxChannels : kMaxWindow);
+        !s.ok()) {
+      return s;
+    }
   }
   for (const auto& [field, value] : {std::pair<const char*, int64_t>{"padding[0]", conv.pad_top},
                                      {"padding[1]", conv.pad_bottom},
                                      {"padding[2]", conv.pad_left},
                                      {"padding[3]", conv.pad_right}}) {
     if (absl::Status s = CheckNonNegative(p + field, value); !s.ok()) return s;
-    if (absl::Status s = CheckBounded(p + field, value); !s.ok()) return s;
+    if (absl::Status s = CheckBounded(p + field, value, kMaxWindow); !s.ok()) return s;
   }
   if (conv.in_channels % conv.groups != 0) {
     return absl::InvalidArgumentError(

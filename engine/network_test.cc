@@ -103,7 +103,11 @@ TEST(ValidateNetworkTest, RejectsEachMalformedSpecWithFieldAndValue) {
       {"negative padding", conv([](Conv2dSpec& s) { s.pad_right = -1; }), in, kInvalid,
        "layers[1].conv2d.padding[3]=-1"},
       {"huge kernel", conv([](Conv2dSpec& s) { s.kernel_h = int64_t{1} << 40; }), in, kInvalid,
-       "layers[1].conv2d.kernel_size[0]=1099511627776 exceeds"},
+       "layers[1].conv2d.kernel_size[0]=1099511627776 exceeds the supported maximum 4096"},
+      {"huge padding", conv([](Conv2dSpec& s) { s.pad_left = 5000; }), in, kInvalid,
+       "layers[1].conv2d.padding[2]=5000 exceeds the supported maximum 4096"},
+      {"huge channels", conv([](Conv2dSpec& s) { s.out_channels = int64_t{1} << 30; }), in,
+       kInvalid, "layers[1].conv2d.out_channels=1073741824 exceeds the supported maximum"},
       {"groups vs in", conv([](Conv2dSpec& s) { s.groups = 3; }), in, kInvalid,
        "layers[1].conv2d.groups=3 does not divide in_channels=4"},
       {"groups vs out", conv([](Conv2dSpec& s) {

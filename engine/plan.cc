@@ -311,6 +311,7 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
     int current = b.AddSlot(PlainDesc(input_shape), Role::kInput);
     std::vector<int64_t> shape = input_shape;
     for (Step& step : steps) {
+      const size_t first_op = plan->forward_ops_.size();
       const std::vector<int64_t>& out_shape = validated.output_shapes[step.first_layer];
       if (step.conv != nullptr) {
         const Conv2dSpec& c = *step.conv;
@@ -368,6 +369,8 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
         b.AddOp(&plan->forward_ops_, step.eltwise_pd, dnnl::eltwise_forward(step.eltwise_pd),
                 {{DNNL_ARG_SRC, step.src_slot}, {DNNL_ARG_DST, step.dst_slot}}, true);
       }
+      // The caller's ContinueCheck runs before each layer, whichever op comes first in it.
+      plan->forward_ops_[first_op].starts_layer = true;
       current = step.dst_slot;
       shape = out_shape;
     }
@@ -544,9 +547,25 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
     }
     b.Finish();
   } catch (const dnnl::error& e) {
+    if (e.status == dnnl_out_of_memory) {
+      return absl::ResourceExhaustedError("out of memory while compiling the network");
+    }
     return absl::InternalError(absl::StrCat("oneDNN could not compile the network: ", e.what()));
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError("out of memory while compiling the network");
+  }
+  // Each call's workspace holds every intermediate activation and gradient; refuse plans whose
+  // workspace alone would exceed the limit instead of letting a call exhaust the machine.
+  size_t workspace_bytes = 0;
+  for (const Slot& slot : plan->slots_) {
+    if (slot.role == Role::kNone) workspace_bytes += slot.desc.get_size();
+  }
+  if (workspace_bytes > options.max_workspace_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the network needs ", workspace_bytes,
+                     " bytes of intermediate buffers per call, over "
+                     "the limit of ",
+                     options.max_workspace_bytes, " (EngineOptions::max_workspace_bytes)"));
   }
   return plan;
 }
@@ -690,7 +709,9 @@ absl::Status Plan::Execute(const PlanBindings& bindings, const ContinueCheck& sh
       status = RunOps(backward_ops_, *workspace, should_continue);
     }
   } catch (const dnnl::error& e) {
-    status = absl::InternalError(absl::StrCat("oneDNN failed while executing: ", e.what()));
+    status = e.status == dnnl_out_of_memory
+                 ? absl::ResourceExhaustedError("out of memory while executing the network")
+                 : absl::InternalError(absl::StrCat("oneDNN failed while executing: ", e.what()));
   } catch (const std::bad_alloc&) {
     status = absl::ResourceExhaustedError("out of memory while executing the network");
   }

@@ -47,6 +47,8 @@ struct PlanNeeds {
 struct PlanOptions {
   // OpenMP threads a call may use; small plans use fewer (see Plan::threads()).
   int max_threads = 1;
+  // See EngineOptions::max_workspace_bytes.
+  size_t max_workspace_bytes = size_t{8} << 30;
   // See EngineOptions::winograd and winograd_min_channels.
   bool winograd = true;
   int64_t winograd_min_channels = 32;

@@ -129,7 +129,8 @@ absl::StatusOr<ValidatedNetwork> ValidateGradientRequest(const GradientRequest& 
           "objective.kind=", static_cast<int>(objective.kind), " is not a known objective"));
   }
 
-  if (!request.gradients.all_parameters) {
+  {
+    // Checked even when all_parameters is set, so a misspelled name never passes silently.
     const std::vector<std::string>& names = request.gradients.parameters;
     for (size_t i = 0; i < names.size(); ++i) {
       const bool known =

@@ -15,7 +15,9 @@
 // Errors: malformed specs, shapes and parameters are InvalidArgument with a message that names
 // the layer index, field and value; tensors over Options::max_elements are ResourceExhausted;
 // failures inside oneDNN are Internal. No exception leaves the engine. NaN and Inf inputs are
-// computed through, as PyTorch does.
+// computed through, as PyTorch does, with one known difference: an Inf in a gradient that
+// passes backward through two or more convolutions whose channel counts are not multiples of
+// oneDNN's block (8 or 16) can arrive as NaN, because the block's zero padding multiplies it.
 
 #ifndef GRADENGINE_ENGINE_H_
 #define GRADENGINE_ENGINE_H_
@@ -37,6 +39,9 @@ struct EngineOptions {
   // Upper bound on the elements of any one tensor (input, parameter, activation, gradient).
   // Default: 2^30 (4 GiB of float32).
   int64_t max_elements = int64_t{1} << 30;
+  // Upper bound on one call's intermediate buffers (every activation and gradient between
+  // layers, in oneDNN's layouts); networks needing more are ResourceExhausted. Default: 8 GiB.
+  int64_t max_workspace_bytes = int64_t{8} << 30;
   // Compute dense 3x3 stride-1 convolutions with symmetric padding and at least
   // `winograd_min_channels` input and output channels with oneDNN's Winograd F(4x4, 3x3)
   // kernels where it has them (AVX-512 CPUs). They need about half the arithmetic of direct
