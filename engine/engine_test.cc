@@ -290,7 +290,7 @@ TEST(EngineTest, StopsBetweenLayersWhenToldAndKeepsServing) {
   EXPECT_TRUE(next.ok()) << next.status();
 }
 
-TEST(EngineTest, ChecksBeforeEveryForwardLayer) {
+TEST(EngineTest, ChecksBeforeEveryLayer) {
   std::unique_ptr<Engine> engine = MakeEngine();
   Fixture3 f;
   ForwardRequest request;
@@ -310,6 +310,15 @@ TEST(EngineTest, ChecksBeforeEveryForwardLayer) {
     return absl::CancelledError("client went away");
   };
   EXPECT_EQ(engine->Forward(request).status().code(), absl::StatusCode::kCancelled);
+
+  // A training step checks before each of the two steps forward and again backward.
+  checks = 0;
+  gradient_request.should_continue = [&checks]() -> absl::Status {
+    ++checks;
+    return absl::OkStatus();
+  };
+  ASSERT_TRUE(engine->ComputeGradients(gradient_request).ok());
+  EXPECT_EQ(checks, 4);
 }
 
 struct BadRequestCase {

@@ -209,24 +209,24 @@ class Plan::Builder {
   // Appends `primitive` to `ops`, recording how much scratchpad it needs.
   template <typename PrimitiveDesc>
   void AddOp(std::vector<Op>* ops, const PrimitiveDesc& pd, dnnl::primitive primitive,
-             std::vector<std::pair<int, int>> args, bool starts_layer) {
+             std::vector<std::pair<int, int>> args) {
     scratchpad_bytes_ = std::max(scratchpad_bytes_, pd.scratchpad_desc().get_size());
     args.emplace_back(DNNL_ARG_SCRATCHPAD, plan_->scratchpad_slot_);
-    ops->push_back(Op{std::move(primitive), std::move(args), starts_layer});
+    ops->push_back(Op{std::move(primitive), std::move(args)});
   }
 
   // Returns a slot holding `from`'s contents in layout `want`: `from` itself when the layouts
   // already agree, otherwise a new slot filled by a reorder appended to `ops`.
-  int Convert(std::vector<Op>* ops, int from, const memory::desc& want, bool starts_layer) {
+  int Convert(std::vector<Op>* ops, int from, const memory::desc& want) {
     if (DescOf(from) == want) return from;
     int to = AddSlot(want);
-    ConvertInto(ops, from, to, starts_layer);
+    ConvertInto(ops, from, to);
     return to;
   }
 
-  void ConvertInto(std::vector<Op>* ops, int from, int to, bool starts_layer) {
+  void ConvertInto(std::vector<Op>* ops, int from, int to) {
     dnnl::reorder::primitive_desc pd(cpu_, DescOf(from), cpu_, DescOf(to), UserScratchpadAttr());
-    AddOp(ops, pd, dnnl::reorder(pd), {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}}, starts_layer);
+    AddOp(ops, pd, dnnl::reorder(pd), {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}});
   }
 
   void Finish() { SlotAt(plan_->scratchpad_slot_).desc = ScratchpadDesc(); }
@@ -342,24 +342,23 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
         step.conv_pd =
             CreateConvPd<dnnl::convolution_forward::primitive_desc>(make_desc, attr, cpu, winograd);
 
-        step.src_slot = b.Convert(&plan->forward_ops_, current, step.conv_pd.src_desc(), true);
+        step.src_slot = b.Convert(&plan->forward_ops_, current, step.conv_pd.src_desc());
         step.weights_user_slot =
             b.AddSlot(PlainDesc(weights_shape), Role::kParameter, step.conv_name + ".weight");
-        step.weights_slot = b.Convert(&plan->forward_ops_, step.weights_user_slot,
-                                      step.conv_pd.weights_desc(), false);
+        step.weights_slot =
+            b.Convert(&plan->forward_ops_, step.weights_user_slot, step.conv_pd.weights_desc());
         std::vector<std::pair<int, int>> args = {{DNNL_ARG_SRC, step.src_slot},
                                                  {DNNL_ARG_WEIGHTS, step.weights_slot}};
         if (c.bias) {
           const int bias_user =
               b.AddSlot(PlainDesc({c.out_channels}), Role::kParameter, step.conv_name + ".bias");
-          step.bias_slot =
-              b.Convert(&plan->forward_ops_, bias_user, step.conv_pd.bias_desc(), false);
+          step.bias_slot = b.Convert(&plan->forward_ops_, bias_user, step.conv_pd.bias_desc());
           args.emplace_back(DNNL_ARG_BIAS, step.bias_slot);
         }
         step.dst_slot = b.AddSlot(step.conv_pd.dst_desc());
         args.emplace_back(DNNL_ARG_DST, step.dst_slot);
         b.AddOp(&plan->forward_ops_, step.conv_pd, dnnl::convolution_forward(step.conv_pd),
-                std::move(args), false);
+                std::move(args));
       } else {
         dnnl::eltwise_forward::desc desc(prop, step.eltwise.forward, b.DescOf(current),
                                          step.eltwise.alpha, step.eltwise.beta);
@@ -367,7 +366,7 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
         step.src_slot = current;
         step.dst_slot = b.AddSlot(step.eltwise_pd.dst_desc());
         b.AddOp(&plan->forward_ops_, step.eltwise_pd, dnnl::eltwise_forward(step.eltwise_pd),
-                {{DNNL_ARG_SRC, step.src_slot}, {DNNL_ARG_DST, step.dst_slot}}, true);
+                {{DNNL_ARG_SRC, step.src_slot}, {DNNL_ARG_DST, step.dst_slot}});
       }
       // The caller's ContinueCheck runs before each layer, whichever op comes first in it.
       plan->forward_ops_[first_op].starts_layer = true;
@@ -382,7 +381,7 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
       plan->output_slot_ = current;
     } else {
       plan->output_slot_ = b.AddSlot(output_desc, Role::kOutput);
-      b.ConvertInto(&plan->forward_ops_, current, plan->output_slot_, false);
+      b.ConvertInto(&plan->forward_ops_, current, plan->output_slot_);
     }
 
     // ---- Backward.
@@ -398,10 +397,11 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
       }
       plan->diff_output_slot_ = b.AddSlot(output_desc, Role::kDiffOutput);
       int diff = plan->diff_output_slot_;  // dL/d(output of step k)
+      std::vector<size_t> layer_starts;    // index of each step's first backward op
       for (int k = static_cast<int>(steps.size()) - 1; k >= lowest_needed; --k) {
         Step& step = steps[k];
         const bool need_diff_src = needs.input_grad || k > lowest_needed;
-        bool starts_layer = true;
+        layer_starts.push_back(plan->backward_ops_.size());
 
         // Activation backward: standalone, or the fused one of a convolution.
         if (step.activation != nullptr && (step.conv != nullptr || need_diff_src)) {
@@ -414,16 +414,13 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
           dnnl::eltwise_backward::desc desc(step.eltwise.backward, data_desc, data_desc,
                                             step.eltwise.alpha, step.eltwise.beta);
           dnnl::eltwise_backward::primitive_desc pd(desc, UserScratchpadAttr(), cpu, hint);
-          const int diff_dst =
-              b.Convert(&plan->backward_ops_, diff, pd.diff_dst_desc(), starts_layer);
+          const int diff_dst = b.Convert(&plan->backward_ops_, diff, pd.diff_dst_desc());
           const int diff_src = b.AddSlot(pd.diff_src_desc());
           b.AddOp(&plan->backward_ops_, pd, dnnl::eltwise_backward(pd),
                   {{DNNL_ARG_DIFF_DST, diff_dst},
                    {step.eltwise.backward_uses_dst ? DNNL_ARG_DST : DNNL_ARG_SRC, data_slot},
-                   {DNNL_ARG_DIFF_SRC, diff_src}},
-                  starts_layer && diff_dst == diff);
+                   {DNNL_ARG_DIFF_SRC, diff_src}});
           diff = diff_src;
-          starts_layer = false;
         }
         if (step.conv == nullptr) continue;
 
@@ -444,7 +441,7 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
                                                Role::kParameterGrad, bias_name);
           if (b.DescOf(diff).dims() == bias_dims) {
             // N = OH = OW = 1: nothing to sum (oneDNN rejects such a reduction); dL/dy is it.
-            b.ConvertInto(&plan->backward_ops_, diff, bias_grad_user, starts_layer);
+            b.ConvertInto(&plan->backward_ops_, diff, bias_grad_user);
           } else {
             dnnl::reduction::desc desc(dnnl::algorithm::reduction_sum, b.DescOf(diff),
                                        memory::desc(bias_dims, DataType::f32, Tag::any), 0.0f,
@@ -454,12 +451,11 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
                                       ? bias_grad_user
                                       : b.AddSlot(pd.dst_desc());
             b.AddOp(&plan->backward_ops_, pd, dnnl::reduction(pd),
-                    {{DNNL_ARG_SRC, diff}, {DNNL_ARG_DST, bias_grad}}, starts_layer);
+                    {{DNNL_ARG_SRC, diff}, {DNNL_ARG_DST, bias_grad}});
             if (bias_grad != bias_grad_user) {
-              b.ConvertInto(&plan->backward_ops_, bias_grad, bias_grad_user, false);
+              b.ConvertInto(&plan->backward_ops_, bias_grad, bias_grad_user);
             }
           }
-          starts_layer = false;
         } else if (want_weight || want_bias) {
           auto make_desc = [&](dnnl::algorithm algorithm) {
             return dnnl::convolution_backward_weights::desc(
@@ -469,12 +465,8 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
           };
           const auto pd = CreateConvPd<dnnl::convolution_backward_weights::primitive_desc>(
               make_desc, UserScratchpadAttr(), cpu, winograd, step.conv_pd);
-          const int src =
-              b.Convert(&plan->backward_ops_, step.src_slot, pd.src_desc(), starts_layer);
-          starts_layer = starts_layer && src == step.src_slot;
-          const int diff_dst =
-              b.Convert(&plan->backward_ops_, diff, pd.diff_dst_desc(), starts_layer);
-          starts_layer = starts_layer && diff_dst == diff;
+          const int src = b.Convert(&plan->backward_ops_, step.src_slot, pd.src_desc());
+          const int diff_dst = b.Convert(&plan->backward_ops_, diff, pd.diff_dst_desc());
 
           // Gradients land directly in the caller's tensors when the layouts agree.
           const int weight_grad_user =
@@ -498,14 +490,13 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
                             : b.AddSlot(pd.diff_bias_desc());
             args.emplace_back(DNNL_ARG_DIFF_BIAS, bias_grad);
           }
-          b.AddOp(&plan->backward_ops_, pd, dnnl::convolution_backward_weights(pd), std::move(args),
-                  starts_layer);
-          starts_layer = false;
+          b.AddOp(&plan->backward_ops_, pd, dnnl::convolution_backward_weights(pd),
+                  std::move(args));
           if (weight_grad_user >= 0 && weight_grad != weight_grad_user) {
-            b.ConvertInto(&plan->backward_ops_, weight_grad, weight_grad_user, false);
+            b.ConvertInto(&plan->backward_ops_, weight_grad, weight_grad_user);
           }
           if (bias_grad_user >= 0 && bias_grad != bias_grad_user) {
-            b.ConvertInto(&plan->backward_ops_, bias_grad, bias_grad_user, false);
+            b.ConvertInto(&plan->backward_ops_, bias_grad, bias_grad_user);
           }
         }
 
@@ -518,22 +509,22 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
           const auto pd = CreateConvPd<dnnl::convolution_backward_data::primitive_desc>(
               make_desc, UserScratchpadAttr(), cpu, winograd, step.conv_pd);
           // Reuse the weights the forward pass already reordered when the layouts agree.
-          const int weights = b.DescOf(step.weights_slot) == pd.weights_desc()
-                                  ? step.weights_slot
-                                  : b.Convert(&plan->backward_ops_, step.weights_user_slot,
-                                              pd.weights_desc(), starts_layer);
-          starts_layer = starts_layer && weights == step.weights_slot;
-          const int diff_dst =
-              b.Convert(&plan->backward_ops_, diff, pd.diff_dst_desc(), starts_layer);
-          starts_layer = starts_layer && diff_dst == diff;
+          const int weights =
+              b.DescOf(step.weights_slot) == pd.weights_desc()
+                  ? step.weights_slot
+                  : b.Convert(&plan->backward_ops_, step.weights_user_slot, pd.weights_desc());
+          const int diff_dst = b.Convert(&plan->backward_ops_, diff, pd.diff_dst_desc());
           const int diff_src = b.AddSlot(pd.diff_src_desc());
           b.AddOp(&plan->backward_ops_, pd, dnnl::convolution_backward_data(pd),
                   {{DNNL_ARG_DIFF_DST, diff_dst},
                    {DNNL_ARG_WEIGHTS, weights},
-                   {DNNL_ARG_DIFF_SRC, diff_src}},
-                  starts_layer);
+                   {DNNL_ARG_DIFF_SRC, diff_src}});
           diff = diff_src;
         }
+      }
+      // The caller's ContinueCheck runs before each layer's backward pass.
+      for (size_t start : layer_starts) {
+        if (start < plan->backward_ops_.size()) plan->backward_ops_[start].starts_layer = true;
       }
       if (needs.input_grad) {
         const memory::desc input_desc = PlainDesc(input_shape);
@@ -541,7 +532,7 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
           b.SlotAt(diff).role = Role::kInputGrad;
         } else {
           const int input_grad = b.AddSlot(input_desc, Role::kInputGrad);
-          b.ConvertInto(&plan->backward_ops_, diff, input_grad, false);
+          b.ConvertInto(&plan->backward_ops_, diff, input_grad);
         }
       }
     }

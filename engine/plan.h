@@ -100,6 +100,7 @@ class Plan {
   struct Op {
     dnnl::primitive primitive;
     std::vector<std::pair<int, int>> args;  // (DNNL_ARG_*, slot index)
+    // Whether the caller's ContinueCheck runs before this op: true for each layer's first.
     bool starts_layer = false;
   };
 
