@@ -153,13 +153,8 @@ class Engine::Impl {
         return it->second.plan;
       }
     }
-    PlanOptions plan_options;
-    plan_options.max_threads = options_.threads_per_call;
-    plan_options.max_workspace_bytes = static_cast<size_t>(options_.max_workspace_bytes);
-    plan_options.winograd = options_.winograd;
-    plan_options.winograd_min_channels = options_.winograd_min_channels;
     absl::StatusOr<std::unique_ptr<Plan>> created =
-        Plan::Create(cpu_, network, validated, input_shape, needs, plan_options);
+        Plan::Create(cpu_, network, validated, input_shape, needs, options_);
     if (!created.ok()) return created.status();
     std::shared_ptr<Plan> plan = std::move(*created);
 

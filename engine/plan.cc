@@ -103,7 +103,7 @@ PrimitiveDesc CreateConvPd(const MakeDesc& make_desc, const dnnl::primitive_attr
 // Winograd pays off on channel-rich 3x3 convolutions (measured here: 1.3-1.6x on 32->64 and
 // 64->64 layers, but 3-15x slower on 1->8 and 8->16 ones). Symmetric padding only: oneDNN
 // 2.6.3's Winograd backward-data accepts asymmetric padding but computes wrong input gradients.
-bool UseWinograd(const Conv2dSpec& c, const PlanOptions& options) {
+bool UseWinograd(const Conv2dSpec& c, const EngineOptions& options) {
   return options.winograd && c.kernel_h == 3 && c.kernel_w == 3 && c.stride_h == 1 &&
          c.stride_w == 1 && c.dilation_h == 1 && c.dilation_w == 1 && c.groups == 1 &&
          c.pad_top == c.pad_bottom && c.pad_left == c.pad_right &&
@@ -269,10 +269,10 @@ struct Step {
 
 absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
     const dnnl::engine& cpu, const NetworkSpec& network, const ValidatedNetwork& validated,
-    const std::vector<int64_t>& input_shape, const PlanNeeds& needs, const PlanOptions& options) {
+    const std::vector<int64_t>& input_shape, const PlanNeeds& needs, const EngineOptions& options) {
   std::unique_ptr<Plan> plan(new Plan());
   plan->cpu_ = cpu;
-  plan->threads_ = ThreadsFor(network, validated, needs, options.max_threads);
+  plan->threads_ = ThreadsFor(network, validated, needs, options.threads_per_call);
   // oneDNN sizes its kernels' work split for the thread count in force at creation.
   ScopedOmpThreads threads(plan->threads_);
   try {
@@ -378,10 +378,8 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
     const memory::desc output_desc = PlainDesc(shape);
     if (b.DescOf(current) == output_desc) {
       b.SlotAt(current).role = Role::kOutput;
-      plan->output_slot_ = current;
     } else {
-      plan->output_slot_ = b.AddSlot(output_desc, Role::kOutput);
-      b.ConvertInto(&plan->forward_ops_, current, plan->output_slot_);
+      b.ConvertInto(&plan->forward_ops_, current, b.AddSlot(output_desc, Role::kOutput));
     }
 
     // ---- Backward.
@@ -551,7 +549,7 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
   for (const Slot& slot : plan->slots_) {
     if (slot.role == Role::kNone) workspace_bytes += slot.desc.get_size();
   }
-  if (workspace_bytes > options.max_workspace_bytes) {
+  if (workspace_bytes > static_cast<size_t>(options.max_workspace_bytes)) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the network needs ", workspace_bytes,
                      " bytes of intermediate buffers per call, over "

@@ -28,6 +28,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "gradengine/engine.h"
 #include "gradengine/network.h"
 #include "gradengine/tensor.h"
 #include "oneapi/dnnl/dnnl.hpp"
@@ -41,17 +42,6 @@ struct PlanNeeds {
   bool input_grad = false;
   // Names of parameters whose gradient is wanted.
   std::set<std::string> parameter_grads;
-};
-
-// How to compile; the same for every plan of an Engine.
-struct PlanOptions {
-  // OpenMP threads a call may use; small plans use fewer (see Plan::threads()).
-  int max_threads = 1;
-  // See EngineOptions::max_workspace_bytes.
-  size_t max_workspace_bytes = size_t{8} << 30;
-  // See EngineOptions::winograd and winograd_min_channels.
-  bool winograd = true;
-  int64_t winograd_min_channels = 32;
 };
 
 // A deterministic string identifying (network, input shape, needs); equal keys mean the same
@@ -74,16 +64,16 @@ struct PlanBindings {
 
 class Plan {
  public:
-  // REQUIRES: `validated` is ValidateNetwork's result for (network, input_shape).
-  static absl::StatusOr<std::unique_ptr<Plan>> Create(
-      const dnnl::engine& cpu, const NetworkSpec& network, const ValidatedNetwork& validated,
-      const std::vector<int64_t>& input_shape, const PlanNeeds& needs, const PlanOptions& options);
+  // REQUIRES: `validated` is ValidateNetwork's result for (network, input_shape);
+  // options.threads_per_call >= 1 (as Engine::Create resolves it).
+  static absl::StatusOr<std::unique_ptr<Plan>> Create(const dnnl::engine& cpu,
+                                                      const NetworkSpec& network,
+                                                      const ValidatedNetwork& validated,
+                                                      const std::vector<int64_t>& input_shape,
+                                                      const PlanNeeds& needs,
+                                                      const EngineOptions& options);
 
   ~Plan();
-
-  // OpenMP threads the plan runs with: PlanOptions::max_threads, or fewer when the work is so
-  // small that waking more threads costs more than it saves.
-  int threads() const { return threads_; }
 
   // Runs the plan. `should_continue` (may be empty) is consulted before every layer.
   absl::Status Execute(const PlanBindings& bindings, const ContinueCheck& should_continue);
@@ -121,10 +111,11 @@ class Plan {
   void ApplyObjective(const PlanBindings& bindings, Workspace& workspace);
 
   dnnl::engine cpu_;
+  // OpenMP threads the plan runs with: EngineOptions::threads_per_call, or fewer when the work
+  // is so small that waking more threads costs more than it saves.
   int threads_ = 1;
   std::vector<Slot> slots_;
   int scratchpad_slot_ = -1;
-  int output_slot_ = -1;
   int diff_output_slot_ = -1;
   std::vector<Op> forward_ops_;
   std::vector<Op> backward_ops_;
