@@ -1,0 +1,523 @@
+#include "proto/wire.h"
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace gradwire {
+namespace {
+
+static_assert(sizeof(float) == 4, "FLOAT32 tensors are 4-byte IEEE 754 values");
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "tensor bytes are little-endian on the wire and are used in place");
+
+using gradengine::ActivationKind;
+using gradengine::ActivationSpec;
+using gradengine::Conv2dSpec;
+using gradengine::LayerSpec;
+using gradengine::NetworkSpec;
+using gradengine::ObjectiveKind;
+using gradengine::Tensor;
+using gradengine::TensorView;
+
+// The wire enum for each engine activation, and back.
+constexpr std::pair<ActivationKind, grad::v1::ActivationKind> kActivations[] = {
+    {ActivationKind::kRelu, grad::v1::RELU},
+    {ActivationKind::kLeakyRelu, grad::v1::LEAKY_RELU},
+    {ActivationKind::kTanh, grad::v1::TANH},
+    {ActivationKind::kSigmoid, grad::v1::SIGMOID},
+    {ActivationKind::kElu, grad::v1::ELU},
+    {ActivationKind::kGeluErf, grad::v1::GELU},
+    {ActivationKind::kGeluTanh, grad::v1::GELU_TANH},
+};
+
+std::string DataTypeText(int dtype) {
+  if (grad::v1::DataType_IsValid(dtype)) {
+    return absl::StrCat(dtype, " (", grad::v1::DataType_Name(dtype), ")");
+  }
+  return absl::StrCat(dtype);
+}
+
+// The number of elements and bytes of a FLOAT32 tensor of `shape`; errors name `field`.
+absl::StatusOr<int64_t> CheckedByteCount(const grad::v1::Tensor& tensor,
+                                         absl::string_view field) {
+  int64_t elements = 1;
+  for (int i = 0; i < tensor.shape_size(); ++i) {
+    const int64_t dim = tensor.shape(i);
+    if (dim < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".shape[", i, "]=", dim, " must be >= 0"));
+    }
+    if (dim != 0 && elements > std::numeric_limits<int64_t>::max() / 4 / dim) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ".shape=[", absl::StrJoin(tensor.shape(), ", "),
+          "] has more elements than a 64-bit byte count can hold"));
+    }
+    elements *= dim;
+  }
+  return elements * static_cast<int64_t>(sizeof(float));
+}
+
+absl::Status CheckDataType(const grad::v1::Tensor& tensor, absl::string_view field) {
+  switch (tensor.dtype()) {
+    case grad::v1::DATA_TYPE_FLOAT32:
+      return absl::OkStatus();
+    case grad::v1::DATA_TYPE_BFLOAT16:
+      return absl::UnimplementedError(
+          absl::StrCat(field, ".dtype=", DataTypeText(tensor.dtype()),
+                       " is not supported yet; send DATA_TYPE_FLOAT32"));
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".dtype=", DataTypeText(tensor.dtype()),
+                       " is not a supported data type; send DATA_TYPE_FLOAT32"));
+  }
+}
+
+// Checks dtype, shape and byte count; returns the element count.
+absl::StatusOr<int64_t> CheckTensor(const grad::v1::Tensor& tensor, absl::string_view field) {
+  if (absl::Status s = CheckDataType(tensor, field); !s.ok()) return s;
+  absl::StatusOr<int64_t> bytes = CheckedByteCount(tensor, field);
+  if (!bytes.ok()) return bytes.status();
+  if (static_cast<int64_t>(tensor.data().size()) != *bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".data has ", tensor.data().size(), " bytes, but shape=[",
+        absl::StrJoin(tensor.shape(), ", "), "] of DATA_TYPE_FLOAT32 needs ", *bytes));
+  }
+  return *bytes / static_cast<int64_t>(sizeof(float));
+}
+
+// Reads a PyTorch-style int-or-pair field: [v] means (v, v), [a, b] means (a, b); empty gives
+// the default.
+absl::Status DecodePair(const google::protobuf::RepeatedField<int64_t>& values,
+                        const std::string& field, int64_t default_value, int64_t* first,
+                        int64_t* second) {
+  switch (values.size()) {
+    case 0:
+      *first = *second = default_value;
+      return absl::OkStatus();
+    case 1:
+      *first = *second = values[0];
+      return absl::OkStatus();
+    case 2:
+      *first = values[0];
+      *second = values[1];
+      return absl::OkStatus();
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, " has ", values.size(), " values [", absl::StrJoin(values, ", "),
+                       "]; expected 1 or 2"));
+  }
+}
+
+absl::StatusOr<Conv2dSpec> DecodeConv2d(const grad::v1::Conv2d& conv, const std::string& prefix) {
+  Conv2dSpec spec;
+  spec.in_channels = conv.in_channels();
+  spec.out_channels = conv.out_channels();
+  if (conv.kernel_size().empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, "kernel_size is not set; give [k] or [kh, kw]"));
+  }
+  if (absl::Status s =
+          DecodePair(conv.kernel_size(), prefix + "kernel_size", 0, &spec.kernel_h, &spec.kernel_w);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s =
+          DecodePair(conv.stride(), prefix + "stride", 1, &spec.stride_h, &spec.stride_w);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = DecodePair(conv.dilation(), prefix + "dilation", 1, &spec.dilation_h,
+                                  &spec.dilation_w);
+      !s.ok()) {
+    return s;
+  }
+  const auto& pad = conv.padding();
+  switch (pad.size()) {
+    case 0:
+      break;
+    case 1:
+      spec.pad_top = spec.pad_bottom = spec.pad_left = spec.pad_right = pad[0];
+      break;
+    case 2:
+      spec.pad_top = spec.pad_bottom = pad[0];
+      spec.pad_left = spec.pad_right = pad[1];
+      break;
+    case 4:
+      spec.pad_top = pad[0];
+      spec.pad_bottom = pad[1];
+      spec.pad_left = pad[2];
+      spec.pad_right = pad[3];
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(prefix, "padding has ", pad.size(), " values [", absl::StrJoin(pad, ", "),
+                       "]; expected 1, 2 or 4 (top, bottom, left, right)"));
+  }
+  spec.groups = conv.groups() == 0 ? 1 : conv.groups();
+  spec.bias = conv.bias();
+  return spec;
+}
+
+absl::StatusOr<ActivationSpec> DecodeActivation(const grad::v1::Activation& activation,
+                                                const std::string& prefix) {
+  for (const auto& [engine_kind, wire_kind] : kActivations) {
+    if (activation.kind() == wire_kind) return ActivationSpec{engine_kind, activation.alpha()};
+  }
+  const int kind = activation.kind();
+  return absl::InvalidArgumentError(absl::StrCat(
+      prefix, "kind=", kind,
+      grad::v1::ActivationKind_IsValid(kind)
+          ? absl::StrCat(" (", grad::v1::ActivationKind_Name(kind), ")")
+          : std::string(),
+      " is not an activation; expected one of ", absl::StrJoin(SupportedActivationNames(), ", ")));
+}
+
+grad::v1::ActivationKind EncodeActivationKind(ActivationKind kind) {
+  for (const auto& [engine_kind, wire_kind] : kActivations) {
+    if (engine_kind == kind) return wire_kind;
+  }
+  return grad::v1::ACTIVATION_KIND_UNSPECIFIED;
+}
+
+void EncodeParameters(const gradengine::ParameterViews& parameters,
+                      google::protobuf::RepeatedPtrField<grad::v1::NamedTensor>* out) {
+  out->Reserve(static_cast<int>(parameters.size()));
+  for (const auto& [name, view] : parameters) {
+    grad::v1::NamedTensor* named = out->Add();
+    named->set_name(name);
+    EncodeTensor(view, named->mutable_tensor());
+  }
+}
+
+absl::StatusOr<gradengine::ParameterViews> DecodeParameters(
+    const google::protobuf::RepeatedPtrField<grad::v1::NamedTensor>& parameters,
+    DecodeStorage* storage) {
+  gradengine::ParameterViews views;
+  absl::flat_hash_map<absl::string_view, int> first_index;
+  for (int i = 0; i < parameters.size(); ++i) {
+    const grad::v1::NamedTensor& named = parameters[i];
+    const std::string field = absl::StrCat("parameters[", i, "]");
+    if (named.name().empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ".name is empty"));
+    }
+    auto [it, inserted] = first_index.emplace(named.name(), i);
+    if (!inserted) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ".name=\"", named.name(),
+                                                     "\" repeats parameters[", it->second, "]"));
+    }
+    if (!named.has_tensor()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".tensor (\"", named.name(), "\") is not set"));
+    }
+    absl::StatusOr<TensorView> view =
+        DecodeTensorView(named.tensor(), absl::StrCat(field, ".tensor"), storage);
+    if (!view.ok()) return view.status();
+    views.emplace(named.name(), *std::move(view));
+  }
+  return views;
+}
+
+absl::StatusOr<TensorView> DecodeRequiredTensor(bool present, const grad::v1::Tensor& tensor,
+                                                absl::string_view field, DecodeStorage* storage) {
+  if (!present) return absl::InvalidArgumentError(absl::StrCat(field, " is not set"));
+  return DecodeTensorView(tensor, field, storage);
+}
+
+absl::StatusOr<gradengine::ParameterTensors> DecodeNamedTensors(
+    const google::protobuf::RepeatedPtrField<grad::v1::NamedTensor>& tensors,
+    absl::string_view field) {
+  gradengine::ParameterTensors out;
+  for (int i = 0; i < tensors.size(); ++i) {
+    const std::string path = absl::StrCat(field, "[", i, "]");
+    absl::StatusOr<Tensor> tensor = DecodeTensor(tensors[i].tensor(), path + ".tensor");
+    if (!tensor.ok()) return tensor.status();
+    if (!out.emplace(tensors[i].name(), *std::move(tensor)).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ".name=\"", tensors[i].name(), "\" repeats an earlier entry"));
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+void EncodeTensor(absl::Span<const int64_t> shape, absl::Span<const float> values,
+                  grad::v1::Tensor* out) {
+  out->mutable_shape()->Assign(shape.begin(), shape.end());
+  out->set_dtype(grad::v1::DATA_TYPE_FLOAT32);
+  // One copy, straight from the floats; assign() does not zero-fill first.
+  out->mutable_data()->assign(reinterpret_cast<const char*>(values.data()),
+                              values.size() * sizeof(float));
+}
+
+absl::StatusOr<TensorView> DecodeTensorView(const grad::v1::Tensor& tensor,
+                                            absl::string_view field, DecodeStorage* storage) {
+  absl::StatusOr<int64_t> elements = CheckTensor(tensor, field);
+  if (!elements.ok()) return elements.status();
+  TensorView view;
+  view.shape.assign(tensor.shape().begin(), tensor.shape().end());
+  view.size = *elements;
+  const char* bytes = tensor.data().data();
+  if (reinterpret_cast<uintptr_t>(bytes) % alignof(float) == 0) {
+    view.data = reinterpret_cast<const float*>(bytes);
+  } else {
+    std::vector<float>& copy = storage->emplace_back(static_cast<size_t>(*elements));
+    std::memcpy(copy.data(), bytes, tensor.data().size());
+    view.data = copy.data();
+  }
+  return view;
+}
+
+absl::StatusOr<Tensor> DecodeTensor(const grad::v1::Tensor& tensor, absl::string_view field) {
+  absl::StatusOr<int64_t> elements = CheckTensor(tensor, field);
+  if (!elements.ok()) return elements.status();
+  Tensor out;
+  out.shape.assign(tensor.shape().begin(), tensor.shape().end());
+  out.data.resize(static_cast<size_t>(*elements));
+  std::memcpy(out.data.data(), tensor.data().data(), tensor.data().size());
+  return out;
+}
+
+void EncodeNetwork(const NetworkSpec& network, grad::v1::Network* out) {
+  out->clear_layers();
+  for (const LayerSpec& layer : network.layers) {
+    grad::v1::Layer* wire = out->add_layers();
+    wire->set_name(layer.name);
+    if (const auto* conv = std::get_if<Conv2dSpec>(&layer.op)) {
+      grad::v1::Conv2d* c = wire->mutable_conv2d();
+      c->set_in_channels(conv->in_channels);
+      c->set_out_channels(conv->out_channels);
+      c->add_kernel_size(conv->kernel_h);
+      c->add_kernel_size(conv->kernel_w);
+      c->add_stride(conv->stride_h);
+      c->add_stride(conv->stride_w);
+      for (int64_t p : {conv->pad_top, conv->pad_bottom, conv->pad_left, conv->pad_right}) {
+        c->add_padding(p);
+      }
+      c->add_dilation(conv->dilation_h);
+      c->add_dilation(conv->dilation_w);
+      c->set_groups(conv->groups);
+      c->set_bias(conv->bias);
+    } else {
+      const auto& act = std::get<ActivationSpec>(layer.op);
+      grad::v1::Activation* a = wire->mutable_activation();
+      a->set_kind(EncodeActivationKind(act.kind));
+      a->set_alpha(act.alpha);
+    }
+  }
+}
+
+absl::StatusOr<NetworkSpec> DecodeNetwork(const grad::v1::Network& network) {
+  NetworkSpec spec;
+  spec.layers.reserve(network.layers_size());
+  for (int i = 0; i < network.layers_size(); ++i) {
+    const grad::v1::Layer& layer = network.layers(i);
+    const std::string prefix = absl::StrCat("layers[", i, "]");
+    LayerSpec out;
+    out.name = layer.name();
+    switch (layer.op_case()) {
+      case grad::v1::Layer::kConv2D: {
+        absl::StatusOr<Conv2dSpec> conv = DecodeConv2d(layer.conv2d(), prefix + ".conv2d.");
+        if (!conv.ok()) return conv.status();
+        out.op = *conv;
+        break;
+      }
+      case grad::v1::Layer::kActivation: {
+        absl::StatusOr<ActivationSpec> act =
+            DecodeActivation(layer.activation(), prefix + ".activation.");
+        if (!act.ok()) return act.status();
+        out.op = *act;
+        break;
+      }
+      case grad::v1::Layer::OP_NOT_SET: {
+        const google::protobuf::UnknownFieldSet& unknown =
+            layer.GetReflection()->GetUnknownFields(layer);
+        if (unknown.field_count() > 0) {
+          return absl::UnimplementedError(absl::StrCat(
+              prefix, " (\"", layer.name(), "\") has an op this server does not know (field ",
+              unknown.field(0).number(), "); it supports conv2d and activation"));
+        }
+        return absl::InvalidArgumentError(absl::StrCat(
+            prefix, ".op (\"", layer.name(), "\") is not set; set conv2d or activation"));
+      }
+    }
+    spec.layers.push_back(std::move(out));
+  }
+  return spec;
+}
+
+void EncodeForwardRequest(const gradengine::ForwardRequest& request,
+                          grad::v1::ForwardRequest* out) {
+  EncodeNetwork(request.network, out->mutable_network());
+  EncodeParameters(request.parameters, out->mutable_parameters());
+  EncodeTensor(request.input, out->mutable_input());
+}
+
+void EncodeGradientRequest(const gradengine::GradientRequest& request,
+                           grad::v1::ComputeGradientsRequest* out) {
+  EncodeNetwork(request.network, out->mutable_network());
+  EncodeParameters(request.parameters, out->mutable_parameters());
+  EncodeTensor(request.input, out->mutable_input());
+  grad::v1::Objective* objective = out->mutable_objective();
+  switch (request.objective.kind) {
+    case ObjectiveKind::kMse:
+      EncodeTensor(request.objective.tensor, objective->mutable_mse_target());
+      break;
+    case ObjectiveKind::kSum:
+      objective->mutable_sum();
+      break;
+    case ObjectiveKind::kGradOutput:
+      EncodeTensor(request.objective.tensor, objective->mutable_grad_output());
+      break;
+  }
+  grad::v1::GradientSelection* selection = out->mutable_gradients();
+  selection->set_skip_input(!request.gradients.input);
+  if (!request.gradients.all_parameters) {
+    if (request.gradients.parameters.empty()) {
+      selection->set_no_parameters(true);
+    } else {
+      for (const std::string& name : request.gradients.parameters) {
+        selection->add_parameters(name);
+      }
+    }
+  }
+}
+
+absl::StatusOr<gradengine::ForwardRequest> DecodeForwardRequest(
+    const grad::v1::ForwardRequest& request, DecodeStorage* storage) {
+  gradengine::ForwardRequest out;
+  absl::StatusOr<NetworkSpec> network = DecodeNetwork(request.network());
+  if (!network.ok()) return network.status();
+  out.network = *std::move(network);
+  absl::StatusOr<gradengine::ParameterViews> parameters =
+      DecodeParameters(request.parameters(), storage);
+  if (!parameters.ok()) return parameters.status();
+  out.parameters = *std::move(parameters);
+  absl::StatusOr<TensorView> input =
+      DecodeRequiredTensor(request.has_input(), request.input(), "input", storage);
+  if (!input.ok()) return input.status();
+  out.input = *std::move(input);
+  return out;
+}
+
+absl::StatusOr<gradengine::GradientRequest> DecodeGradientRequest(
+    const grad::v1::ComputeGradientsRequest& request, DecodeStorage* storage) {
+  gradengine::GradientRequest out;
+  absl::StatusOr<NetworkSpec> network = DecodeNetwork(request.network());
+  if (!network.ok()) return network.status();
+  out.network = *std::move(network);
+  absl::StatusOr<gradengine::ParameterViews> parameters =
+      DecodeParameters(request.parameters(), storage);
+  if (!parameters.ok()) return parameters.status();
+  out.parameters = *std::move(parameters);
+  absl::StatusOr<TensorView> input =
+      DecodeRequiredTensor(request.has_input(), request.input(), "input", storage);
+  if (!input.ok()) return input.status();
+  out.input = *std::move(input);
+
+  const grad::v1::Objective& objective = request.objective();
+  std::vector<std::string> set;
+  if (objective.has_mse_target()) set.push_back("mse_target");
+  if (objective.has_sum()) set.push_back("sum");
+  if (objective.has_grad_output()) set.push_back("grad_output");
+  if (set.size() != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "objective has ", set.empty() ? "none" : absl::StrJoin(set, " and "),
+        " set; set exactly one of mse_target, sum, grad_output"));
+  }
+  if (objective.has_mse_target()) {
+    out.objective.kind = ObjectiveKind::kMse;
+    absl::StatusOr<TensorView> target =
+        DecodeTensorView(objective.mse_target(), "objective.mse_target", storage);
+    if (!target.ok()) return target.status();
+    out.objective.tensor = *std::move(target);
+  } else if (objective.has_sum()) {
+    out.objective.kind = ObjectiveKind::kSum;
+  } else {
+    out.objective.kind = ObjectiveKind::kGradOutput;
+    absl::StatusOr<TensorView> grad_output =
+        DecodeTensorView(objective.grad_output(), "objective.grad_output", storage);
+    if (!grad_output.ok()) return grad_output.status();
+    out.objective.tensor = *std::move(grad_output);
+  }
+
+  const grad::v1::GradientSelection& selection = request.gradients();
+  out.gradients.input = !selection.skip_input();
+  if (selection.no_parameters() && !selection.parameters().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gradients.no_parameters is set, but gradients.parameters names ",
+        selection.parameters_size(), " (\"", selection.parameters(0), "\", ...); set one"));
+  }
+  out.gradients.all_parameters = !selection.no_parameters() && selection.parameters().empty();
+  out.gradients.parameters.assign(selection.parameters().begin(), selection.parameters().end());
+  return out;
+}
+
+void EncodeForwardResult(const gradengine::ForwardResult& result,
+                         grad::v1::ForwardResponse* out) {
+  EncodeTensor(result.output, out->mutable_output());
+}
+
+void EncodeGradientResult(const gradengine::GradientResult& result, bool include_output,
+                          grad::v1::ComputeGradientsResponse* out) {
+  if (include_output) EncodeTensor(result.output, out->mutable_output());
+  if (result.loss.has_value()) out->set_loss(*result.loss);
+  if (result.input_grad.has_value()) EncodeTensor(*result.input_grad, out->mutable_input_grad());
+  out->mutable_parameter_grads()->Reserve(static_cast<int>(result.parameter_grads.size()));
+  for (const auto& [name, grad] : result.parameter_grads) {
+    grad::v1::NamedTensor* named = out->add_parameter_grads();
+    named->set_name(name);
+    EncodeTensor(grad, named->mutable_tensor());
+  }
+}
+
+absl::StatusOr<gradengine::ForwardResult> DecodeForwardResult(
+    const grad::v1::ForwardResponse& response) {
+  absl::StatusOr<Tensor> output = DecodeTensor(response.output(), "output");
+  if (!output.ok()) return output.status();
+  return gradengine::ForwardResult{*std::move(output)};
+}
+
+absl::StatusOr<gradengine::GradientResult> DecodeGradientResult(
+    const grad::v1::ComputeGradientsResponse& response) {
+  gradengine::GradientResult result;
+  if (response.has_output()) {
+    absl::StatusOr<Tensor> output = DecodeTensor(response.output(), "output");
+    if (!output.ok()) return output.status();
+    result.output = *std::move(output);
+  }
+  if (response.has_loss()) result.loss = response.loss();
+  if (response.has_input_grad()) {
+    absl::StatusOr<Tensor> input_grad = DecodeTensor(response.input_grad(), "input_grad");
+    if (!input_grad.ok()) return input_grad.status();
+    result.input_grad = *std::move(input_grad);
+  }
+  absl::StatusOr<gradengine::ParameterTensors> grads =
+      DecodeNamedTensors(response.parameter_grads(), "parameter_grads");
+  if (!grads.ok()) return grads.status();
+  result.parameter_grads = *std::move(grads);
+  return result;
+}
+
+std::vector<std::string> SupportedActivationNames() {
+  std::vector<std::string> names;
+  for (const auto& [engine_kind, wire_kind] : kActivations) {
+    names.push_back(gradengine::ActivationName(engine_kind));
+  }
+  return names;
+}
+
+std::vector<std::string> SupportedObjectiveNames() {
+  return {gradengine::ObjectiveName(ObjectiveKind::kMse),
+          gradengine::ObjectiveName(ObjectiveKind::kSum),
+          gradengine::ObjectiveName(ObjectiveKind::kGradOutput)};
+}
+
+}  // namespace gradwire
