@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <exception>
 #include <list>
 #include <memory>
@@ -21,6 +22,10 @@
 
 namespace gradengine {
 namespace {
+
+int64_t Nanoseconds(std::chrono::steady_clock::duration duration) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(duration).count();
+}
 
 std::string IsaName(dnnl::cpu_isa isa) {
   switch (isa) {
@@ -56,6 +61,7 @@ class Engine::Impl {
   Impl(const EngineOptions& options, dnnl::engine cpu) : options_(options), cpu_(std::move(cpu)) {}
 
   absl::StatusOr<ForwardResult> Forward(const ForwardRequest& request) {
+    const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<ValidatedNetwork> validated =
         ValidateForwardRequest(request, options_.max_elements);
     if (!validated.ok()) return validated.status();
@@ -72,12 +78,16 @@ class Engine::Impl {
     ForwardResult result;
     result.output = Tensor::Zeros(validated->output_shapes.back());
     bindings.output = &result.output;
+    std::chrono::steady_clock::time_point forward_done;
+    bindings.forward_done = &forward_done;
     absl::Status status = (*plan)->Execute(bindings, request.should_continue);
     if (!status.ok()) return status;
+    result.timing.forward_ns = Nanoseconds(forward_done - start);
     return result;
   }
 
   absl::StatusOr<GradientResult> ComputeGradients(const GradientRequest& request) {
+    const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<ValidatedNetwork> validated =
         ValidateGradientRequest(request, options_.max_elements);
     if (!validated.ok()) return validated.status();
@@ -113,8 +123,12 @@ class Engine::Impl {
     bindings.loss = &result.loss;
     bindings.input_grad = result.input_grad ? &*result.input_grad : nullptr;
     bindings.parameter_grads = &result.parameter_grads;
+    std::chrono::steady_clock::time_point forward_done;
+    bindings.forward_done = &forward_done;
     absl::Status status = (*plan)->Execute(bindings, request.should_continue);
     if (!status.ok()) return status;
+    result.timing.forward_ns = Nanoseconds(forward_done - start);
+    result.timing.backward_ns = Nanoseconds(std::chrono::steady_clock::now() - forward_done);
     return result;
   }
 

@@ -206,6 +206,24 @@ TEST(EngineTest, CachesPlansPerShapeAndWork) {
   EXPECT_EQ(engine->stats().cached_plans, 2);
 }
 
+TEST(EngineTest, ReportsWhereTheTimeWent) {
+  std::unique_ptr<Engine> engine = MakeEngine();
+  Fixture3 f;
+  absl::StatusOr<GradientResult> gradients = engine->ComputeGradients(f.Request());
+  ASSERT_TRUE(gradients.ok()) << gradients.status();
+  EXPECT_GT(gradients->timing.forward_ns, 0);
+  EXPECT_GT(gradients->timing.backward_ns, 0);
+
+  ForwardRequest request;
+  request.network = f.Request().network;
+  request.parameters = f.Request().parameters;
+  request.input = f.Request().input;
+  absl::StatusOr<ForwardResult> forward = engine->Forward(request);
+  ASSERT_TRUE(forward.ok()) << forward.status();
+  EXPECT_GT(forward->timing.forward_ns, 0);
+  EXPECT_EQ(forward->timing.backward_ns, 0);
+}
+
 TEST(EngineTest, EvictsLeastRecentlyUsedPlans) {
   EngineOptions options;
   options.max_cached_plans = 2;

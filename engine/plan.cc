@@ -693,8 +693,11 @@ absl::Status Plan::Execute(const PlanBindings& bindings, const ContinueCheck& sh
     workspace = AcquireWorkspace();
     Bind(bindings, *workspace);
     status = RunOps(forward_ops_, *workspace, should_continue);
+    if (status.ok() && bindings.objective != nullptr) ApplyObjective(bindings, *workspace);
+    if (bindings.forward_done != nullptr) {
+      *bindings.forward_done = std::chrono::steady_clock::now();
+    }
     if (status.ok() && bindings.objective != nullptr) {
-      ApplyObjective(bindings, *workspace);
       status = RunOps(backward_ops_, *workspace, should_continue);
     }
   } catch (const dnnl::error& e) {

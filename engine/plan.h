@@ -18,6 +18,7 @@
 #ifndef ENGINE_PLAN_H_
 #define ENGINE_PLAN_H_
 
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <set>
@@ -60,6 +61,8 @@ struct PlanBindings {
   std::optional<double>* loss = nullptr;
   Tensor* input_grad = nullptr;                 // null unless PlanNeeds::input_grad
   ParameterTensors* parameter_grads = nullptr;  // one entry per PlanNeeds::parameter_grads
+  // Optional: set to when the forward pass (and the objective) finished.
+  std::chrono::steady_clock::time_point* forward_done = nullptr;
 };
 
 class Plan {

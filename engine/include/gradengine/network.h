@@ -121,8 +121,18 @@ struct ForwardRequest {
   ContinueCheck should_continue;  // optional
 };
 
+// Where a call's time went, measured by the engine with a monotonic clock.
+struct ComputeTiming {
+  // From the call's start (validation, plan lookup, result allocation included) to the end of
+  // the forward pass, and for gradients the loss.
+  int64_t forward_ns = 0;
+  // The backward pass; 0 for Forward.
+  int64_t backward_ns = 0;
+};
+
 struct ForwardResult {
   Tensor output;
+  ComputeTiming timing;
 };
 
 struct GradientRequest {
@@ -142,6 +152,7 @@ struct GradientResult {
   std::optional<Tensor> input_grad;
   // One entry per requested parameter, same shape as the parameter.
   ParameterTensors parameter_grads;
+  ComputeTiming timing;
 };
 
 // Shape facts derived by validation; index i describes layers[i].
