@@ -482,12 +482,17 @@ absl::StatusOr<gradengine::ForwardResult> DecodeForwardResult(
     const grad::v1::ForwardResponse& response) {
   absl::StatusOr<Tensor> output = DecodeTensor(response.output(), "output");
   if (!output.ok()) return output.status();
-  return gradengine::ForwardResult{*std::move(output)};
+  gradengine::ForwardResult result;
+  result.output = *std::move(output);
+  result.timing.forward_ns = response.timing().forward_ns();
+  return result;
 }
 
 absl::StatusOr<gradengine::GradientResult> DecodeGradientResult(
     const grad::v1::ComputeGradientsResponse& response) {
   gradengine::GradientResult result;
+  result.timing.forward_ns = response.timing().forward_ns();
+  result.timing.backward_ns = response.timing().backward_ns();
   if (response.has_output()) {
     absl::StatusOr<Tensor> output = DecodeTensor(response.output(), "output");
     if (!output.ok()) return output.status();

@@ -97,6 +97,7 @@ void EncodeForwardResult(const gradengine::ForwardResult& result,
 void EncodeGradientResult(const gradengine::GradientResult& result, bool include_output,
                           grad::v1::ComputeGradientsResponse* out);
 
+// The results' `timing` is the engine's, from the response's Timing.forward_ns/backward_ns.
 absl::StatusOr<gradengine::ForwardResult> DecodeForwardResult(
     const grad::v1::ForwardResponse& response);
 absl::StatusOr<gradengine::GradientResult> DecodeGradientResult(

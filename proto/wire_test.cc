@@ -365,8 +365,12 @@ TEST(WireResultTest, GradientResultRoundTrip) {
 
   grad::v1::ComputeGradientsResponse wire;
   EncodeGradientResult(result, /*include_output=*/true, &wire);
+  wire.mutable_timing()->set_forward_ns(11);
+  wire.mutable_timing()->set_backward_ns(22);
   absl::StatusOr<gradengine::GradientResult> decoded = DecodeGradientResult(wire);
   ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_EQ(decoded->timing.forward_ns, 11);
+  EXPECT_EQ(decoded->timing.backward_ns, 22);
   EXPECT_THAT(decoded->output.data, ElementsAre(1, 2));
   ASSERT_TRUE(decoded->loss.has_value());
   EXPECT_EQ(*decoded->loss, 0.125);
