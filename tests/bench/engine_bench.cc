@@ -9,8 +9,8 @@
 #include <string>
 
 #include "benchmark/benchmark.h"
+#include "gradclient/workloads.h"
 #include "gradengine/engine.h"
-#include "tests/bench/workloads.h"
 
 namespace {
 
@@ -18,7 +18,12 @@ int g_threads = 0;
 bool g_winograd = true;
 
 void BM_TrainingStep(benchmark::State& state, const std::string& name) {
-  gradbench::Workload workload = gradbench::MakeWorkload(name);
+  absl::StatusOr<gradclient::Workload> made = gradclient::MakeWorkload(name);
+  if (!made.ok()) {
+    state.SkipWithError(std::string(made.status().message()).c_str());
+    return;
+  }
+  const gradclient::Workload& workload = *made;
   gradengine::EngineOptions options;
   options.threads_per_call = g_threads;
   options.winograd = g_winograd;
@@ -45,7 +50,7 @@ int main(int argc, char** argv) {
     if (std::strncmp(argv[i], "--threads=", 10) == 0) g_threads = std::atoi(argv[i] + 10);
     if (std::strcmp(argv[i], "--no_winograd") == 0) g_winograd = false;
   }
-  for (const std::string& name : gradbench::WorkloadNames()) {
+  for (const std::string& name : gradclient::WorkloadNames()) {
     benchmark::RegisterBenchmark(name.c_str(), BM_TrainingStep, name)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();

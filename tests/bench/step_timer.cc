@@ -22,7 +22,6 @@
 // primitives a command executes appear on stdout before that command's reply.
 // Malformed commands and engine errors are printed to stderr and exit with status 1.
 
-#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -35,6 +34,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -42,17 +42,17 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "gradclient/workloads.h"
 #include "gradengine/engine.h"
-#include "tests/bench/workloads.h"
 
 namespace {
 
 // A workload with the request that points into it; neither moves once created.
 struct LoadedWorkload {
-  explicit LoadedWorkload(const std::string& name)
-      : workload(gradbench::MakeWorkload(name)), request(workload.Request()) {}
+  explicit LoadedWorkload(gradclient::Workload workload_in)
+      : workload(std::move(workload_in)), request(workload.Request()) {}
 
-  const gradbench::Workload workload;
+  const gradclient::Workload workload;
   const gradengine::GradientRequest request;
   // Loss of the most recent step; empty until the first (compiling) step has run.
   std::optional<double> last_loss;
@@ -160,12 +160,9 @@ class StepTimer {
   absl::StatusOr<LoadedWorkload*> Load(const std::string& name) {
     auto it = workloads_.find(name);
     if (it != workloads_.end()) return it->second.get();
-    const std::vector<std::string> names = gradbench::WorkloadNames();
-    if (std::find(names.begin(), names.end(), name) == names.end()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("workload=", name, " is unknown; expected ", absl::StrJoin(names, ", ")));
-    }
-    auto loaded = std::make_unique<LoadedWorkload>(name);
+    absl::StatusOr<gradclient::Workload> workload = gradclient::MakeWorkload(name);
+    if (!workload.ok()) return workload.status();
+    auto loaded = std::make_unique<LoadedWorkload>(*std::move(workload));
     LoadedWorkload* result = loaded.get();
     workloads_.emplace(name, std::move(loaded));
     return result;
@@ -198,7 +195,7 @@ class StepTimer {
     return std::chrono::duration<double, std::milli>(stop - start).count();
   }
 
-  static absl::Status Dump(const gradbench::Workload& workload, const std::string& dir) {
+  static absl::Status Dump(const gradclient::Workload& workload, const std::string& dir) {
     const std::filesystem::path root(dir);
     std::error_code error;
     std::filesystem::create_directories(root, error);

@@ -1,97 +1,21 @@
 // Runs the seed notebook's three demos through the engine and prints them the way the notebook
 // does: the output shape, the loss and every gradient as PyTorch prints tensors. Each number is
 // checked against what PyTorch 1.13 computed for the same inputs (tests/fixtures/seed_*), and
-// the exit code is non-zero if any differs beyond the project's tolerance.
+// the exit code is non-zero if any differs beyond the project's tolerance. The demos
+// themselves (networks, data, printing, checks) are gradclient/seed_demo.h, which gradctl demo
+// runs through the service.
 //
 //   seed_demo [conv1|conv4|layer|all] [--fixtures=DIR]
 
-#include <cmath>
-#include <cstdio>
+#include "gradclient/seed_demo.h"
+
 #include <iostream>
 #include <memory>
 #include <string>
-#include <vector>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/match.h"
-#include "absl/strings/str_format.h"
-#include "gradclient/tensor_format.h"
 #include "gradengine/engine.h"
-#include "tests/tolerance.h"
-#include "tests/torch/fixture.h"
-
-namespace {
-
-struct Demo {
-  std::string name;  // as given on the command line
-  std::string fixture;
-  std::string title;
-};
-
-const std::vector<Demo>& Demos() {
-  static const auto* demos = new std::vector<Demo>{
-      {"conv1", "seed_conv1",
-       "Backward through 1 convolution layer: conv2d 1->8, 3x3, padding 1, MSE"},
-      {"conv4", "seed_conv4",
-       "Backward through 4 convolution layers: 1->8->16->32->64, 3x3, padding 1, ReLU, MSE"},
-      {"layer", "seed_layer",
-       "A Conv2D layer with bias: 1->8, 3x3, padding 0 -> [1, 8, 26, 26], MSE"},
-  };
-  return *demos;
-}
-
-// Largest |a - b| relative to max(1, max |b|), the quantity tests/tolerance.h bounds.
-double RelativeError(const gradengine::Tensor& actual, const gradengine::Tensor& expected) {
-  double scale = 1.0;
-  double worst = 0.0;
-  for (float v : expected.data) scale = std::max(scale, std::abs(static_cast<double>(v)));
-  for (size_t i = 0; i < actual.data.size() && i < expected.data.size(); ++i) {
-    worst = std::max(worst, std::abs(static_cast<double>(actual.data[i]) - expected.data[i]));
-  }
-  return worst / scale;
-}
-
-void PrintTensor(const std::string& heading, const gradengine::Tensor& tensor) {
-  std::cout << heading << "\n"
-            << gradclient::FormatTensorLikeTorch(tensor.shape, tensor.data) << "\n";
-}
-
-// Runs one demo; returns whether every number matched PyTorch.
-bool RunDemo(gradengine::Engine& engine, const Demo& demo, const std::string& fixtures) {
-  std::cout << "# " << demo.title << "\n";
-  absl::StatusOr<std::unique_ptr<gradtest::FixtureCase>> fixture =
-      gradtest::LoadFixtureCase(fixtures + "/" + demo.fixture);
-  if (!fixture.ok()) {
-    std::cerr << "cannot load " << demo.fixture << ": " << fixture.status() << "\n";
-    return false;
-  }
-  absl::StatusOr<gradengine::GradientResult> result = engine.ComputeGradients((*fixture)->request);
-  if (!result.ok()) {
-    std::cerr << demo.name << ": " << result.status() << "\n";
-    return false;
-  }
-  std::cout << "Output tensor shape: " << gradengine::ShapeToString(result->output.shape) << "\n";
-  if (result->loss.has_value()) {
-    std::cout << absl::StrFormat("Loss: %.6f (PyTorch: %.6f)\n", *result->loss,
-                                 (*fixture)->expected_loss->data[0]);
-  }
-  double worst = RelativeError(result->output, (*fixture)->expected_output);
-  if (result->input_grad.has_value()) {
-    PrintTensor("Gradients for the input tensor:", *result->input_grad);
-    worst = std::max(worst, RelativeError(*result->input_grad, *(*fixture)->expected_input_grad));
-  }
-  for (const auto& [name, grad] : result->parameter_grads) {
-    PrintTensor(absl::StrCat("Gradients for ", name, ":"), grad);
-    worst = std::max(worst, RelativeError(grad, (*fixture)->expected_parameter_grads.at(name)));
-  }
-  const ::testing::AssertionResult matches = gradtest::GradientResultMatches(**fixture, *result);
-  std::cout << absl::StrFormat(
-      "%s PyTorch: largest difference %.2e of the tensor's scale (tolerance %.0e)\n\n",
-      matches ? "Matches" : "DOES NOT MATCH", worst, gradtest::kRelativeTolerance);
-  if (!matches) std::cerr << matches.message() << "\n";
-  return static_cast<bool>(matches);
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   std::string which = "all";
@@ -107,8 +31,11 @@ int main(int argc, char** argv) {
       which = arg;
     }
   }
+
   bool known = which == "all";
-  for (const Demo& demo : Demos()) known = known || demo.name == which;
+  for (const gradclient::SeedDemo& demo : gradclient::SeedDemos()) {
+    known = known || demo.name == which;
+  }
   if (!known) {
     std::cerr << "unknown demo \"" << which << "\"; choose conv1, conv4, layer or all\n";
     return 2;
@@ -116,12 +43,18 @@ int main(int argc, char** argv) {
 
   absl::StatusOr<std::unique_ptr<gradengine::Engine>> engine = gradengine::Engine::Create({});
   if (!engine.ok()) {
-    std::cerr << engine.status() << "\n";
+    std::cerr << "seed_demo: " << engine.status() << "\n";
     return 1;
   }
-  bool all_match = true;
-  for (const Demo& demo : Demos()) {
-    if (which == "all" || which == demo.name) all_match &= RunDemo(**engine, demo, fixtures);
+  absl::StatusOr<bool> all_match = gradclient::RunSeedDemos(
+      which, fixtures,
+      [&](const gradengine::GradientRequest& request) {
+        return (*engine)->ComputeGradients(request);
+      },
+      std::cout);
+  if (!all_match.ok()) {
+    std::cerr << "seed_demo: " << all_match.status() << "\n";
+    return 1;
   }
-  return all_match ? 0 : 1;
+  return *all_match ? 0 : 1;
 }

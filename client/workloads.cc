@@ -1,9 +1,12 @@
-#include "tests/bench/workloads.h"
+#include "gradclient/workloads.h"
 
-#include <cstdlib>
-#include <iostream>
+#include <random>
 
-namespace gradbench {
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace gradclient {
 namespace {
 
 using gradengine::ActivationKind;
@@ -66,15 +69,15 @@ gradengine::GradientRequest Workload::Request() const {
   return request;
 }
 
-Workload MakeWorkload(const std::string& name) {
+absl::StatusOr<Workload> MakeWorkload(const std::string& name) {
   if (name == "seed1") return ConvReluChain(name, 1, 28, {1, 8}, false, false);
   if (name == "seed4") return ConvReluChain(name, 1, 28, {1, 8, 16, 32, 64}, true, false);
   if (name == "seed4_b32") return ConvReluChain(name, 32, 28, {1, 8, 16, 32, 64}, true, false);
   if (name == "resblock") return ConvReluChain(name, 8, 56, {64, 64, 64}, true, true);
-  std::cerr << "unknown workload " << name << "\n";
-  std::abort();
+  return absl::InvalidArgumentError(absl::StrCat("workload=", name, " is unknown; expected ",
+                                                 absl::StrJoin(WorkloadNames(), ", ")));
 }
 
 std::vector<std::string> WorkloadNames() { return {"seed1", "seed4", "seed4_b32", "resblock"}; }
 
-}  // namespace gradbench
+}  // namespace gradclient

@@ -1,0 +1,81 @@
+#include "client/gradctl/cli_util.h"
+
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/cord.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace gradctl {
+namespace {
+
+// Marks a status as a usage error; the payload's value is not used.
+constexpr char kUsageErrorPayload[] = "type.gradctl/usage_error";
+
+}  // namespace
+
+absl::Status UsageError(absl::string_view message) {
+  absl::Status status = absl::InvalidArgumentError(message);
+  status.SetPayload(kUsageErrorPayload, absl::Cord("1"));
+  return status;
+}
+
+bool IsUsageError(const absl::Status& status) {
+  return status.GetPayload(kUsageErrorPayload).has_value();
+}
+
+absl::StatusOr<std::unique_ptr<gradclient::Client>> Connect(const ConnectionOptions& options) {
+  if (options.timeout <= absl::ZeroDuration()) {
+    return UsageError(
+        absl::StrCat("--timeout=", absl::FormatDuration(options.timeout), " must be positive"));
+  }
+  if (options.server.empty()) return UsageError("--server is empty; expected HOST:PORT");
+  gradclient::ClientOptions client_options;
+  client_options.default_timeout = options.timeout;
+  return gradclient::Client::Create(options.server, client_options);
+}
+
+std::string JsonString(absl::string_view text) {
+  std::string out = "\"";
+  for (char c : text) {
+    const unsigned char byte = static_cast<unsigned char>(c);
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (byte < 0x20) {
+          absl::StrAppendFormat(&out, "\\u%04x", byte);
+        } else {
+          out.push_back(c);
+        }
+    }
+  }
+  out += "\"";
+  return out;
+}
+
+std::string JsonNumber(double value) {
+  if (std::isnan(value)) return "\"NaN\"";
+  if (std::isinf(value)) return value > 0 ? "\"Infinity\"" : "\"-Infinity\"";
+  return absl::StrFormat("%.17g", value);
+}
+
+std::string JsonMilliseconds(absl::Duration duration) {
+  return absl::StrFormat("%.3f", absl::ToDoubleMilliseconds(duration));
+}
+
+}  // namespace gradctl

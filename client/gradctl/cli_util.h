@@ -1,0 +1,43 @@
+// What gradctl's commands share: usage errors, JSON output, connecting.
+
+#ifndef CLIENT_GRADCTL_CLI_UTIL_H_
+#define CLIENT_GRADCTL_CLI_UTIL_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "gradclient/client.h"
+
+namespace gradctl {
+
+// Flags every command that talks to a server takes.
+struct ConnectionOptions {
+  // host:port of the server. Default: localhost:50051.
+  std::string server = "localhost:50051";
+  // Deadline of each call, retries included. Default: 60 s.
+  absl::Duration timeout = absl::Seconds(60);
+};
+
+// An InvalidArgument status marked as a mistake in the command line, which gradctl reports
+// with exit status 2 rather than 1.
+absl::Status UsageError(absl::string_view message);
+bool IsUsageError(const absl::Status& status);
+
+// A client for options.server whose calls default to options.timeout.
+absl::StatusOr<std::unique_ptr<gradclient::Client>> Connect(const ConnectionOptions& options);
+
+// `text` as a JSON string literal, quotes included.
+std::string JsonString(absl::string_view text);
+// `value` as a JSON number that reads back to the same double; NaN and the infinities, which
+// JSON lacks, as the strings "NaN", "Infinity" and "-Infinity" (protobuf's JSON mapping).
+std::string JsonNumber(double value);
+// A duration in milliseconds, as a JSON number.
+std::string JsonMilliseconds(absl::Duration duration);
+
+}  // namespace gradctl
+
+#endif  // CLIENT_GRADCTL_CLI_UTIL_H_

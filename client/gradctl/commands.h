@@ -1,0 +1,94 @@
+// gradctl's commands. main.cc copies the flags into these Options structs and calls one Run
+// function; each writes its results to stdout and returns a status, which main.cc prints as
+// "gradctl: CODE: message". Usage mistakes are UsageError()s (cli_util.h).
+
+#ifndef CLIENT_GRADCTL_COMMANDS_H_
+#define CLIENT_GRADCTL_COMMANDS_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "client/gradctl/cli_util.h"
+
+namespace gradctl {
+
+// gradctl health: prints the server's grpc.health.v1 status; an error unless SERVING.
+absl::Status RunHealth(const ConnectionOptions& connection);
+
+struct InfoOptions {
+  ConnectionOptions connection;
+  // One JSON line instead of the readable summary. Default: false.
+  bool json = false;
+};
+
+// gradctl info: what the server is, runs on and accepts.
+absl::Status RunInfo(const InfoOptions& options);
+
+// gradctl grad and gradctl forward.
+struct GradOptions {
+  ConnectionOptions connection;
+  // false for `forward`: run inference only, no objective or gradients.
+  bool gradients = true;
+  // The protobuf JSON mapping of a grad.v1.Network.
+  std::string net_path;
+  std::string input_path;
+  // Holds <layer>.weight.npy, and <layer>.bias.npy where the layer has a bias, for every
+  // conv2d layer.
+  std::string params_dir;
+  // The objective: exactly one of target_path (MSE), grad_output_path and objective == "sum".
+  std::string target_path;
+  std::string grad_output_path;
+  std::string objective;
+  // Return the input gradient. Default: true.
+  bool input_grad = true;
+  // "all", "none" or a comma-separated list of parameter names. Default: all.
+  std::string param_grads = "all";
+  // Leave the network's output out of the reply (and output.npy unwritten). Default: false.
+  bool skip_output = false;
+  // Where the .npy results go; created if missing.
+  std::string out_dir;
+  // Default: empty, for a random id.
+  std::string request_id;
+};
+
+// Reads the network, input, parameters and objective tensor, calls the server and writes
+// <out>/output.npy, <out>/input.grad.npy and <out>/<parameter>.grad.npy; prints one JSON line
+// with the loss and the timings.
+absl::Status RunGrad(const GradOptions& options);
+
+struct DemoOptions {
+  ConnectionOptions connection;
+  // "conv1", "conv4", "layer" or "all".
+  std::string which = "all";
+  // The directory holding seed_conv1, seed_conv4 and seed_layer.
+  std::string data_dir;
+};
+
+// gradctl demo: the seed notebook's demos through the server, checked against PyTorch.
+absl::Status RunDemo(const DemoOptions& options);
+
+struct BenchOptions {
+  ConnectionOptions connection;
+  // One of gradclient::WorkloadNames(). Default: seed4.
+  std::string workload = "seed4";
+  // Threads issuing requests back to back. Default: 1.
+  int concurrency = 1;
+  // How long to run, or how many requests in all; at most one. Default: 10 s.
+  std::optional<absl::Duration> duration;
+  std::optional<int64_t> requests;
+  bool skip_output = false;
+  // One JSON line instead of the readable report. Default: false.
+  bool json = false;
+  // Refresh a progress line on stderr while running. Default: false.
+  bool progress = false;
+};
+
+// gradctl bench: a closed-loop load generator; see bench_command.cc.
+absl::Status RunBench(const BenchOptions& options);
+
+}  // namespace gradctl
+
+#endif  // CLIENT_GRADCTL_COMMANDS_H_

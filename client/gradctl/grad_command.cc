@@ -1,0 +1,274 @@
+// gradctl grad and gradctl forward: a request made of files, results written as files.
+
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "client/gradctl/cli_util.h"
+#include "client/gradctl/commands.h"
+#include "google/protobuf/util/json_util.h"
+#include "grad/v1/gradient_service.pb.h"
+#include "gradclient/client.h"
+#include "gradclient/npy.h"
+#include "gradengine/network.h"
+#include "gradengine/tensor.h"
+#include "proto/wire.h"
+
+namespace gradctl {
+namespace {
+
+using gradengine::Tensor;
+
+absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) {
+    const std::error_code error(errno, std::generic_category());
+    return absl::Status(absl::ErrnoToStatusCode(error.value()),
+                        absl::StrCat(path, ": cannot open: ", error.message()));
+  }
+  std::ostringstream text;
+  text << file.rdbuf();
+  if (file.bad()) return absl::DataLossError(absl::StrCat(path, ": cannot read"));
+  return text.str();
+}
+
+// Parses `path` as the protobuf JSON mapping of grad.v1.Network (unknown fields are errors,
+// so a misspelt field is reported rather than ignored) and decodes it.
+absl::StatusOr<gradengine::NetworkSpec> ReadNetwork(const std::string& path) {
+  absl::StatusOr<std::string> json = ReadTextFile(path);
+  if (!json.ok()) return json.status();
+  grad::v1::Network network;
+  google::protobuf::util::JsonParseOptions parse_options;
+  parse_options.ignore_unknown_fields = false;
+  const auto parsed = google::protobuf::util::JsonStringToMessage(*json, &network, parse_options);
+  if (!parsed.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": not a grad.v1.Network in protobuf JSON: ", std::string(parsed.message())));
+  }
+  absl::StatusOr<gradengine::NetworkSpec> spec = gradwire::DecodeNetwork(network);
+  if (!spec.ok()) {
+    return absl::Status(spec.status().code(), absl::StrCat(path, ": ", spec.status().message()));
+  }
+  return spec;
+}
+
+absl::StatusOr<Tensor> ReadTensor(const std::string& path) {
+  absl::StatusOr<gradclient::NpyArray> array = gradclient::ReadNpyFile(path);
+  if (!array.ok()) return array.status();
+  return Tensor(std::move(array->shape), std::move(array->data));
+}
+
+// The tensors a request borrows.
+struct RequestData {
+  gradengine::NetworkSpec network;
+  Tensor input;
+  std::map<std::string, Tensor> parameters;
+  Tensor objective_tensor;
+};
+
+absl::StatusOr<RequestData> ReadRequestData(const GradOptions& options) {
+  RequestData data;
+  absl::StatusOr<gradengine::NetworkSpec> network = ReadNetwork(options.net_path);
+  if (!network.ok()) return network.status();
+  data.network = *std::move(network);
+  absl::StatusOr<Tensor> input = ReadTensor(options.input_path);
+  if (!input.ok()) return input.status();
+  data.input = *std::move(input);
+  for (const gradengine::LayerSpec& layer : data.network.layers) {
+    const auto* conv = std::get_if<gradengine::Conv2dSpec>(&layer.op);
+    if (conv == nullptr) continue;
+    std::vector<std::string> names = {layer.name + ".weight"};
+    if (conv->bias) names.push_back(layer.name + ".bias");
+    for (const std::string& name : names) {
+      absl::StatusOr<Tensor> parameter =
+          ReadTensor((std::filesystem::path(options.params_dir) / (name + ".npy")).string());
+      if (!parameter.ok()) return parameter.status();
+      data.parameters[name] = *std::move(parameter);
+    }
+  }
+  const std::string& objective_path =
+      !options.target_path.empty() ? options.target_path : options.grad_output_path;
+  if (options.gradients && !objective_path.empty()) {
+    absl::StatusOr<Tensor> tensor = ReadTensor(objective_path);
+    if (!tensor.ok()) return tensor.status();
+    data.objective_tensor = *std::move(tensor);
+  }
+  return data;
+}
+
+absl::Status CheckOptions(const GradOptions& options) {
+  const char* command = options.gradients ? "grad" : "forward";
+  struct Required {
+    const char* flag;
+    const std::string* value;
+  };
+  for (const Required& required :
+       {Required{"--net", &options.net_path}, Required{"--input", &options.input_path},
+        Required{"--params", &options.params_dir}, Required{"--out", &options.out_dir}}) {
+    if (required.value->empty()) {
+      return UsageError(absl::StrCat("gradctl ", command, " needs ", required.flag));
+    }
+  }
+  if (!options.gradients) return absl::OkStatus();
+  if (!options.objective.empty() && options.objective != "sum") {
+    return UsageError(
+        absl::StrCat("--objective=", options.objective,
+                     " is not an objective flag value; --objective=sum is the only "
+                     "one (MSE is --target=T.npy, a given dL/dy --grad_output=G.npy)"));
+  }
+  const int objectives =
+      !options.target_path.empty() + !options.grad_output_path.empty() + !options.objective.empty();
+  if (objectives != 1) {
+    return UsageError(absl::StrCat(
+        "gradctl grad needs exactly one objective: --target=T.npy (MSE), --grad_output=G.npy or "
+        "--objective=sum; ",
+        objectives == 0 ? "none was given" : "several were given"));
+  }
+  if (options.param_grads.empty()) {
+    return UsageError("--param_grads is empty; expected all, none or NAME,NAME,...");
+  }
+  return absl::OkStatus();
+}
+
+gradengine::GradientSelection Selection(const GradOptions& options) {
+  gradengine::GradientSelection selection;
+  selection.input = options.input_grad;
+  if (options.param_grads == "all") return selection;
+  selection.all_parameters = false;
+  if (options.param_grads == "none") return selection;
+  for (absl::string_view name : absl::StrSplit(options.param_grads, ',', absl::SkipEmpty())) {
+    selection.parameters.emplace_back(name);
+  }
+  return selection;
+}
+
+std::string TimingJson(const gradclient::CallInfo& call) {
+  return absl::StrCat("\"request_id\":", JsonString(call.request_id),
+                      ",\"round_trip_ms\":", JsonMilliseconds(call.round_trip),
+                      ",\"attempts\":", call.attempts,
+                      ",\"server_ms\":{\"decode\":", JsonMilliseconds(call.timing.decode),
+                      ",\"queue\":", JsonMilliseconds(call.timing.queue),
+                      ",\"forward\":", JsonMilliseconds(call.timing.forward),
+                      ",\"backward\":", JsonMilliseconds(call.timing.backward),
+                      ",\"encode\":", JsonMilliseconds(call.timing.encode), "}");
+}
+
+// Writes `tensor` to <out_dir>/<file> and records the path in `written`.
+absl::Status WriteResult(const std::string& out_dir, const std::string& file, const Tensor& tensor,
+                         std::vector<std::string>* written) {
+  // The names come from the network's layer names; keep them inside out_dir.
+  if (file.find('/') != std::string::npos || file.rfind('.', 0) == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("result name \"", file, "\" cannot be a file name in ", out_dir));
+  }
+  const std::string path = (std::filesystem::path(out_dir) / file).string();
+  if (absl::Status s = gradclient::WriteNpyFile(path, tensor.shape, tensor.data); !s.ok()) {
+    return s;
+  }
+  written->push_back(path);
+  return absl::OkStatus();
+}
+
+absl::Status MakeOutDir(const std::string& out_dir) {
+  std::error_code error;
+  std::filesystem::create_directories(out_dir, error);
+  if (error) {
+    return absl::Status(absl::ErrnoToStatusCode(error.value()),
+                        absl::StrCat(out_dir, ": cannot create the directory: ", error.message()));
+  }
+  return absl::OkStatus();
+}
+
+std::string FilesJson(const std::vector<std::string>& written) {
+  std::vector<std::string> quoted;
+  for (const std::string& path : written) quoted.push_back(JsonString(path));
+  return absl::StrCat("[", absl::StrJoin(quoted, ","), "]");
+}
+
+}  // namespace
+
+absl::Status RunGrad(const GradOptions& options) {
+  if (absl::Status s = CheckOptions(options); !s.ok()) return s;
+  absl::StatusOr<RequestData> data = ReadRequestData(options);
+  if (!data.ok()) return data.status();
+  if (absl::Status s = MakeOutDir(options.out_dir); !s.ok()) return s;
+  absl::StatusOr<std::unique_ptr<gradclient::Client>> client = Connect(options.connection);
+  if (!client.ok()) return client.status();
+
+  gradclient::CallOptions call;
+  call.request_id = options.request_id;
+  call.skip_output = options.skip_output;
+  gradengine::ParameterViews parameters;
+  for (const auto& [name, tensor] : data->parameters) parameters[name] = tensor.view();
+  std::vector<std::string> written;
+
+  if (!options.gradients) {
+    gradengine::ForwardRequest request;
+    request.network = data->network;
+    request.parameters = parameters;
+    request.input = data->input.view();
+    absl::StatusOr<gradclient::ForwardReply> reply = (*client)->Forward(request, call);
+    if (!reply.ok()) return reply.status();
+    if (absl::Status s = WriteResult(options.out_dir, "output.npy", reply->result.output, &written);
+        !s.ok()) {
+      return s;
+    }
+    std::cout << "{\"output_shape\":[" << absl::StrJoin(reply->result.output.shape, ",") << "],"
+              << TimingJson(reply->call) << ",\"files\":" << FilesJson(written) << "}\n";
+    return absl::OkStatus();
+  }
+
+  gradengine::GradientRequest request;
+  request.network = data->network;
+  request.parameters = parameters;
+  request.input = data->input.view();
+  if (!options.target_path.empty()) {
+    request.objective = {gradengine::ObjectiveKind::kMse, data->objective_tensor.view()};
+  } else if (!options.grad_output_path.empty()) {
+    request.objective = {gradengine::ObjectiveKind::kGradOutput, data->objective_tensor.view()};
+  } else {
+    request.objective = {gradengine::ObjectiveKind::kSum, {}};
+  }
+  request.gradients = Selection(options);
+  absl::StatusOr<gradclient::GradientReply> reply = (*client)->ComputeGradients(request, call);
+  if (!reply.ok()) return reply.status();
+
+  const gradengine::GradientResult& result = reply->result;
+  if (!options.skip_output) {
+    if (absl::Status s = WriteResult(options.out_dir, "output.npy", result.output, &written);
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (result.input_grad.has_value()) {
+    if (absl::Status s =
+            WriteResult(options.out_dir, "input.grad.npy", *result.input_grad, &written);
+        !s.ok()) {
+      return s;
+    }
+  }
+  for (const auto& [name, grad] : result.parameter_grads) {
+    if (absl::Status s = WriteResult(options.out_dir, name + ".grad.npy", grad, &written);
+        !s.ok()) {
+      return s;
+    }
+  }
+  std::cout << "{\"loss\":" << (result.loss.has_value() ? JsonNumber(*result.loss) : "null") << ","
+            << TimingJson(reply->call) << ",\"files\":" << FilesJson(written) << "}\n";
+  return absl::OkStatus();
+}
+
+}  // namespace gradctl

@@ -1,0 +1,276 @@
+// gradctl: the command-line client of the gradient service. This file holds the flags, copies
+// them into the commands' Options (commands.h) and maps the result to the exit status.
+
+#include <unistd.h>
+
+#include <cstdlib>
+#include <iostream>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "client/gradctl/cli_util.h"
+#include "client/gradctl/commands.h"
+
+namespace gradctl {
+
+// A duration flag that also takes a plain number of seconds: "10", "10s", "1.5m", "500ms".
+struct FlagDuration {
+  absl::Duration value;
+};
+
+bool AbslParseFlag(absl::string_view text, FlagDuration* flag, std::string* error) {
+  double seconds = 0;
+  if (absl::SimpleAtod(text, &seconds)) {
+    flag->value = absl::Seconds(seconds);
+    return true;
+  }
+  if (absl::ParseDuration(text, &flag->value)) return true;
+  *error = "expected a duration such as 10s, 500ms or 2m, or a number of seconds";
+  return false;
+}
+
+std::string AbslUnparseFlag(FlagDuration flag) { return absl::FormatDuration(flag.value); }
+
+}  // namespace gradctl
+
+ABSL_FLAG(std::string, server, "localhost:50051", "the server, HOST:PORT");
+ABSL_FLAG(gradctl::FlagDuration, timeout, gradctl::FlagDuration{absl::Seconds(60)},
+          "deadline of each call, retries included");
+ABSL_FLAG(bool, json, false, "info, bench: print one JSON line");
+ABSL_FLAG(std::string, net, "", "grad, forward: the network, protobuf JSON of grad.v1.Network");
+ABSL_FLAG(std::string, input, "", "grad, forward: the input .npy");
+ABSL_FLAG(std::string, params, "", "grad, forward: directory of <layer>.weight.npy/.bias.npy");
+ABSL_FLAG(std::string, target, "", "grad: MSE objective with this target .npy");
+ABSL_FLAG(std::string, grad_output, "", "grad: objective given as dL/d(output) .npy");
+ABSL_FLAG(std::string, objective, "", "grad: 'sum' for loss = sum(output)");
+ABSL_FLAG(bool, no_input_grad, false, "grad: do not compute the input gradient");
+ABSL_FLAG(std::string, param_grads, "all", "grad: all, none or NAME,NAME,... (e.g. conv1.bias)");
+ABSL_FLAG(bool, skip_output, false, "grad, bench: leave the output out of the response");
+ABSL_FLAG(std::string, out, "", "grad, forward: directory for the result .npy files");
+ABSL_FLAG(std::string, request_id, "", "grad, forward: request id (default: random)");
+ABSL_FLAG(std::string, data, "",
+          "demo: directory holding seed_conv1, seed_conv4, seed_layer (default: $GRAD_DEMO_DATA, "
+          "else " GRAD_DEMO_DATA_DEFAULT ")");
+ABSL_FLAG(std::string, workload, "seed4", "bench: seed1, seed4, seed4_b32 or resblock");
+ABSL_FLAG(int, concurrency, 1, "bench: threads issuing requests back to back");
+ABSL_FLAG(gradctl::FlagDuration, duration, gradctl::FlagDuration{absl::Seconds(10)},
+          "bench: how long to run (unless --requests)");
+ABSL_FLAG(int64_t, requests, 0, "bench: how many requests to send in all");
+
+namespace {
+
+constexpr char kUsage[] = R"(gradctl: the command-line client of the gradient service.
+
+usage: gradctl COMMAND [flags]
+
+  health    the server's grpc.health.v1 status; fails unless SERVING
+  info      what the server is, runs on and accepts            [--json]
+  grad      gradients of a network given as files:
+              --net=NET.json --input=X.npy --params=DIR --out=OUT, and one objective:
+              --target=T.npy (MSE) | --grad_output=G.npy | --objective=sum
+              [--no_input_grad] [--param_grads=all|none|NAME,...] [--skip_output]
+              [--request_id=ID]
+            writes OUT/output.npy, input.grad.npy, <layer>.weight.grad.npy and
+            <layer>.bias.grad.npy, and prints one JSON line: loss, server timings, round trip
+  forward   the network's output only: --net --input --params --out [--request_id]
+            writes OUT/output.npy and prints one JSON line
+  demo      [conv1|conv4|layer|all] the seed notebook's demos through the server, checked
+            against PyTorch                                       [--data=DIR]
+  bench     closed-loop load: --workload=seed1|seed4|seed4_b32|resblock --concurrency=C
+            (--duration=10s | --requests=N) [--skip_output] [--json]
+
+every command takes --server=HOST:PORT (default localhost:50051) and --timeout=DURATION
+(deadline of each call, retries included; default 60s).
+
+NET.json is a grad.v1.Network in protobuf's JSON mapping, for example
+  {"layers": [{"name": "conv1", "conv2d": {"inChannels": 1, "outChannels": 8,
+               "kernelSize": [3], "padding": [1], "bias": true}},
+              {"name": "relu1", "activation": {"kind": "RELU"}}]}
+Parameters are read from DIR/<layer>.weight.npy and DIR/<layer>.bias.npy; every .npy is
+little-endian float32 in C order.
+
+exit status: 0 success; 1 failure, printed as "gradctl: CODE: message"; 2 usage error.
+)";
+
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+
+struct Command {
+  const char* name;
+  int max_positional;
+  std::set<std::string> flags;  // besides server and timeout
+};
+
+const std::vector<Command>& Commands() {
+  static const auto* commands = new std::vector<Command>{
+      {"health", 0, {}},
+      {"info", 0, {"json"}},
+      {"grad",
+       0,
+       {"net", "input", "params", "target", "grad_output", "objective", "no_input_grad",
+        "param_grads", "skip_output", "out", "request_id"}},
+      {"forward", 0, {"net", "input", "params", "out", "request_id"}},
+      {"demo", 1, {"data"}},
+      {"bench", 0, {"workload", "concurrency", "duration", "requests", "skip_output", "json"}},
+  };
+  return *commands;
+}
+
+// The names of the flags on the command line ("nojson" counts as "json"). Flags absl would
+// reject, undefined or with a malformed value, are usage errors here, before
+// absl::ParseCommandLine would exit with its own status.
+absl::StatusOr<std::set<std::string>> ScanFlags(int argc, char** argv) {
+  std::set<std::string> given;
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (arg == "--") break;
+    if (arg.size() < 2 || arg[0] != '-') continue;
+    arg.remove_prefix(arg[1] == '-' ? 2 : 1);
+    const size_t equals = arg.find('=');
+    const absl::string_view name = arg.substr(0, equals);
+    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    if (flag == nullptr && absl::StartsWith(name, "no") && equals == absl::string_view::npos) {
+      flag = absl::FindCommandLineFlag(name.substr(2));
+      if (flag != nullptr && !flag->IsOfType<bool>()) flag = nullptr;
+    }
+    if (flag == nullptr) return gradctl::UsageError(absl::StrCat("unknown flag --", name));
+    given.insert(std::string(flag->Name()));
+    if (equals == absl::string_view::npos) continue;
+    std::string error;
+    if (!flag->ParseFrom(arg.substr(equals + 1), &error)) {
+      return gradctl::UsageError(absl::StrCat("--", arg, ": ", error));
+    }
+  }
+  return given;
+}
+
+// Fails if a flag given on the command line is not one `command` takes.
+absl::Status CheckFlagsBelongTo(const Command& command, const std::set<std::string>& given) {
+  std::set<std::string> all_flags;
+  for (const Command& each : Commands()) all_flags.insert(each.flags.begin(), each.flags.end());
+  for (const std::string& name : given) {
+    if (all_flags.count(name) != 0 && command.flags.count(name) == 0) {
+      return gradctl::UsageError(
+          absl::StrCat("--", name, " is not a flag of gradctl ", command.name));
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::string DemoDataDir() {
+  std::string dir = absl::GetFlag(FLAGS_data);
+  if (!dir.empty()) return dir;
+  if (const char* env = std::getenv("GRAD_DEMO_DATA"); env != nullptr && *env != '\0') return env;
+  return GRAD_DEMO_DATA_DEFAULT;
+}
+
+absl::Status Run(const Command& command, const std::vector<std::string>& positional,
+                 const std::set<std::string>& given) {
+  gradctl::ConnectionOptions connection;
+  connection.server = absl::GetFlag(FLAGS_server);
+  connection.timeout = absl::GetFlag(FLAGS_timeout).value;
+  const std::string name = command.name;
+  if (name == "health") return gradctl::RunHealth(connection);
+  if (name == "info") {
+    gradctl::InfoOptions options;
+    options.connection = connection;
+    options.json = absl::GetFlag(FLAGS_json);
+    return gradctl::RunInfo(options);
+  }
+  if (name == "grad" || name == "forward") {
+    gradctl::GradOptions options;
+    options.connection = connection;
+    options.gradients = name == "grad";
+    options.net_path = absl::GetFlag(FLAGS_net);
+    options.input_path = absl::GetFlag(FLAGS_input);
+    options.params_dir = absl::GetFlag(FLAGS_params);
+    options.target_path = absl::GetFlag(FLAGS_target);
+    options.grad_output_path = absl::GetFlag(FLAGS_grad_output);
+    options.objective = absl::GetFlag(FLAGS_objective);
+    options.input_grad = !absl::GetFlag(FLAGS_no_input_grad);
+    options.param_grads = absl::GetFlag(FLAGS_param_grads);
+    options.skip_output = absl::GetFlag(FLAGS_skip_output);
+    options.out_dir = absl::GetFlag(FLAGS_out);
+    options.request_id = absl::GetFlag(FLAGS_request_id);
+    return gradctl::RunGrad(options);
+  }
+  if (name == "demo") {
+    gradctl::DemoOptions options;
+    options.connection = connection;
+    if (!positional.empty()) options.which = positional[0];
+    options.data_dir = DemoDataDir();
+    return gradctl::RunDemo(options);
+  }
+  gradctl::BenchOptions options;
+  options.connection = connection;
+  options.workload = absl::GetFlag(FLAGS_workload);
+  options.concurrency = absl::GetFlag(FLAGS_concurrency);
+  if (given.count("duration") != 0) {
+    options.duration = absl::GetFlag(FLAGS_duration).value;
+  }
+  if (given.count("requests") != 0) {
+    options.requests = absl::GetFlag(FLAGS_requests);
+  }
+  options.skip_output = absl::GetFlag(FLAGS_skip_output);
+  options.json = absl::GetFlag(FLAGS_json);
+  options.progress = isatty(STDERR_FILENO) != 0;
+  return gradctl::RunBench(options);
+}
+
+int Fail(const absl::Status& status) {
+  if (gradctl::IsUsageError(status)) {
+    std::cerr << "gradctl: " << status.message() << "\n(gradctl help shows the usage)\n";
+    return kExitUsage;
+  }
+  std::cerr << "gradctl: " << absl::StatusCodeToString(status.code()) << ": " << status.message()
+            << "\n";
+  return kExitFailure;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(kUsage);
+  absl::StatusOr<std::set<std::string>> given = ScanFlags(argc, argv);
+  if (!given.ok()) return Fail(given.status());
+  const std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() < 2) {
+    std::cerr << kUsage;
+    return kExitUsage;
+  }
+  const std::string name = args[1];
+  if (name == "help") {
+    std::cout << kUsage;
+    return 0;
+  }
+  const Command* command = nullptr;
+  for (const Command& each : Commands()) {
+    if (each.name == name) command = &each;
+  }
+  if (command == nullptr) {
+    return Fail(gradctl::UsageError(absl::StrCat("unknown command \"", name, "\"")));
+  }
+  const std::vector<std::string> positional(args.begin() + 2, args.end());
+  if (static_cast<int>(positional.size()) > command->max_positional) {
+    return Fail(gradctl::UsageError(
+        absl::StrCat("gradctl ", name, " takes ",
+                     command->max_positional == 0 ? "no arguments" : "at most one argument", "; \"",
+                     positional[command->max_positional], "\" is one too many")));
+  }
+  if (absl::Status s = CheckFlagsBelongTo(*command, *given); !s.ok()) return Fail(s);
+  if (absl::Status s = Run(*command, positional, *given); !s.ok()) return Fail(s);
+  return 0;
+}

@@ -1,0 +1,186 @@
+// The C++ client of the gradient service (grad.v1.GradientService).
+//
+// A Client holds one gRPC channel to one server and turns the engine's value types
+// (gradengine/network.h, gradengine/tensor.h) into calls and back, so callers never see
+// protobuf or gRPC types:
+//
+//   std::unique_ptr<gradclient::Client> client = *gradclient::Client::Create("localhost:50051");
+//   absl::StatusOr<gradclient::GradientReply> reply = client->ComputeGradients(request);
+//   // reply->result.loss, reply->result.input_grad, reply->result.parameter_grads, ...
+//
+// Errors are the server's, with its code and message (a malformed network is InvalidArgument
+// naming the layer and field, a full server ResourceExhausted, a call past its deadline
+// DeadlineExceeded); an unreachable server is Unavailable. Every RPC of the service is
+// idempotent, so a call that fails with Unavailable is retried with exponential backoff, never
+// past the call's deadline (ClientOptions::retry).
+//
+// Thread safety: a Client is safe for concurrent use from any number of threads without
+// external synchronization; concurrent calls share the channel (and its connection).
+
+#ifndef GRADCLIENT_CLIENT_H_
+#define GRADCLIENT_CLIENT_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "gradengine/network.h"
+#include "gradengine/tensor.h"
+
+namespace gradclient {
+
+// How a call that failed with Unavailable (no connection, or a server shutting down) is
+// retried. Attempt n (n >= 1) waits min(max_backoff, initial_backoff * multiplier^(n-1)),
+// scaled by a random factor in [1 - jitter, 1 + jitter] so that many clients do not retry in
+// lockstep. No attempt starts if its wait would end past the call's deadline; the last
+// attempt's status is returned instead.
+struct RetryOptions {
+  // Attempts in total, the first included; 1 disables retrying. Default: 5.
+  int max_attempts = 5;
+  // Wait before the second attempt. Default: 50 ms.
+  absl::Duration initial_backoff = absl::Milliseconds(50);
+  // Longest wait between two attempts. Default: 2 s.
+  absl::Duration max_backoff = absl::Seconds(2);
+  // Growth of the wait from one attempt to the next. Default: 2.
+  double backoff_multiplier = 2.0;
+  // Relative random spread of each wait, in [0, 1). Default: 0.2.
+  double jitter = 0.2;
+};
+
+struct ClientOptions {
+  // Deadline of a call that sets none in its CallOptions, counted from the call's start and
+  // covering every retry. absl::InfiniteDuration() means no deadline. Default: 60 s.
+  absl::Duration default_timeout = absl::Seconds(60);
+  RetryOptions retry;
+  // Largest message sent or received, in MiB, set on the channel for both directions. gRPC's
+  // own receive default of 4 MiB is too small for tensors. Range 1..2047. Default: 1024, the
+  // server's default.
+  int max_message_mb = 1024;
+};
+
+// Per-call settings.
+struct CallOptions {
+  // Absolute deadline of the call, retries included. Default: unset.
+  std::optional<absl::Time> deadline;
+  // Deadline relative to the call's start; with `deadline` also set, the earlier one applies.
+  // With neither set, ClientOptions::default_timeout applies. Must be >= 0. Default: unset.
+  std::optional<absl::Duration> timeout;
+  // Echoed by the server in its reply and its log (at most 128 bytes). Default: empty, for
+  // which the client makes up a random 16-hex-digit id.
+  std::string request_id;
+  // ComputeGradients only: leave the network's output out of the reply, for callers that need
+  // only the loss and the gradients. The reply's result.output is then empty. Default: false.
+  bool skip_output = false;
+};
+
+// Server-side durations of one call (grad.v1.Timing).
+struct ServerTiming {
+  absl::Duration decode;    // request -> engine types
+  absl::Duration queue;     // waiting for a compute slot
+  absl::Duration forward;   // forward pass, up to and including the loss
+  absl::Duration backward;  // backward pass (zero for Forward)
+  absl::Duration encode;    // engine result -> response
+};
+
+// What every successful call reports besides its result.
+struct CallInfo {
+  std::string request_id;  // as echoed by the server
+  ServerTiming timing;
+  // Wall time of the whole call on the client: encoding, every attempt and the waits between
+  // them, and decoding.
+  absl::Duration round_trip;
+  // Attempts made; more than 1 when Unavailable was retried.
+  int attempts = 1;
+};
+
+// A call's result as the engine would return it (its `timing` holds the server's forward and
+// backward times), and what the call reported besides.
+struct ForwardReply {
+  gradengine::ForwardResult result;
+  CallInfo call;
+};
+
+struct GradientReply {
+  gradengine::GradientResult result;
+  CallInfo call;
+};
+
+// What GetInfo reports (grad.v1.GetInfoResponse).
+struct ServerInfo {
+  std::string server_version;
+  std::string onednn_version;
+  std::string cpu_isa;  // the instruction set oneDNN dispatches to, e.g. "avx512_core"
+  int threads_per_request = 0;
+  int64_t max_message_bytes = 0;
+  int64_t max_elements = 0;
+  int64_t max_workspace_bytes = 0;
+  int max_concurrent_requests = 0;
+  int max_queued_requests = 0;
+  std::vector<std::string> layers;       // "conv2d", "activation"
+  std::vector<std::string> activations;  // "relu", "leaky_relu", ...
+  std::vector<std::string> objectives;   // "mse", "sum", "grad_output"
+  std::vector<std::string> dtypes;       // accepted tensor dtypes, e.g. "DATA_TYPE_FLOAT32"
+  int64_t requests_total = 0;
+  int64_t requests_failed = 0;
+  absl::Duration uptime;
+};
+
+// grpc.health.v1.HealthCheckResponse.ServingStatus.
+enum class ServingStatus {
+  kUnknown = 0,
+  kServing = 1,
+  kNotServing = 2,
+  kServiceUnknown = 3,
+};
+
+// "UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN".
+const char* ServingStatusName(ServingStatus status);
+
+class Client {
+ public:
+  // Makes a client for the server at `target` ("host:port", or any gRPC target such as
+  // "dns:///host:port" or "unix:/path"). Does not connect: the first call does, so Create
+  // succeeds while the server is still starting. Errors: InvalidArgument for an empty target
+  // or an option out of range, naming the option and its value.
+  static absl::StatusOr<std::unique_ptr<Client>> Create(const std::string& target,
+                                                        const ClientOptions& options = {});
+
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+  ~Client();
+
+  // Runs the network forward on the server. The request's tensors are only read during the
+  // call; its should_continue is not sent (the deadline stands in for it).
+  absl::StatusOr<ForwardReply> Forward(const gradengine::ForwardRequest& request,
+                                       const CallOptions& options = {});
+
+  // Runs forward, the objective and backward on the server; the result holds the output
+  // (unless options.skip_output), the loss (absent for a grad_output objective) and the
+  // requested gradients, exactly as gradengine::Engine::ComputeGradients returns them.
+  absl::StatusOr<GradientReply> ComputeGradients(const gradengine::GradientRequest& request,
+                                                 const CallOptions& options = {});
+
+  absl::StatusOr<ServerInfo> GetInfo(const CallOptions& options = {});
+
+  // The standard gRPC health check (grpc.health.v1.Health/Check) for `service`; the empty
+  // name asks about the server as a whole. A server that does not know `service` answers
+  // NotFound.
+  absl::StatusOr<ServingStatus> Health(const std::string& service = "",
+                                       const CallOptions& options = {});
+
+  const std::string& target() const;
+
+ private:
+  class Impl;
+  explicit Client(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace gradclient
+
+#endif  // GRADCLIENT_CLIENT_H_
