@@ -55,7 +55,30 @@ Workload ConvReluChain(const std::string& name, int64_t batch, int64_t size,
   return w;
 }
 
+// A 64 MiB input through one ReLU: almost no compute, so the time is moving the tensors.
+Workload InputOutput64MiB() {
+  Workload w;
+  w.name = "io64";
+  w.input_shape = {4, 16, 512, 512};
+  std::mt19937 rng(1234);
+  w.input = RandomValues(Product(w.input_shape), &rng);
+  w.network.layers.push_back(LayerSpec{"relu1", ActivationSpec{ActivationKind::kRelu}});
+  w.output_shape = w.input_shape;
+  w.target = RandomValues(Product(w.output_shape), &rng);
+  return w;
+}
+
 }  // namespace
+
+gradengine::ForwardRequest Workload::ForwardOnly() const {
+  gradengine::ForwardRequest request;
+  request.network = network;
+  request.input = gradengine::TensorView(input_shape, input);
+  for (const auto& [name, parameter] : parameters) {
+    request.parameters[name] = gradengine::TensorView(parameter.shape, parameter.values);
+  }
+  return request;
+}
 
 gradengine::GradientRequest Workload::Request() const {
   gradengine::GradientRequest request;
@@ -74,10 +97,13 @@ absl::StatusOr<Workload> MakeWorkload(const std::string& name) {
   if (name == "seed4") return ConvReluChain(name, 1, 28, {1, 8, 16, 32, 64}, true, false);
   if (name == "seed4_b32") return ConvReluChain(name, 32, 28, {1, 8, 16, 32, 64}, true, false);
   if (name == "resblock") return ConvReluChain(name, 8, 56, {64, 64, 64}, true, true);
+  if (name == "io64") return InputOutput64MiB();
   return absl::InvalidArgumentError(absl::StrCat("workload=", name, " is unknown; expected ",
                                                  absl::StrJoin(WorkloadNames(), ", ")));
 }
 
-std::vector<std::string> WorkloadNames() { return {"seed1", "seed4", "seed4_b32", "resblock"}; }
+std::vector<std::string> WorkloadNames() {
+  return {"seed1", "seed4", "seed4_b32", "resblock", "io64"};
+}
 
 }  // namespace gradclient

@@ -50,6 +50,7 @@ struct Tally {
 
 struct Report {
   std::string workload;
+  std::string method;  // "gradients" or "forward"
   int concurrency = 0;
   bool skip_output = false;
   absl::Duration elapsed;
@@ -75,6 +76,7 @@ void PrintReport(const Report& report, bool json) {
       errors.push_back(absl::StrCat(JsonString(absl::StatusCodeToString(code)), ":", count));
     }
     std::cout << "{\"workload\":" << JsonString(report.workload)
+              << ",\"method\":" << JsonString(report.method)
               << ",\"concurrency\":" << report.concurrency
               << ",\"skip_output\":" << (report.skip_output ? "true" : "false")
               << ",\"duration_s\":"
@@ -88,8 +90,8 @@ void PrintReport(const Report& report, bool json) {
               << "},\"errors\":{" << absl::StrJoin(errors, ",") << "}}\n";
     return;
   }
-  std::cout << absl::StrFormat("workload      %s, concurrency %d%s\n", report.workload,
-                               report.concurrency, report.skip_output ? ", skip_output" : "");
+  std::cout << absl::StrFormat("workload      %s (%s), concurrency %d%s\n", report.workload,
+                               report.method, report.concurrency, report.skip_output ? ", skip_output" : "");
   std::cout << absl::StrFormat("requests      %d in %.2f s: %d ok, %d failed\n",
                                report.ok + report.failed, absl::ToDoubleSeconds(report.elapsed),
                                report.ok, report.failed);
@@ -129,11 +131,19 @@ absl::Status RunBench(const BenchOptions& options) {
   if (!workload.ok()) return UsageError(absl::StrCat("--", workload.status().message()));
   absl::StatusOr<std::unique_ptr<gradclient::Client>> client = Connect(options.connection);
   if (!client.ok()) return client.status();
+  if (options.forward && options.skip_output) {
+    return UsageError("--skip_output applies to --method=gradients only");
+  }
   const gradengine::GradientRequest request = workload->Request();
+  const gradengine::ForwardRequest forward_request = workload->ForwardOnly();
   gradclient::CallOptions call;
   call.skip_output = options.skip_output;
+  auto send = [&]() -> absl::Status {
+    if (options.forward) return (*client)->Forward(forward_request, call).status();
+    return (*client)->ComputeGradients(request, call).status();
+  };
 
-  if (absl::Status s = (*client)->ComputeGradients(request, call).status(); !s.ok()) {
+  if (absl::Status s = send(); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat("warm-up request: ", s.message()));
   }
 
@@ -159,7 +169,7 @@ absl::Status RunBench(const BenchOptions& options) {
         break;
       }
       const auto call_start = std::chrono::steady_clock::now();
-      absl::Status status = (*client)->ComputeGradients(request, call).status();
+      absl::Status status = send();
       const auto call_end = std::chrono::steady_clock::now();
       completed.fetch_add(1, std::memory_order_relaxed);
       if (status.ok()) {
@@ -203,6 +213,7 @@ absl::Status RunBench(const BenchOptions& options) {
 
   Report report;
   report.workload = options.workload;
+  report.method = options.forward ? "forward" : "gradients";
   report.concurrency = options.concurrency;
   report.skip_output = options.skip_output;
   report.elapsed = absl::Nanoseconds(last_finish_ns.load());

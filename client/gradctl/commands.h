@@ -80,6 +80,8 @@ struct BenchOptions {
   std::optional<absl::Duration> duration;
   std::optional<int64_t> requests;
   bool skip_output = false;
+  // Send Forward instead of ComputeGradients. Default: false.
+  bool forward = false;
   // One JSON line instead of the readable report. Default: false.
   bool json = false;
   // Refresh a progress line on stderr while running. Default: false.

@@ -23,6 +23,7 @@
 #include "absl/time/time.h"
 #include "client/gradctl/cli_util.h"
 #include "client/gradctl/commands.h"
+#include "gradengine/allocator.h"
 
 namespace gradctl {
 
@@ -64,7 +65,8 @@ ABSL_FLAG(std::string, request_id, "", "grad, forward: request id (default: rand
 ABSL_FLAG(std::string, data, "",
           "demo: directory holding seed_conv1, seed_conv4, seed_layer (default: $GRAD_DEMO_DATA, "
           "else " GRAD_DEMO_DATA_DEFAULT ")");
-ABSL_FLAG(std::string, workload, "seed4", "bench: seed1, seed4, seed4_b32 or resblock");
+ABSL_FLAG(std::string, workload, "seed4", "bench: seed1, seed4, seed4_b32, resblock or io64");
+ABSL_FLAG(std::string, method, "gradients", "bench: the RPC to send, gradients or forward");
 ABSL_FLAG(int, concurrency, 1, "bench: threads issuing requests back to back");
 ABSL_FLAG(gradctl::FlagDuration, duration, gradctl::FlagDuration{absl::Seconds(10)},
           "bench: how long to run (unless --requests)");
@@ -89,8 +91,9 @@ usage: gradctl COMMAND [flags]
             writes OUT/output.npy and prints one JSON line
   demo      [conv1|conv4|layer|all] the seed notebook's demos through the server, checked
             against PyTorch                                       [--data=DIR]
-  bench     closed-loop load: --workload=seed1|seed4|seed4_b32|resblock --concurrency=C
-            (--duration=10s | --requests=N) [--skip_output] [--json]
+  bench     closed-loop load: --workload=seed1|seed4|seed4_b32|resblock|io64 --concurrency=C
+            (--duration=10s | --requests=N) [--method=gradients|forward] [--skip_output]
+            [--json]
 
 every command takes --server=HOST:PORT (default localhost:50051) and --timeout=DURATION
 (deadline of each call, retries included; default 60s).
@@ -124,7 +127,7 @@ const std::vector<Command>& Commands() {
         "param_grads", "skip_output", "out", "request_id"}},
       {"forward", 0, {"net", "input", "params", "out", "request_id"}},
       {"demo", 1, {"data"}},
-      {"bench", 0, {"workload", "concurrency", "duration", "requests", "skip_output", "json"}},
+      {"bench", 0, {"workload", "method", "concurrency", "duration", "requests", "skip_output", "json"}},
   };
   return *commands;
 }
@@ -225,6 +228,12 @@ absl::Status Run(const Command& command, const std::vector<std::string>& positio
     options.requests = absl::GetFlag(FLAGS_requests);
   }
   options.skip_output = absl::GetFlag(FLAGS_skip_output);
+  const std::string method = absl::GetFlag(FLAGS_method);
+  if (method != "gradients" && method != "forward") {
+    return gradctl::UsageError(
+        absl::StrCat("--method=", method, " is unknown; expected gradients or forward"));
+  }
+  options.forward = method == "forward";
   options.json = absl::GetFlag(FLAGS_json);
   options.progress = isatty(STDERR_FILENO) != 0;
   return gradctl::RunBench(options);
@@ -243,6 +252,7 @@ int Fail(const absl::Status& status) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  gradengine::KeepFreedMemoryForReuse();
   absl::SetProgramUsageMessage(kUsage);
   absl::StatusOr<std::set<std::string>> given = ScanFlags(argc, argv);
   if (!given.ok()) return Fail(given.status());

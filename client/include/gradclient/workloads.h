@@ -43,13 +43,16 @@ struct Workload {
   // An MSE step with every gradient. The request borrows this workload's data: it is valid
   // while the workload is alive and unchanged.
   gradengine::GradientRequest Request() const;
+  // The same network, parameters and input, forward only; borrows as Request() does.
+  gradengine::ForwardRequest ForwardOnly() const;
 };
 
 // The workload called `name`, one of WorkloadNames(); InvalidArgument naming the known ones
 // otherwise.
 absl::StatusOr<Workload> MakeWorkload(const std::string& name);
 
-// "seed1", "seed4", "seed4_b32", "resblock".
+// "seed1", "seed4", "seed4_b32", "resblock", and "io64": a 64 MiB input [4, 16, 512, 512]
+// through one ReLU, which measures moving tensors rather than computing.
 std::vector<std::string> WorkloadNames();
 
 }  // namespace gradclient
