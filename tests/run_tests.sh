@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: a warnings-as-errors build with every test, then the engine's tests
-# again under AddressSanitizer + UndefinedBehaviorSanitizer.
+# The whole test suite: a warnings-as-errors build with every test and the main job
+# (deploy/run-demo.sh: gradserver + gradctl demo), then the tests again under AddressSanitizer +
+# UndefinedBehaviorSanitizer (all but the PyTorch comparisons, which run in the first build).
 #
 #   bash tests/run_tests.sh
 #
@@ -18,9 +19,16 @@ cmake --build "$build" -j "$jobs"
 echo "== tests"
 ctest --test-dir "$build" --output-on-failure -j "$jobs"
 
-echo "== engine tests under AddressSanitizer + UndefinedBehaviorSanitizer ($asan_build)"
+echo "== the main job: gradserver and gradctl demo"
+bash "$root/deploy/run-demo.sh" "$build" > "$build/run-demo.log" 2>&1 ||
+  { cat "$build/run-demo.log"; exit 1; }
+grep -c "^Matches PyTorch" "$build/run-demo.log" | grep -qx 3 ||
+  { cat "$build/run-demo.log"; echo "run-demo: expected 3 demos matching PyTorch" >&2; exit 1; }
+echo "3 demos matched PyTorch through the server"
+
+echo "== tests under AddressSanitizer + UndefinedBehaviorSanitizer ($asan_build)"
 cmake -S "$root" -B "$asan_build" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DGRAD_WERROR=ON \
   -DGRAD_SANITIZE=ON -DGRAD_BUILD_BENCHMARKS=OFF
 cmake --build "$asan_build" -j "$jobs"
 ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1" \
-  ctest --test-dir "$asan_build" --output-on-failure -L "engine|reference|client"
+  ctest --test-dir "$asan_build" --output-on-failure -L "engine|reference|wire|client|cli|service"

@@ -1,0 +1,369 @@
+#include "server/gradient_service.h"
+
+#include <google/protobuf/arena.h>
+#include <grpcpp/support/proto_buffer_reader.h>
+
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "proto/wire.h"
+#include "server/status_conversion.h"
+
+namespace gradserver {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr char kShuttingDown[] = "the server is shutting down; retry on another server";
+
+int64_t NanosBetween(Clock::time_point from, Clock::time_point to) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(to - from).count();
+}
+
+// The request_id as the log shows it: quoted, escaped, and cut at the longest accepted length
+// so that an oversized one cannot flood the log.
+std::string LoggedRequestId(const std::string& request_id) {
+  if (request_id.size() <= kMaxRequestIdBytes) {
+    return absl::StrCat("\"", absl::CEscape(request_id), "\"");
+  }
+  return absl::StrCat("\"", absl::CEscape(request_id.substr(0, kMaxRequestIdBytes)), "\"...");
+}
+
+// What differs between Forward and ComputeGradients; everything else is ComputeCall.
+struct ForwardMethod {
+  static constexpr const char* kName = "Forward";
+  using WireRequest = grad::v1::ForwardRequest;
+  using WireResponse = grad::v1::ForwardResponse;
+  using EngineRequest = gradengine::ForwardRequest;
+  using EngineResult = gradengine::ForwardResult;
+
+  static absl::StatusOr<EngineRequest> Decode(const WireRequest& request,
+                                              gradwire::DecodeStorage* storage) {
+    return gradwire::DecodeForwardRequest(request, storage);
+  }
+  static absl::StatusOr<EngineResult> Run(gradengine::Engine& engine,
+                                          const EngineRequest& request) {
+    return engine.Forward(request);
+  }
+  static void Encode(const EngineResult& result, const WireRequest& /*request*/,
+                     WireResponse* response) {
+    gradwire::EncodeForwardResult(result, response);
+  }
+};
+
+struct ComputeGradientsMethod {
+  static constexpr const char* kName = "ComputeGradients";
+  using WireRequest = grad::v1::ComputeGradientsRequest;
+  using WireResponse = grad::v1::ComputeGradientsResponse;
+  using EngineRequest = gradengine::GradientRequest;
+  using EngineResult = gradengine::GradientResult;
+
+  static absl::StatusOr<EngineRequest> Decode(const WireRequest& request,
+                                              gradwire::DecodeStorage* storage) {
+    return gradwire::DecodeGradientRequest(request, storage);
+  }
+  static absl::StatusOr<EngineResult> Run(gradengine::Engine& engine,
+                                          const EngineRequest& request) {
+    return engine.ComputeGradients(request);
+  }
+  static void Encode(const EngineResult& result, const WireRequest& request,
+                     WireResponse* response) {
+    gradwire::EncodeGradientResult(result, /*include_output=*/!request.skip_output(), response);
+  }
+};
+
+// One Forward or ComputeGradients call from arrival to Finish. Created on the gRPC thread,
+// handed to a compute thread, and deleted by Finish; at any time exactly one thread uses it.
+// The message, its arena and the decoded engine request (which borrows the message's bytes)
+// live exactly as long as the call.
+template <typename Method>
+class ComputeCall {
+ public:
+  ComputeCall(GradientService* service, grpc::CallbackServerContext* context,
+              grpc::ByteBuffer* response_buffer)
+      : service_(service),
+        context_(context),
+        reactor_(context->DefaultReactor()),
+        response_buffer_(response_buffer),
+        deadline_(context->deadline()),
+        peer_(context->peer()),
+        arrived_(Clock::now()) {
+    request_ = google::protobuf::Arena::CreateMessage<typename Method::WireRequest>(&arena_);
+  }
+
+  grpc::ServerUnaryReactor* reactor() const { return reactor_; }
+
+  // Parses and decodes the request. On the gRPC thread.
+  absl::Status Decode(const grpc::ByteBuffer& request_buffer) {
+    bytes_in_ = request_buffer.Length();
+    absl::Status status = ParseAndDecode(request_buffer);
+    decoded_ = Clock::now();
+    timing_.set_decode_ns(NanosBetween(arrived_, decoded_));
+    return status;
+  }
+
+  // Runs the engine and encodes the result, then finishes the call. On a compute thread, which
+  // `slot` holds.
+  void Compute(ComputePool::Slot& slot) {
+    const Clock::time_point started = Clock::now();
+    timing_.set_queue_ns(NanosBetween(decoded_, started));
+    absl::Status status = ShouldContinue();
+    std::optional<absl::StatusOr<typename Method::EngineResult>> result;
+    if (status.ok()) {
+      engine_request_->should_continue = [this] { return ShouldContinue(); };
+      result.emplace(Method::Run(service_->engine(), *engine_request_));
+      status = result->status();
+    }
+    const Clock::time_point computed = Clock::now();
+    compute_ns_ = NanosBetween(started, computed);
+    if (status.ok()) {
+      timing_.set_forward_ns((*result)->timing.forward_ns);
+      timing_.set_backward_ns((*result)->timing.backward_ns);
+      status = Encode(**result);
+    }
+    encode_ns_ = NanosBetween(computed, Clock::now());
+    // Free the slot before the reply goes out: a caller that sends its next request as soon as
+    // it has this one's answer must find the slot free.
+    slot.Release();
+    Finish(status);
+  }
+
+  // Sends `status` (and the response if OK), counts and logs the call, and deletes this.
+  void Finish(const absl::Status& status) {
+    const int64_t total_ns = NanosBetween(arrived_, Clock::now());
+    const size_t bytes_out = status.ok() ? response_buffer_->Length() : 0;
+    // Counted first, so that a GetInfo sent after this answer arrives sees it.
+    service_->CountCall(status.ok());
+    // The context may be gone as soon as Finish is called; nothing below touches it.
+    reactor_->Finish(ToGrpcStatus(status));
+    service_->CallAnswered();
+    if (service_->options().log_requests) {
+      std::string line = absl::StrCat(
+          "method=", Method::kName, " request_id=", LoggedRequestId(request_->request_id()),
+          " code=", absl::StatusCodeToString(status.code()), " bytes_in=", bytes_in_,
+          " bytes_out=", bytes_out, " decode_us=", timing_.decode_ns() / 1000,
+          " queue_us=", timing_.queue_ns() / 1000, " compute_us=", compute_ns_ / 1000,
+          " encode_us=", encode_ns_ / 1000, " total_us=", total_ns / 1000, " peer=\"",
+          absl::CEscape(peer_), "\"");
+      if (!status.ok()) absl::StrAppend(&line, " error=\"", absl::CEscape(status.message()), "\"");
+      service_->Log(line);
+    }
+    delete this;
+  }
+
+ private:
+  absl::Status ParseAndDecode(const grpc::ByteBuffer& request_buffer) {
+    // No message at all (not even an empty one) arrives when the client gave up while sending.
+    if (!request_buffer.Valid()) {
+      if (absl::Status stopped = ShouldContinue(); !stopped.ok()) return stopped;
+      return absl::InvalidArgumentError(
+          absl::StrCat("the call carried no ", request_->GetTypeName(), " message"));
+    }
+    // The copy shares the buffer's slices; the reader walks them without flattening.
+    grpc::ByteBuffer buffer(request_buffer);
+    grpc::ProtoBufferReader reader(&buffer);
+    if (!reader.status().ok() || !request_->ParseFromZeroCopyStream(&reader)) {
+      request_->Clear();
+      return absl::InvalidArgumentError(absl::StrCat("request is not a valid ",
+                                                     request_->GetTypeName(), " (", bytes_in_,
+                                                     " bytes could not be parsed)"));
+    }
+    if (request_->request_id().size() > kMaxRequestIdBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("request_id has ", request_->request_id().size(), " bytes; at most ",
+                       kMaxRequestIdBytes, " are allowed"));
+    }
+    absl::StatusOr<typename Method::EngineRequest> decoded = Method::Decode(*request_, &storage_);
+    if (!decoded.ok()) return decoded.status();
+    engine_request_.emplace(*std::move(decoded));
+    return absl::OkStatus();
+  }
+
+  // Between layers: has the caller stopped waiting?
+  absl::Status ShouldContinue() const {
+    if (std::chrono::system_clock::now() >= deadline_) {
+      return absl::DeadlineExceededError(
+          "the call's deadline passed before the computation finished");
+    }
+    if (context_->IsCancelled()) {
+      return absl::CancelledError("the call was cancelled before the computation finished");
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Encode(const typename Method::EngineResult& result) {
+    auto* response = google::protobuf::Arena::CreateMessage<typename Method::WireResponse>(&arena_);
+    const Clock::time_point start = Clock::now();
+    Method::Encode(result, *request_, response);
+    response->set_request_id(request_->request_id());
+    // The response cannot hold the time spent serializing itself; encode_ns covers filling it.
+    timing_.set_encode_ns(NanosBetween(start, Clock::now()));
+    *response->mutable_timing() = timing_;
+    const size_t size = response->ByteSizeLong();
+    const int64_t limit = service_->options().max_message_bytes;
+    if (limit > 0 && size > static_cast<size_t>(limit)) {
+      return absl::ResourceExhaustedError(absl::StrCat("the response would be ", size,
+                                                       " bytes, over the server's limit of ", limit,
+                                                       " bytes per message (max_message_mb)"));
+    }
+    bool own_buffer = false;
+    grpc::Status serialized = grpc::SerializationTraits<typename Method::WireResponse>::Serialize(
+        *response, response_buffer_, &own_buffer);
+    if (!serialized.ok()) {
+      return absl::InternalError(
+          absl::StrCat("could not serialize the response: ", serialized.error_message()));
+    }
+    return absl::OkStatus();
+  }
+
+  GradientService* const service_;
+  grpc::CallbackServerContext* const context_;
+  grpc::ServerUnaryReactor* const reactor_;
+  grpc::ByteBuffer* const response_buffer_;
+  const std::chrono::system_clock::time_point deadline_;
+  const std::string peer_;
+  const Clock::time_point arrived_;
+  Clock::time_point decoded_;
+
+  google::protobuf::Arena arena_;
+  typename Method::WireRequest* request_ = nullptr;  // on arena_
+  gradwire::DecodeStorage storage_;
+  std::optional<typename Method::EngineRequest> engine_request_;
+
+  grad::v1::Timing timing_;
+  size_t bytes_in_ = 0;
+  int64_t compute_ns_ = 0;
+  int64_t encode_ns_ = 0;
+};
+
+}  // namespace
+
+GradientService::GradientService(const GradientServiceOptions& options, gradengine::Engine* engine,
+                                 ComputePool* pool)
+    : options_(options),
+      engine_(engine),
+      pool_(pool),
+      engine_info_(engine->info()),
+      start_time_(absl::Now()) {}
+
+template <typename Method>
+grpc::ServerUnaryReactor* GradientService::HandleCompute(grpc::CallbackServerContext* context,
+                                                         const grpc::ByteBuffer* request,
+                                                         grpc::ByteBuffer* response) {
+  if (!AdmitCall()) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, kShuttingDown));
+    return reactor;
+  }
+  auto* call = new ComputeCall<Method>(this, context, response);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (absl::Status status = call->Decode(*request); !status.ok()) {
+    call->Finish(status);
+    return reactor;
+  }
+  if (absl::Status status = pool_->Submit([call](ComputePool::Slot& slot) { call->Compute(slot); });
+      !status.ok()) {
+    call->Finish(status);
+  }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GradientService::Forward(grpc::CallbackServerContext* context,
+                                                   const grpc::ByteBuffer* request,
+                                                   grpc::ByteBuffer* response) {
+  return HandleCompute<ForwardMethod>(context, request, response);
+}
+
+grpc::ServerUnaryReactor* GradientService::ComputeGradients(grpc::CallbackServerContext* context,
+                                                            const grpc::ByteBuffer* request,
+                                                            grpc::ByteBuffer* response) {
+  return HandleCompute<ComputeGradientsMethod>(context, request, response);
+}
+
+grpc::ServerUnaryReactor* GradientService::GetInfo(grpc::CallbackServerContext* context,
+                                                   const grad::v1::GetInfoRequest* /*request*/,
+                                                   grad::v1::GetInfoResponse* response) {
+  const Clock::time_point arrived = Clock::now();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  {
+    absl::MutexLock lock(&mu_);
+    if (draining_) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, kShuttingDown));
+      return reactor;
+    }
+  }
+  response->set_server_version(options_.server_version);
+  response->set_onednn_version(engine_info_.onednn_version);
+  response->set_cpu_isa(engine_info_.cpu_isa);
+  response->set_threads_per_request(engine_info_.threads_per_call);
+  grad::v1::Limits* limits = response->mutable_limits();
+  limits->set_max_message_bytes(options_.max_message_bytes);
+  limits->set_max_elements(engine_info_.max_elements);
+  limits->set_max_workspace_bytes(options_.max_workspace_bytes);
+  limits->set_max_concurrent_requests(options_.max_concurrent_requests);
+  limits->set_max_queued_requests(options_.max_queued_requests);
+  response->add_layers("conv2d");
+  response->add_layers("activation");
+  for (const std::string& name : gradwire::SupportedActivationNames()) {
+    response->add_activations(name);
+  }
+  for (const std::string& name : gradwire::SupportedObjectiveNames()) {
+    response->add_objectives(name);
+  }
+  response->add_dtypes(grad::v1::DATA_TYPE_FLOAT32);
+  response->set_requests_total(requests_total_.load(std::memory_order_relaxed));
+  response->set_requests_failed(requests_failed_.load(std::memory_order_relaxed));
+  response->set_uptime_ns(absl::ToInt64Nanoseconds(absl::Now() - start_time_));
+
+  const std::string peer = context->peer();
+  reactor->Finish(grpc::Status::OK);
+  if (options_.log_requests) {
+    Log(absl::StrCat("method=GetInfo code=OK total_us=", NanosBetween(arrived, Clock::now()) / 1000,
+                     " peer=\"", absl::CEscape(peer), "\""));
+  }
+  return reactor;
+}
+
+bool GradientService::AdmitCall() {
+  absl::MutexLock lock(&mu_);
+  if (draining_) return false;
+  ++in_progress_;
+  return true;
+}
+
+void GradientService::CountCall(bool ok) {
+  requests_total_.fetch_add(1, std::memory_order_relaxed);
+  if (!ok) requests_failed_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void GradientService::CallAnswered() {
+  absl::MutexLock lock(&mu_);
+  --in_progress_;
+}
+
+bool GradientService::Drain(absl::Time deadline) {
+  absl::MutexLock lock(&mu_);
+  draining_ = true;
+  const bool calls_in_progress = in_progress_ > 0;
+  mu_.AwaitWithDeadline(absl::Condition(this, &GradientService::NoCallInProgress), deadline);
+  return calls_in_progress;
+}
+
+void GradientService::Log(absl::string_view line) const {
+  if (options_.log_sink) {
+    options_.log_sink(line);
+    return;
+  }
+  // One write per line: stdio locks the stream for the call, so lines never interleave.
+  std::fprintf(stderr, "%.*s\n", static_cast<int>(line.size()), line.data());
+}
+
+}  // namespace gradserver

@@ -1,0 +1,133 @@
+// grad.v1.GradientService on gRPC's callback API: the handlers between the wire and the engine.
+//
+// Forward and ComputeGradients are registered as raw (ByteBuffer) methods, so the service
+// parses each request itself, into a message on a per-call protobuf arena. Bytes that are not
+// a valid message are INVALID_ARGUMENT "request is not a valid grad.v1.<Type>", and the
+// engine request decoded from the message borrows its tensor bytes instead of copying them.
+//
+// A call goes: parse and decode on the gRPC thread that received it (Timing.decode_ns); wait
+// for a compute thread (queue_ns); run the engine there with a check before every layer that
+// stops it with DEADLINE_EXCEEDED once the call's deadline has passed and with CANCELLED once
+// the client has gone (forward_ns and backward_ns as the engine measured them); encode the
+// result into the response on the same compute thread (encode_ns); Finish. Errors are the
+// engine's and the wire decoder's statuses, unchanged (server/status_conversion.h). A
+// request_id over 128 bytes is INVALID_ARGUMENT. GetInfo answers on the gRPC thread; it does no
+// compute.
+//
+// Each Forward or ComputeGradients call the service admits is counted (GetInfo's
+// requests_total and requests_failed) and, if `log_requests`, logged as one line:
+//   method=ComputeGradients request_id="abc" code=OK bytes_in=123 bytes_out=456 decode_us=12
+//   queue_us=3 compute_us=4567 encode_us=89 total_us=4680 peer="ipv4:127.0.0.1:40000"
+// (on one line, with error="..." added when the code is not OK). GetInfo calls are logged too,
+// but not counted.
+//
+// Drain() prepares a graceful stop: new calls get UNAVAILABLE ("the server is shutting down")
+// while the calls in progress are answered.
+//
+// Thread safety: gRPC calls the handlers from any of its threads; the engine and the pool are
+// thread-safe. The engine and the pool must outlive the service, and the pool must keep
+// running until the gRPC server has shut down, because the calls it holds finish there.
+
+#ifndef SERVER_GRADIENT_SERVICE_H_
+#define SERVER_GRADIENT_SERVICE_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "grad/v1/gradient_service.grpc.pb.h"
+#include "gradengine/engine.h"
+#include "server/compute_pool.h"
+
+namespace gradserver {
+
+// Receives one finished log line (without a trailing newline).
+using RequestLogSink = std::function<void(absl::string_view line)>;
+
+// Longest request_id accepted, in bytes.
+inline constexpr size_t kMaxRequestIdBytes = 128;
+
+struct GradientServiceOptions {
+  // The server's version, reported by GetInfo. Default: empty.
+  std::string server_version;
+  // Limits reported by GetInfo; the service itself enforces only max_message_bytes on the
+  // responses it builds (requests over it are refused by gRPC before they reach the service).
+  // Defaults: 0.
+  int64_t max_message_bytes = 0;
+  int max_concurrent_requests = 0;
+  int max_queued_requests = 0;
+  int64_t max_workspace_bytes = 0;
+  // Log one line per call. Default: true.
+  bool log_requests = true;
+  // Where log lines go. Default (empty): stderr, one write per line so that lines from
+  // concurrent calls never interleave.
+  RequestLogSink log_sink;
+};
+
+using GradientServiceBase = grad::v1::GradientService::WithRawCallbackMethod_Forward<
+    grad::v1::GradientService::WithRawCallbackMethod_ComputeGradients<
+        grad::v1::GradientService::WithCallbackMethod_GetInfo<grad::v1::GradientService::Service>>>;
+
+class GradientService final : public GradientServiceBase {
+ public:
+  // `engine` and `pool` are borrowed; see the lifetime rule above.
+  GradientService(const GradientServiceOptions& options, gradengine::Engine* engine,
+                  ComputePool* pool);
+
+  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
+                                    const grpc::ByteBuffer* request,
+                                    grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* ComputeGradients(grpc::CallbackServerContext* context,
+                                             const grpc::ByteBuffer* request,
+                                             grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* context,
+                                    const grad::v1::GetInfoRequest* request,
+                                    grad::v1::GetInfoResponse* response) override;
+
+  // Refuses every new call from now on with UNAVAILABLE, and waits until each Forward and
+  // ComputeGradients call in progress has been answered or `deadline` has passed. Returns
+  // whether any such call was in progress when it began. Idempotent.
+  bool Drain(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Used by the per-call code in gradient_service.cc.
+  const GradientServiceOptions& options() const { return options_; }
+  gradengine::Engine& engine() const { return *engine_; }
+  // For GetInfo's counters; called just before a call is answered.
+  void CountCall(bool ok);
+  // A call admitted by AdmitCall() has been answered.
+  void CallAnswered() ABSL_LOCKS_EXCLUDED(mu_);
+  void Log(absl::string_view line) const;
+
+ private:
+  template <typename Method>
+  grpc::ServerUnaryReactor* HandleCompute(grpc::CallbackServerContext* context,
+                                          const grpc::ByteBuffer* request,
+                                          grpc::ByteBuffer* response);
+
+  const GradientServiceOptions options_;
+  gradengine::Engine* const engine_;
+  ComputePool* const pool_;
+  const gradengine::EngineInfo engine_info_;
+  const absl::Time start_time_;
+  std::atomic<int64_t> requests_total_{0};
+  std::atomic<int64_t> requests_failed_{0};
+
+  // Admits a new call unless draining; an admitted call is in progress until answered.
+  bool AdmitCall() ABSL_LOCKS_EXCLUDED(mu_);
+  bool NoCallInProgress() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return in_progress_ == 0; }
+
+  mutable absl::Mutex mu_;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t in_progress_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace gradserver
+
+#endif  // SERVER_GRADIENT_SERVICE_H_

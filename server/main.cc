@@ -1,0 +1,105 @@
+// gradserver: serves grad.v1.GradientService until SIGTERM or SIGINT, then drains and exits 0.
+// Prints "gradserver listening on <host>:<port>" to stderr once it accepts calls. Exit codes:
+// 0 after a shutdown, 2 for invalid options, 1 if the server cannot start.
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "gradengine/allocator.h"
+#include "server/server.h"
+
+ABSL_FLAG(std::string, address, gradserver::ServerOptions().address,
+          "Address to listen on, host:port; port 0 picks a free one");
+ABSL_FLAG(int, threads_per_request, gradserver::ServerOptions().threads_per_request,
+          "OpenMP threads one call computes with; 0 = every core");
+ABSL_FLAG(int, max_concurrent_requests, gradserver::ServerOptions().max_concurrent_requests,
+          "Calls computing at once; 0 = cores / threads_per_request");
+ABSL_FLAG(int, max_queued_requests, gradserver::ServerOptions().max_queued_requests,
+          "Calls that may wait for a compute slot; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_message_mb, gradserver::ServerOptions().max_message_mb,
+          "Largest request or response message, in MiB (1 to 2047)");
+ABSL_FLAG(int64_t, max_elements, gradserver::ServerOptions().max_elements,
+          "Largest tensor, in elements");
+ABSL_FLAG(double, shutdown_grace_seconds,
+          absl::ToDoubleSeconds(gradserver::ServerOptions().shutdown_grace),
+          "On SIGTERM/SIGINT, how long in-flight calls may take before they are cancelled");
+ABSL_FLAG(bool, log_requests, gradserver::ServerOptions().log_requests,
+          "Write one line per request to stderr");
+
+namespace {
+
+const char* SignalName(int signal_number) {
+  return signal_number == SIGTERM ? "SIGTERM" : signal_number == SIGINT ? "SIGINT" : "signal";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  gradengine::KeepFreedMemoryForReuse();
+  absl::SetProgramUsageMessage("Serves grad.v1.GradientService (gradient computation) over gRPC.");
+  std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  if (positional.size() > 1) {
+    std::fprintf(stderr, "gradserver: unexpected argument \"%s\"; see --help\n", positional[1]);
+    return 2;
+  }
+
+  // Blocked before any thread starts, so that every thread inherits the mask and the signals
+  // reach only the sigwait below.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  gradserver::ServerOptions options;
+  options.address = absl::GetFlag(FLAGS_address);
+  options.threads_per_request = absl::GetFlag(FLAGS_threads_per_request);
+  options.max_concurrent_requests = absl::GetFlag(FLAGS_max_concurrent_requests);
+  options.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
+  options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
+  options.max_elements = absl::GetFlag(FLAGS_max_elements);
+  const double grace_seconds = absl::GetFlag(FLAGS_shutdown_grace_seconds);
+  if (std::isnan(grace_seconds)) {
+    std::fprintf(stderr, "gradserver: --shutdown_grace_seconds=nan is not a duration\n");
+    return 2;
+  }
+  options.shutdown_grace = absl::Seconds(grace_seconds);
+  options.log_requests = absl::GetFlag(FLAGS_log_requests);
+
+  absl::StatusOr<std::unique_ptr<gradserver::Server>> server = gradserver::Server::Create(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "gradserver: %s\n", server.status().ToString().c_str());
+    return absl::IsInvalidArgument(server.status()) ? 2 : 1;
+  }
+  std::fprintf(stderr, "gradserver listening on %s\n", (*server)->listening_address().c_str());
+
+  siginfo_t signal_info;
+  while (sigwaitinfo(&stop_signals, &signal_info) < 0) {
+  }
+  std::fprintf(stderr, "gradserver: %s received from pid %d; finishing in-flight calls\n",
+               SignalName(signal_info.si_signo), static_cast<int>(signal_info.si_pid));
+  // A second signal while draining stops at once.
+  std::thread([stop_signals] {
+    int second = 0;
+    sigwait(&stop_signals, &second);
+    std::fprintf(stderr, "gradserver: %s received during shutdown; exiting without draining\n",
+                 SignalName(second));
+    std::_Exit(1);
+  }).detach();
+  (*server)->Shutdown();
+  std::fprintf(stderr, "gradserver: stopped\n");
+  return 0;
+}

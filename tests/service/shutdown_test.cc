@@ -1,0 +1,284 @@
+// The gradserver binary end to end: it announces its port, serves, and on SIGTERM lets the
+// call in flight finish with a correct result, refuses new ones, and exits 0.
+//
+// The binary's path comes from the GRADSERVER_BINARY environment variable (set by CTest).
+
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "gmock/gmock.h"
+#include "grad/v1/gradient_service.grpc.pb.h"
+#include "gradengine/network.h"
+#include "gtest/gtest.h"
+#include "proto/wire.h"
+#include "tests/service/service_test_util.h"
+
+namespace gradservicetest {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using ::testing::HasSubstr;
+
+// One thread per call keeps the call's speed proportional to the CPU it gets, so that the
+// fractions of its length timed below hold on a loaded machine.
+constexpr int kThreads = 1;
+
+// The child process with its stderr collected on a thread.
+class ServerProcess {
+ public:
+  ~ServerProcess() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (reader_.joinable()) reader_.join();
+  }
+
+  bool Start(const std::string& binary, const std::vector<std::string>& flags) {
+    int pipe_fds[2];
+    if (pipe(pipe_fds) != 0) return false;
+    pid_ = fork();
+    if (pid_ < 0) return false;
+    if (pid_ == 0) {
+      dup2(pipe_fds[1], STDERR_FILENO);
+      close(pipe_fds[0]);
+      close(pipe_fds[1]);
+      std::vector<char*> argv;
+      argv.push_back(const_cast<char*>(binary.c_str()));
+      for (const std::string& flag : flags) argv.push_back(const_cast<char*>(flag.c_str()));
+      argv.push_back(nullptr);
+      execv(binary.c_str(), argv.data());
+      _exit(127);
+    }
+    close(pipe_fds[1]);
+    const int fd = pipe_fds[0];
+    reader_ = std::thread([this, fd] {
+      char buffer[4096];
+      ssize_t n;
+      while ((n = read(fd, buffer, sizeof(buffer))) > 0) {
+        absl::MutexLock lock(&mu_);
+        stderr_.append(buffer, static_cast<size_t>(n));
+      }
+      close(fd);
+      absl::MutexLock lock(&mu_);
+      eof_ = true;
+    });
+    return true;
+  }
+
+  // The port from "gradserver listening on <host>:<port>", or 0 if the line does not come.
+  int WaitForPort(absl::Duration timeout) {
+    const std::string marker = "gradserver listening on ";
+    if (!WaitForStderr(marker, timeout)) return 0;
+    int port = 0;
+    auto line_done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return eof_ || stderr_.find('\n', stderr_.find(marker)) != std::string::npos;
+    };
+    absl::MutexLock lock(&mu_);
+    mu_.AwaitWithTimeout(absl::Condition(&line_done), timeout);
+    const size_t at = stderr_.find(marker) + marker.size();
+    const std::string address = stderr_.substr(at, stderr_.find('\n', at) - at);
+    const size_t colon = address.rfind(':');
+    if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port)) {
+      return 0;
+    }
+    return port;
+  }
+
+  // Whether stderr comes to contain `text` within `timeout`.
+  bool WaitForStderr(const std::string& text, absl::Duration timeout) {
+    auto seen = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return eof_ || stderr_.find(text) != std::string::npos;
+    };
+    absl::MutexLock lock(&mu_);
+    mu_.AwaitWithTimeout(absl::Condition(&seen), timeout);
+    return stderr_.find(text) != std::string::npos;
+  }
+
+  // The exit status, or -1 if the process has not exited within `timeout`.
+  int WaitForExit(absl::Duration timeout) {
+    const absl::Time deadline = absl::Now() + timeout;
+    while (absl::Now() < deadline) {
+      int status = 0;
+      const pid_t done = waitpid(pid_, &status, WNOHANG);
+      if (done == pid_) {
+        pid_ = 0;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      }
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return -1;
+  }
+
+  void Signal(int signal_number) { kill(pid_, signal_number); }
+
+  std::string Stderr() {
+    if (reader_.joinable() && pid_ == 0) reader_.join();
+    absl::MutexLock lock(&mu_);
+    return stderr_;
+  }
+
+ private:
+  pid_t pid_ = 0;
+  std::thread reader_;
+  absl::Mutex mu_;
+  std::string stderr_ ABSL_GUARDED_BY(mu_);
+  bool eof_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+std::string Binary() {
+  const char* binary = std::getenv("GRADSERVER_BINARY");
+  return binary == nullptr ? "" : binary;
+}
+
+TEST(GradserverBinaryTest, InvalidOptionsExitWithCode2) {
+  ASSERT_NE(Binary(), "") << "GRADSERVER_BINARY is not set; run this test through ctest";
+  ServerProcess process;
+  ASSERT_TRUE(process.Start(Binary(), {"--address=127.0.0.1:0", "--max_message_mb=0"}));
+  EXPECT_EQ(process.WaitForExit(absl::Seconds(30)), 2);
+  EXPECT_THAT(process.Stderr(), HasSubstr("max_message_mb=0 must be between 1 and 2047"));
+}
+
+TEST(GradserverBinaryTest, SigtermDrainsTheCallInFlightRefusesNewOnesAndExitsZero) {
+  ASSERT_NE(Binary(), "") << "GRADSERVER_BINARY is not set; run this test through ctest";
+  ServerProcess process;
+  ASSERT_TRUE(process.Start(
+      Binary(),
+      {"--address=127.0.0.1:0", absl::StrCat("--threads_per_request=", kThreads),
+       "--max_concurrent_requests=1", "--max_queued_requests=0", "--shutdown_grace_seconds=60"}));
+  const int port = process.WaitForPort(absl::Seconds(60));
+  ASSERT_GT(port, 0) << process.Stderr();
+  std::shared_ptr<grpc::Channel> channel = MakeChannel(absl::StrCat("127.0.0.1:", port));
+  std::unique_ptr<grad::v1::GradientService::Stub> stub =
+      grad::v1::GradientService::NewStub(channel);
+
+  // A call that computes for about half a second in many layers (small messages for the work: no
+  // target, no output, no input gradient), run twice first to compile its plan and to time it:
+  // how long it computes (the server's Timing) and, at most, how long until it computes.
+  gradengine::GradientSelection parameters_only;
+  parameters_only.input = false;
+  const OwnedCase long_case = DeepCase(/*layers=*/32, /*batch=*/16, /*channels=*/64, /*size=*/32);
+  grad::v1::ComputeGradientsRequest request;
+  gradwire::EncodeGradientRequest(
+      long_case.GradientRequest(gradengine::ObjectiveKind::kSum, parameters_only), &request);
+  request.set_skip_output(true);
+  request.set_request_id("long-call");
+  Clock::duration until_computing{};
+  Clock::duration computing{};
+  auto time_call = [&](Clock::duration total, const grad::v1::ComputeGradientsResponse& r) {
+    computing = std::chrono::nanoseconds(r.timing().forward_ns() + r.timing().backward_ns());
+    until_computing = total - computing - std::chrono::nanoseconds(r.timing().encode_ns());
+  };
+  grad::v1::ComputeGradientsResponse undisturbed;
+  for (int run = 0; run < 2; ++run) {
+    grpc::ClientContext context;
+    const Clock::time_point start = Clock::now();
+    grpc::Status status = stub->ComputeGradients(&context, request, &undisturbed);
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << process.Stderr();
+    time_call(Clock::now() - start, undisturbed);
+  }
+
+  // SIGTERM a quarter into the computation, with room for a slower arrival, once a probe shows
+  // the call computing: with one compute slot and no queue, the probe is refused for lack of a
+  // slot. An attempt that shows nothing is repeated: a call that finished (the machine got
+  // faster) is timed again, one that was not computing yet is given longer to arrive (a probe
+  // that takes the slot just as the call arrives gets the call refused).
+  grad::v1::ComputeGradientsResponse response;
+  grpc::Status status;
+  std::thread long_call;
+  bool computing_now = false;
+  Clock::time_point returned_at;
+  for (int attempt = 1; attempt <= 4 && !computing_now; ++attempt) {
+    const Clock::time_point start = Clock::now();
+    long_call = std::thread([&] {
+      grpc::ClientContext context;
+      status = stub->ComputeGradients(&context, request, &response);
+      returned_at = Clock::now();
+    });
+    std::this_thread::sleep_for(until_computing * 3 / 2 + computing / 4);
+    computing_now = ComputeSlotsBusy(*stub);
+    if (computing_now) break;
+    long_call.join();
+    if (status.ok()) {
+      time_call(returned_at - start, response);
+    } else {
+      ASSERT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+          << status.error_message();
+      until_computing *= 2;
+    }
+  }
+  ASSERT_TRUE(computing_now) << "the long call was never computing when probed";
+  process.Signal(SIGTERM);
+
+  // New calls are refused once the server has begun to shut down (the SIGTERM line is written
+  // just before): they find the connection going away (UNAVAILABLE), or, reaching the server in
+  // the very instant it stops accepting, are cancelled. One sent before that instant is still
+  // served, so calls are sent until one is refused. They come from another client, on another
+  // connection: gRPC's server closes a connection as soon as its last call is done, and calls
+  // arriving on it just then make the kernel reset it, losing the tail of a large response.
+  const bool shutting_down =
+      process.WaitForStderr("gradserver: SIGTERM received", absl::Seconds(30));
+  EXPECT_TRUE(shutting_down) << process.Stderr();
+  std::unique_ptr<grad::v1::GradientService::Stub> other_client =
+      grad::v1::GradientService::NewStub(
+          MakeChannel(absl::StrCat("127.0.0.1:", port), /*own_connection=*/true));
+  grpc::Status refused;
+  const absl::Time give_up = absl::Now() + absl::Seconds(30);
+  while (shutting_down && refused.ok() && absl::Now() < give_up) {
+    grad::v1::GetInfoResponse info;
+    std::unique_ptr<grpc::ClientContext> context = ContextWithTimeout(std::chrono::seconds(10));
+    refused = other_client->GetInfo(context.get(), grad::v1::GetInfoRequest(), &info);
+    if (refused.ok()) absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_THAT(refused.error_code(),
+              ::testing::AnyOf(grpc::StatusCode::UNAVAILABLE, grpc::StatusCode::CANCELLED))
+      << refused.error_message();
+  long_call.join();
+  ASSERT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message() << "\n"
+                           << (process.WaitForExit(absl::Seconds(30)), process.Stderr());
+  EXPECT_EQ(response.request_id(), "long-call");
+
+  EXPECT_EQ(process.WaitForExit(absl::Seconds(60)), 0);
+  // The signal came while the call was in flight: the server logged it before the call.
+  const std::string log = process.Stderr();
+  const size_t signalled = log.find("gradserver: SIGTERM received");
+  const size_t drained_call = log.rfind("method=ComputeGradients request_id=\"long-call\" code=OK");
+  ASSERT_NE(signalled, std::string::npos) << log;
+  ASSERT_NE(drained_call, std::string::npos) << log;
+  EXPECT_LT(signalled, drained_call) << log;
+  EXPECT_THAT(log, HasSubstr("gradserver: stopped"));
+
+  // The drained call's result is bit for bit that of the same call undisturbed (which
+  // service_test checks against the engine for other networks).
+  absl::StatusOr<gradengine::GradientResult> actual = gradwire::DecodeGradientResult(response);
+  ASSERT_TRUE(actual.ok()) << actual.status();
+  absl::StatusOr<gradengine::GradientResult> expected = gradwire::DecodeGradientResult(undisturbed);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  EXPECT_EQ(expected->parameter_grads.size(), long_case.parameters.size());
+  EXPECT_TRUE(SameGradientResult(*actual, *expected, /*compare_output=*/false));
+
+  // Nothing listens any more.
+  grad::v1::GetInfoResponse info;
+  std::unique_ptr<grpc::ClientContext> context = ContextWithTimeout(std::chrono::seconds(10));
+  EXPECT_EQ(stub->GetInfo(context.get(), grad::v1::GetInfoRequest(), &info).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+}
+
+}  // namespace
+}  // namespace gradservicetest
