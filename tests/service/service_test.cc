@@ -349,14 +349,17 @@ TEST(ServerShutdownTest, HealthTurnsNotServingWhenShutdownBegins) {
   std::thread shutdown([&] { server->server->Shutdown(); });
   ASSERT_TRUE(watch.Read(&update));
   EXPECT_EQ(HealthStatus(update), kNotServing);
-  // New calls are refused while the server drains. The health status turns first, so a call
-  // sent at once may still reach the server and be cancelled as it stops accepting; one sent a
-  // little later finds the connection going away.
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  grad::v1::GetInfoResponse info;
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  grpc::Status refused = server->stub->GetInfo(&context, grad::v1::GetInfoRequest(), &info);
+  // New calls are refused from the moment the service drains, right after the health change
+  // (UNAVAILABLE, "the server is shutting down"); once gRPC's own shutdown has begun they find
+  // the connection going away (UNAVAILABLE) or are cancelled. A call that slips in between the
+  // two is still served, so calls are sent until one is refused.
+  grpc::Status refused;
+  for (int i = 0; i < 1000 && refused.ok(); ++i) {
+    grad::v1::GetInfoResponse info;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    refused = server->stub->GetInfo(&context, grad::v1::GetInfoRequest(), &info);
+  }
   EXPECT_THAT(refused.error_code(),
               ::testing::AnyOf(grpc::StatusCode::UNAVAILABLE, grpc::StatusCode::CANCELLED))
       << refused.error_message();

@@ -227,11 +227,10 @@ TEST(GradserverBinaryTest, SigtermDrainsTheCallInFlightRefusesNewOnesAndExitsZer
   process.Signal(SIGTERM);
 
   // New calls are refused once the server has begun to shut down (the SIGTERM line is written
-  // just before): they find the connection going away (UNAVAILABLE), or, reaching the server in
-  // the very instant it stops accepting, are cancelled. One sent before that instant is still
-  // served, so calls are sent until one is refused. They come from another client, on another
-  // connection: gRPC's server closes a connection as soon as its last call is done, and calls
-  // arriving on it just then make the kernel reset it, losing the tail of a large response.
+  // just before): UNAVAILABLE while it drains, and later the connection is refused or, for a call
+  // reaching gRPC in the very instant it stops accepting, the call is cancelled. One sent before
+  // the server drains is still served, so calls are sent until one is refused. They come from
+  // another client, on a connection of its own.
   const bool shutting_down =
       process.WaitForStderr("gradserver: SIGTERM received", absl::Seconds(30));
   EXPECT_TRUE(shutting_down) << process.Stderr();
