@@ -209,7 +209,6 @@ class Client::Impl {
     reply.result = *std::move(result);
     reply.call.request_id = response.request_id();
     reply.call.timing = FromWire(response.timing());
-    reply.result.timing = {response.timing().forward_ns(), response.timing().backward_ns()};
     reply.call.round_trip = absl::Now() - start;
     return reply;
   }
@@ -239,7 +238,6 @@ class Client::Impl {
     reply.result = *std::move(result);
     reply.call.request_id = response.request_id();
     reply.call.timing = FromWire(response.timing());
-    reply.result.timing = {response.timing().forward_ns(), response.timing().backward_ns()};
     reply.call.round_trip = absl::Now() - start;
     return reply;
   }

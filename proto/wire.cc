@@ -246,6 +246,24 @@ absl::StatusOr<gradengine::ParameterTensors> DecodeNamedTensors(
   return out;
 }
 
+// The fields Forward and ComputeGradients requests share.
+template <typename WireRequest, typename EngineRequest>
+absl::Status DecodeNetworkParametersInput(const WireRequest& request, DecodeStorage* storage,
+                                          EngineRequest* out) {
+  absl::StatusOr<NetworkSpec> network = DecodeNetwork(request.network());
+  if (!network.ok()) return network.status();
+  out->network = *std::move(network);
+  absl::StatusOr<gradengine::ParameterViews> parameters =
+      DecodeParameters(request.parameters(), storage);
+  if (!parameters.ok()) return parameters.status();
+  out->parameters = *std::move(parameters);
+  absl::StatusOr<TensorView> input =
+      DecodeRequiredTensor(request.has_input(), request.input(), "input", storage);
+  if (!input.ok()) return input.status();
+  out->input = *std::move(input);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 void EncodeTensor(absl::Span<const int64_t> shape, absl::Span<const float> values,
@@ -393,34 +411,14 @@ void EncodeGradientRequest(const gradengine::GradientRequest& request,
 absl::StatusOr<gradengine::ForwardRequest> DecodeForwardRequest(
     const grad::v1::ForwardRequest& request, DecodeStorage* storage) {
   gradengine::ForwardRequest out;
-  absl::StatusOr<NetworkSpec> network = DecodeNetwork(request.network());
-  if (!network.ok()) return network.status();
-  out.network = *std::move(network);
-  absl::StatusOr<gradengine::ParameterViews> parameters =
-      DecodeParameters(request.parameters(), storage);
-  if (!parameters.ok()) return parameters.status();
-  out.parameters = *std::move(parameters);
-  absl::StatusOr<TensorView> input =
-      DecodeRequiredTensor(request.has_input(), request.input(), "input", storage);
-  if (!input.ok()) return input.status();
-  out.input = *std::move(input);
+  if (absl::Status s = DecodeNetworkParametersInput(request, storage, &out); !s.ok()) return s;
   return out;
 }
 
 absl::StatusOr<gradengine::GradientRequest> DecodeGradientRequest(
     const grad::v1::ComputeGradientsRequest& request, DecodeStorage* storage) {
   gradengine::GradientRequest out;
-  absl::StatusOr<NetworkSpec> network = DecodeNetwork(request.network());
-  if (!network.ok()) return network.status();
-  out.network = *std::move(network);
-  absl::StatusOr<gradengine::ParameterViews> parameters =
-      DecodeParameters(request.parameters(), storage);
-  if (!parameters.ok()) return parameters.status();
-  out.parameters = *std::move(parameters);
-  absl::StatusOr<TensorView> input =
-      DecodeRequiredTensor(request.has_input(), request.input(), "input", storage);
-  if (!input.ok()) return input.status();
-  out.input = *std::move(input);
+  if (absl::Status s = DecodeNetworkParametersInput(request, storage, &out); !s.ok()) return s;
 
   const grad::v1::Objective& objective = request.objective();
   std::vector<std::string> set;
