@@ -1,0 +1,59 @@
+// A gradserver binary run as a child process, for tests of the real program: its flags, its
+// signals, its exit code, several replicas. Its stderr is collected on a thread.
+
+#ifndef TESTS_SERVICE_SERVER_PROCESS_H_
+#define TESTS_SERVICE_SERVER_PROCESS_H_
+
+#include <sys/types.h>
+
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+
+namespace gradservicetest {
+
+// The gradserver binary's path from the GRADSERVER_BINARY environment variable (set by CTest),
+// or "" when it is not set.
+std::string GradserverBinary();
+
+class ServerProcess {
+ public:
+  ServerProcess() = default;
+  ServerProcess(const ServerProcess&) = delete;
+  ServerProcess& operator=(const ServerProcess&) = delete;
+  // Kills the process (SIGKILL) if it is still running.
+  ~ServerProcess();
+
+  // Starts `binary` with `flags`; false if it cannot be started.
+  bool Start(const std::string& binary, const std::vector<std::string>& flags);
+
+  // The port from "gradserver listening on <host>:<port>", or 0 if the line does not come.
+  int WaitForPort(absl::Duration timeout);
+
+  // Whether stderr comes to contain `text` within `timeout`.
+  bool WaitForStderr(const std::string& text, absl::Duration timeout);
+
+  // The exit status (128 + the signal for a process killed by one), or -1 if the process has
+  // not exited within `timeout`.
+  int WaitForExit(absl::Duration timeout);
+
+  void Signal(int signal_number);
+
+  // Everything written to stderr so far (all of it, once the process has exited).
+  std::string Stderr();
+
+ private:
+  pid_t pid_ = 0;
+  std::thread reader_;
+  absl::Mutex mu_;
+  std::string stderr_ ABSL_GUARDED_BY(mu_);
+  bool eof_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace gradservicetest
+
+#endif  // TESTS_SERVICE_SERVER_PROCESS_H_
