@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -265,14 +266,14 @@ grpc::ServerUnaryReactor* GradientService::HandleCompute(grpc::CallbackServerCon
   }
   auto* call = new ComputeCall<Method>(this, context, response);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (absl::Status status = call->Decode(*request); !status.ok()) {
+  absl::Status status = Authenticate(*context);
+  if (status.ok()) status = call->Decode(*request);
+  if (!status.ok()) {
     call->Finish(status);
     return reactor;
   }
-  if (absl::Status status = pool_->Submit([call](ComputePool::Slot& slot) { call->Compute(slot); });
-      !status.ok()) {
-    call->Finish(status);
-  }
+  status = pool_->Submit([call](ComputePool::Slot& slot) { call->Compute(slot); });
+  if (!status.ok()) call->Finish(status);
   return reactor;
 }
 
@@ -300,6 +301,16 @@ grpc::ServerUnaryReactor* GradientService::GetInfo(grpc::CallbackServerContext* 
       return reactor;
     }
   }
+  if (absl::Status status = Authenticate(*context); !status.ok()) {
+    const std::string peer = context->peer();
+    reactor->Finish(ToGrpcStatus(status));
+    if (options_.log_requests) {
+      Log(absl::StrCat("method=GetInfo code=", absl::StatusCodeToString(status.code()),
+                       " total_us=", NanosBetween(arrived, Clock::now()) / 1000, " peer=\"",
+                       absl::CEscape(peer), "\" error=\"", absl::CEscape(status.message()), "\""));
+    }
+    return reactor;
+  }
   response->set_server_version(options_.server_version);
   response->set_onednn_version(engine_info_.onednn_version);
   response->set_cpu_isa(engine_info_.cpu_isa);
@@ -322,6 +333,11 @@ grpc::ServerUnaryReactor* GradientService::GetInfo(grpc::CallbackServerContext* 
   response->set_requests_total(requests_total_.load(std::memory_order_relaxed));
   response->set_requests_failed(requests_failed_.load(std::memory_order_relaxed));
   response->set_uptime_ns(absl::ToInt64Nanoseconds(absl::Now() - start_time_));
+  grad::v1::Security* security = response->mutable_security();
+  security->set_tls(options_.tls);
+  security->set_client_certificates_required(options_.client_certificates_required);
+  security->set_bearer_token_required(options_.bearer_tokens != nullptr);
+  response->set_requests_unauthenticated(requests_unauthenticated_.load(std::memory_order_relaxed));
 
   const std::string peer = context->peer();
   reactor->Finish(grpc::Status::OK);
@@ -342,6 +358,33 @@ bool GradientService::AdmitCall() {
 void GradientService::CountCall(bool ok) {
   requests_total_.fetch_add(1, std::memory_order_relaxed);
   if (!ok) requests_failed_.fetch_add(1, std::memory_order_relaxed);
+}
+
+absl::Status GradientService::Authenticate(const grpc::ServerContextBase& context) {
+  if (options_.bearer_tokens == nullptr) return absl::OkStatus();
+  std::vector<absl::string_view> values;
+  const auto range = context.client_metadata().equal_range(kAuthorizationMetadataKey);
+  for (auto it = range.first; it != range.second; ++it) {
+    values.emplace_back(it->second.data(), it->second.size());
+  }
+  absl::Status status = options_.bearer_tokens->Check(values);
+  if (!status.ok()) requests_unauthenticated_.fetch_add(1, std::memory_order_relaxed);
+  return status;
+}
+
+absl::Status GradientService::AuthenticateOther(
+    absl::string_view method, absl::string_view peer,
+    absl::Span<const absl::string_view> authorization_values) {
+  if (options_.bearer_tokens == nullptr) return absl::OkStatus();
+  absl::Status status = options_.bearer_tokens->Check(authorization_values);
+  if (status.ok()) return status;
+  requests_unauthenticated_.fetch_add(1, std::memory_order_relaxed);
+  if (options_.log_requests) {
+    Log(absl::StrCat("method=", absl::CEscape(method),
+                     " code=", absl::StatusCodeToString(status.code()), " peer=\"",
+                     absl::CEscape(peer), "\" error=\"", absl::CEscape(status.message()), "\""));
+  }
+  return status;
 }
 
 void GradientService::CallAnswered() {

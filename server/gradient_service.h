@@ -21,6 +21,12 @@
 // (on one line, with error="..." added when the code is not OK). GetInfo calls are logged too,
 // but not counted.
 //
+// With `bearer_tokens` set, every call (Forward, ComputeGradients, GetInfo) is first
+// authenticated (server/auth.h): one without an accepted "authorization: Bearer <token>" is
+// answered UNAUTHENTICATED before its request is parsed, counted in GetInfo's
+// requests_unauthenticated (and, for Forward and ComputeGradients, as failed), and logged with
+// its code and the reason, never the token.
+//
 // Drain() prepares a graceful stop: new calls get UNAVAILABLE ("the server is shutting down")
 // while the calls in progress are answered.
 //
@@ -36,14 +42,18 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "grad/v1/gradient_service.grpc.pb.h"
 #include "gradengine/engine.h"
+#include "server/auth.h"
 #include "server/compute_pool.h"
 
 namespace gradserver {
@@ -69,6 +79,11 @@ struct GradientServiceOptions {
   // Where log lines go. Default (empty): stderr, one write per line so that lines from
   // concurrent calls never interleave.
   RequestLogSink log_sink;
+  // The tokens a call must carry one of. Default: null, no token needed.
+  std::shared_ptr<const BearerTokens> bearer_tokens;
+  // Reported by GetInfo (grad.v1.Security); the transport enforces them. Defaults: false.
+  bool tls = false;
+  bool client_certificates_required = false;
 };
 
 using GradientServiceBase = grad::v1::GradientService::WithRawCallbackMethod_Forward<
@@ -105,6 +120,15 @@ class GradientService final : public GradientServiceBase {
   void CallAnswered() ABSL_LOCKS_EXCLUDED(mu_);
   void Log(absl::string_view line) const;
 
+  // OK if the call may proceed: no token is required, or it carries an accepted one. Otherwise
+  // Unauthenticated, counted in requests_unauthenticated.
+  absl::Status Authenticate(const grpc::ServerContextBase& context);
+  // The same check on a call's `authorization` values, for calls seen outside the service's
+  // handlers (reflection, through an AuthMetadataProcessor). Logs a refusal of `method` from
+  // `peer`.
+  absl::Status AuthenticateOther(absl::string_view method, absl::string_view peer,
+                                 absl::Span<const absl::string_view> authorization_values);
+
  private:
   template <typename Method>
   grpc::ServerUnaryReactor* HandleCompute(grpc::CallbackServerContext* context,
@@ -118,6 +142,7 @@ class GradientService final : public GradientServiceBase {
   const absl::Time start_time_;
   std::atomic<int64_t> requests_total_{0};
   std::atomic<int64_t> requests_failed_{0};
+  std::atomic<int64_t> requests_unauthenticated_{0};
 
   // Admits a new call unless draining; an admitted call is in progress until answered.
   bool AdmitCall() ABSL_LOCKS_EXCLUDED(mu_);

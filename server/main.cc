@@ -1,5 +1,6 @@
 // gradserver: serves grad.v1.GradientService until SIGTERM or SIGINT, then drains and exits 0.
-// Prints "gradserver listening on <host>:<port>" to stderr once it accepts calls. Exit codes:
+// Prints "gradserver listening on <host>:<port>" to stderr once it accepts calls (after
+// "gradserver health listening on <host>:<port>" with --health_address). Exit codes:
 // 0 after a shutdown, 2 for invalid options, 1 if the server cannot start.
 
 #include <pthread.h>
@@ -11,6 +12,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -38,6 +40,24 @@ ABSL_FLAG(double, shutdown_grace_seconds,
           "On SIGTERM/SIGINT, how long in-flight calls may take before they are cancelled");
 ABSL_FLAG(bool, log_requests, gradserver::ServerOptions().log_requests,
           "Write one line per request to stderr");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain of the server; with --tls_key, --address speaks only TLS");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA certificate(s); clients must present a certificate signed by one (mutual TLS)");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "File of accepted bearer tokens, one per line (# comments); calls without "
+          "'authorization: Bearer <token>' get UNAUTHENTICATED, health stays open");
+ABSL_FLAG(std::string, health_address, "",
+          "Also serve grpc.health.v1 alone, in plaintext, on this host:port (for probes that "
+          "cannot speak TLS); empty = no such listener");
+ABSL_FLAG(double, max_connection_age_seconds,
+          absl::ToDoubleSeconds(gradserver::ServerOptions().max_connection_age),
+          "Ask clients to reconnect (GOAWAY) once a connection is this old, so they rebalance "
+          "across replicas; 0 = never");
+ABSL_FLAG(double, max_connection_age_grace_seconds,
+          absl::ToDoubleSeconds(gradserver::ServerOptions().max_connection_age_grace),
+          "How long calls on such a connection may still take before it closes; 0 = unlimited");
 
 namespace {
 
@@ -71,18 +91,35 @@ int main(int argc, char** argv) {
   options.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
   options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
   options.max_elements = absl::GetFlag(FLAGS_max_elements);
-  const double grace_seconds = absl::GetFlag(FLAGS_shutdown_grace_seconds);
-  if (std::isnan(grace_seconds)) {
-    std::fprintf(stderr, "gradserver: --shutdown_grace_seconds=nan is not a duration\n");
-    return 2;
+  for (auto [flag, name, duration] :
+       {std::make_tuple(&FLAGS_shutdown_grace_seconds, "shutdown_grace_seconds",
+                        &options.shutdown_grace),
+        std::make_tuple(&FLAGS_max_connection_age_seconds, "max_connection_age_seconds",
+                        &options.max_connection_age),
+        std::make_tuple(&FLAGS_max_connection_age_grace_seconds, "max_connection_age_grace_seconds",
+                        &options.max_connection_age_grace)}) {
+    const double seconds = absl::GetFlag(*flag);
+    if (std::isnan(seconds)) {
+      std::fprintf(stderr, "gradserver: --%s=nan is not a duration\n", name);
+      return 2;
+    }
+    *duration = absl::Seconds(seconds);
   }
-  options.shutdown_grace = absl::Seconds(grace_seconds);
   options.log_requests = absl::GetFlag(FLAGS_log_requests);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
+  options.health_address = absl::GetFlag(FLAGS_health_address);
 
   absl::StatusOr<std::unique_ptr<gradserver::Server>> server = gradserver::Server::Create(options);
   if (!server.ok()) {
     std::fprintf(stderr, "gradserver: %s\n", server.status().ToString().c_str());
     return absl::IsInvalidArgument(server.status()) ? 2 : 1;
+  }
+  if (!options.health_address.empty()) {
+    std::fprintf(stderr, "gradserver health listening on %s\n",
+                 (*server)->health_listening_address().c_str());
   }
   std::fprintf(stderr, "gradserver listening on %s\n", (*server)->listening_address().c_str());
 

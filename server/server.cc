@@ -1,23 +1,37 @@
 #include "server/server.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/server_builder_option.h>
+#include <grpcpp/security/auth_metadata_processor.h>
+#include <grpcpp/security/server_credentials.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <fstream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "gradengine/engine.h"
+#include "server/auth.h"
 #include "server/compute_pool.h"
 #include "server/gradient_service.h"
+#include "server/status_conversion.h"
 
 #ifndef GRADSERVER_VERSION
 #error "GRADSERVER_VERSION must be defined by the build"
@@ -34,6 +48,14 @@ constexpr int kMaxMessageMb = 2047;
 constexpr absl::Duration kResponseLinger = absl::Milliseconds(500);
 // Then how long gRPC waits for clients to close the connections before it closes them.
 constexpr absl::Duration kCloseWait = absl::Seconds(1);
+
+// gRPC takes durations as int milliseconds.
+constexpr absl::Duration kMaxChannelDuration = absl::Milliseconds(INT_MAX);
+
+// Calls to these are guarded by ReflectionTokenCheck rather than by the service's handlers.
+constexpr absl::string_view kReflectionPathPrefix = "/grpc.reflection.";
+// grpc::reflection::ProtoServerReflectionPlugin::name().
+constexpr absl::string_view kReflectionPluginName = "proto_server_reflection";
 
 absl::Status ValidateOptions(const ServerOptions& options) {
   if (options.address.empty()) return absl::InvalidArgumentError("address is empty");
@@ -66,8 +88,150 @@ absl::Status ValidateOptions(const ServerOptions& options) {
     return absl::InvalidArgumentError(absl::StrCat(
         "shutdown_grace=", absl::FormatDuration(options.shutdown_grace), " must be >= 0"));
   }
+  if (options.max_connection_age < absl::ZeroDuration() ||
+      options.max_connection_age > kMaxChannelDuration) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_connection_age=", absl::FormatDuration(options.max_connection_age),
+                     " must be between 0 (never) and ", absl::FormatDuration(kMaxChannelDuration)));
+  }
+  if (options.max_connection_age_grace < absl::ZeroDuration() ||
+      options.max_connection_age_grace > kMaxChannelDuration) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_connection_age_grace=", absl::FormatDuration(options.max_connection_age_grace),
+        " must be between 0 (unlimited) and ", absl::FormatDuration(kMaxChannelDuration)));
+  }
+  if (!options.tls_key_file.empty() && options.tls_cert_file.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tls_key_file=", options.tls_key_file, " is set but tls_cert_file is not; TLS needs both"));
+  }
+  if (!options.tls_cert_file.empty() && options.tls_key_file.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tls_cert_file=", options.tls_cert_file,
+                     " is set but tls_key_file is not; TLS needs both"));
+  }
+  if (!options.tls_client_ca_file.empty() && options.tls_cert_file.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tls_client_ca_file=", options.tls_client_ca_file,
+                     " needs tls_cert_file and tls_key_file: client certificates are part of TLS"));
+  }
   return absl::OkStatus();
 }
+
+// The contents of the PEM file `path`, which must hold a "-----BEGIN <what>" block.
+absl::StatusOr<std::string> ReadPemFile(absl::string_view option_name, const std::string& path,
+                                        absl::string_view what) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(option_name, "=", path, " cannot be read: ", std::strerror(errno)));
+  }
+  std::ostringstream contents;
+  contents << file.rdbuf();
+  if (file.bad()) {
+    return absl::InvalidArgumentError(absl::StrCat(option_name, "=", path, " cannot be read"));
+  }
+  const std::string pem = contents.str();
+  if (!absl::StrContains(pem, "-----BEGIN ") || !absl::StrContains(pem, what)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(option_name, "=", path, " is not a PEM file holding a ", what));
+  }
+  return pem;
+}
+
+// What the security options name, read and checked before anything starts.
+struct SecurityMaterial {
+  std::string cert_chain;
+  std::string private_key;
+  std::string client_ca;
+  std::shared_ptr<const BearerTokens> bearer_tokens;
+
+  bool tls() const { return !cert_chain.empty(); }
+};
+
+absl::StatusOr<SecurityMaterial> LoadSecurityMaterial(const ServerOptions& options) {
+  SecurityMaterial material;
+  if (!options.tls_cert_file.empty()) {
+    absl::StatusOr<std::string> cert =
+        ReadPemFile("tls_cert_file", options.tls_cert_file, "CERTIFICATE");
+    if (!cert.ok()) return cert.status();
+    absl::StatusOr<std::string> key =
+        ReadPemFile("tls_key_file", options.tls_key_file, "PRIVATE KEY");
+    if (!key.ok()) return key.status();
+    material.cert_chain = *std::move(cert);
+    material.private_key = *std::move(key);
+  }
+  if (!options.tls_client_ca_file.empty()) {
+    absl::StatusOr<std::string> ca =
+        ReadPemFile("tls_client_ca_file", options.tls_client_ca_file, "CERTIFICATE");
+    if (!ca.ok()) return ca.status();
+    material.client_ca = *std::move(ca);
+  }
+  if (!options.auth_token_file.empty()) {
+    absl::StatusOr<std::unique_ptr<BearerTokens>> tokens =
+        BearerTokens::FromFile("auth_token_file", options.auth_token_file);
+    if (!tokens.ok()) return tokens.status();
+    material.bearer_tokens = *std::move(tokens);
+  }
+  return material;
+}
+
+int ChannelMilliseconds(absl::Duration duration) {
+  return static_cast<int>(std::max<int64_t>(1, absl::ToInt64Milliseconds(duration)));
+}
+
+// Leaves server reflection out of one server. gRPC's reflection library adds it to every server
+// the process builds once it is linked in.
+class WithoutReflection : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments* /*args*/) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [](const std::unique_ptr<grpc::ServerBuilderPlugin>& plugin) {
+                                    return plugin->name() == kReflectionPluginName;
+                                  }),
+                   plugins->end());
+  }
+};
+
+// Refuses reflection calls without an accepted bearer token. The service's own handlers check
+// their calls themselves (that works on plaintext ports too, where gRPC runs no
+// AuthMetadataProcessor); everything else, health included, passes untouched.
+class ReflectionTokenCheck : public grpc::AuthMetadataProcessor {
+ public:
+  explicit ReflectionTokenCheck(GradientService* service) : service_(service) {}
+
+  // The check is a few comparisons; it needs no thread of its own.
+  bool IsBlocking() const override { return false; }
+
+  grpc::Status Process(const InputMetadata& auth_metadata, grpc::AuthContext* context,
+                       OutputMetadata* /*consumed_auth_metadata*/,
+                       OutputMetadata* /*response_metadata*/) override {
+    // gRPC passes the method as ":path"; a call without one is checked rather than let through.
+    const auto path = auth_metadata.find(":path");
+    const absl::string_view method =
+        path == auth_metadata.end() ? absl::string_view("(unknown method)")
+                                    : absl::string_view(path->second.data(), path->second.size());
+    if (path != auth_metadata.end() && !absl::StartsWith(method, kReflectionPathPrefix)) {
+      return grpc::Status::OK;
+    }
+    std::vector<absl::string_view> values;
+    const auto range = auth_metadata.equal_range(kAuthorizationMetadataKey);
+    for (auto it = range.first; it != range.second; ++it) {
+      values.emplace_back(it->second.data(), it->second.size());
+    }
+    // The peer's address is not known here; its certificate's names are, with mutual TLS.
+    std::vector<std::string> identity;
+    for (const grpc::string_ref& name : context->GetPeerIdentity()) {
+      identity.emplace_back(name.data(), name.size());
+    }
+    return ToGrpcStatus(service_->AuthenticateOther(
+        method, identity.empty() ? "tls" : absl::StrCat("tls:", absl::StrJoin(identity, ",")),
+        values));
+  }
+
+ private:
+  GradientService* const service_;
+};
 
 // "host:port" with the port replaced; an address without a numeric port is returned as is.
 std::string WithPort(const std::string& address, int port) {
@@ -83,9 +247,11 @@ std::string WithPort(const std::string& address, int port) {
 
 class Server::Impl {
  public:
-  Impl(const ServerOptions& options, std::unique_ptr<gradengine::Engine> engine,
-       std::unique_ptr<ComputePool> pool, std::unique_ptr<GradientService> service)
+  Impl(const ServerOptions& options, SecurityMaterial security,
+       std::unique_ptr<gradengine::Engine> engine, std::unique_ptr<ComputePool> pool,
+       std::unique_ptr<GradientService> service)
       : options_(options),
+        security_(std::move(security)),
         engine_(std::move(engine)),
         pool_(std::move(pool)),
         service_(std::move(service)) {}
@@ -95,41 +261,65 @@ class Server::Impl {
   absl::Status Start() {
     grpc::EnableDefaultHealthCheckService(true);
     grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+    if (!options_.health_address.empty()) {
+      if (absl::Status status = StartHealthListener(); !status.ok()) return status;
+    }
     grpc::ServerBuilder builder;
-    builder.AddListeningPort(options_.address, grpc::InsecureServerCredentials(), &port_);
+    builder.AddListeningPort(options_.address, Credentials(), &port_);
     // Without SO_REUSEPORT a second server on a taken port fails to start instead of silently
     // sharing the port's connections with the first.
     builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+    if (options_.max_connection_age > absl::ZeroDuration()) {
+      builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS,
+                                 ChannelMilliseconds(options_.max_connection_age));
+    }
+    if (options_.max_connection_age_grace > absl::ZeroDuration()) {
+      builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+                                 ChannelMilliseconds(options_.max_connection_age_grace));
+    }
     const int max_bytes = options_.max_message_mb * (1 << 20);
     builder.SetMaxReceiveMessageSize(max_bytes);
     builder.SetMaxSendMessageSize(max_bytes);
     builder.RegisterService(service_.get());
+    // A token on a plaintext port leaves no way to guard reflection (see ServerOptions).
+    if (!security_.tls() && security_.bearer_tokens != nullptr) {
+      builder.SetOption(std::make_unique<WithoutReflection>());
+    }
     grpc_server_ = builder.BuildAndStart();
     if (grpc_server_ == nullptr || port_ == 0) {
       grpc_server_.reset();
-      return absl::UnavailableError(absl::StrCat("could not listen on address=\"", options_.address,
-                                                 "\" (malformed, in use, or not allowed)"));
+      return absl::UnavailableError(absl::StrCat(
+          "could not listen on address=\"", options_.address,
+          "\" (malformed, in use, or not allowed",
+          security_.tls() ? "; or the TLS certificate and key were rejected, see gRPC's log" : "",
+          ")"));
     }
-    grpc::HealthCheckServiceInterface* health = grpc_server_->GetHealthCheckService();
-    if (health != nullptr) {
-      health->SetServingStatus(grad::v1::GradientService::service_full_name(), true);
+    for (grpc::Server* server : {grpc_server_.get(), health_server_.get()}) {
+      if (server == nullptr) continue;
+      if (grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService()) {
+        health->SetServingStatus(grad::v1::GradientService::service_full_name(), true);
+      }
     }
     return absl::OkStatus();
   }
 
   int port() const { return port_; }
+  int health_port() const { return health_port_; }
   const ServerOptions& options() const { return options_; }
 
   void Shutdown() ABSL_LOCKS_EXCLUDED(shutdown_mu_) {
     // Held throughout, so that a concurrent second call returns only once the server stopped.
     absl::MutexLock lock(&shutdown_mu_);
     if (stopped_.HasBeenNotified()) return;
-    if (grpc_server_ != nullptr) {
-      const absl::Time deadline = absl::Now() + options_.shutdown_grace;
-      // NOT_SERVING for good, before anything is refused, so that watchers hear it first.
-      if (grpc::HealthCheckServiceInterface* health = grpc_server_->GetHealthCheckService()) {
+    // NOT_SERVING for good, before anything is refused, so that watchers hear it first.
+    for (grpc::Server* server : {grpc_server_.get(), health_server_.get()}) {
+      if (server == nullptr) continue;
+      if (grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService()) {
         health->Shutdown();
       }
+    }
+    if (grpc_server_ != nullptr) {
+      const absl::Time deadline = absl::Now() + options_.shutdown_grace;
       // The service refuses new calls and answers those in progress (their compute threads keep
       // running) before gRPC's own shutdown begins: gRPC closes a connection as soon as its last
       // call is done, and a client still reading a large response then, and so still sending
@@ -145,6 +335,11 @@ class Server::Impl {
       grpc_server_->Shutdown(absl::ToChronoTime(std::min(deadline, absl::Now() + kCloseWait)));
       grpc_server_->Wait();
     }
+    // Probes keep hearing NOT_SERVING until the end; open Watch streams are cancelled.
+    if (health_server_ != nullptr) {
+      health_server_->Shutdown(absl::ToChronoTime(absl::Now() + kCloseWait));
+      health_server_->Wait();
+    }
     pool_->Stop();
     stopped_.Notify();
   }
@@ -152,7 +347,42 @@ class Server::Impl {
   void Wait() { stopped_.WaitForNotification(); }
 
  private:
+  std::shared_ptr<grpc::ServerCredentials> Credentials() {
+    if (!security_.tls()) return grpc::InsecureServerCredentials();
+    grpc::SslServerCredentialsOptions ssl(
+        security_.client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                    : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    ssl.pem_root_certs = security_.client_ca;
+    ssl.pem_key_cert_pairs.push_back({security_.private_key, security_.cert_chain});
+    std::shared_ptr<grpc::ServerCredentials> credentials = grpc::SslServerCredentials(ssl);
+    if (security_.bearer_tokens != nullptr) {
+      credentials->SetAuthMetadataProcessor(std::make_shared<ReflectionTokenCheck>(service_.get()));
+    }
+    return credentials;
+  }
+
+  // A plaintext server with nothing but the default health service (no reflection, no API).
+  absl::Status StartHealthListener() {
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort(options_.health_address, grpc::InsecureServerCredentials(),
+                             &health_port_);
+    builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+    builder.SetOption(std::make_unique<WithoutReflection>());
+    // gRPC will not build a server without a service of its own; this one answers every method
+    // but health's UNIMPLEMENTED, as an unknown method would be anyway.
+    builder.RegisterCallbackGenericService(&health_only_);
+    health_server_ = builder.BuildAndStart();
+    if (health_server_ == nullptr || health_port_ == 0) {
+      health_server_.reset();
+      return absl::UnavailableError(absl::StrCat("could not listen on health_address=\"",
+                                                 options_.health_address,
+                                                 "\" (malformed, in use, or not allowed)"));
+    }
+    return absl::OkStatus();
+  }
+
   const ServerOptions options_;
+  const SecurityMaterial security_;
   // Destroyed in reverse order: the gRPC server before the service it calls, the service
   // before the pool and the engine it borrows.
   std::unique_ptr<gradengine::Engine> engine_;
@@ -160,6 +390,9 @@ class Server::Impl {
   std::unique_ptr<GradientService> service_;
   std::unique_ptr<grpc::Server> grpc_server_;
   int port_ = 0;
+  grpc::CallbackGenericService health_only_;
+  std::unique_ptr<grpc::Server> health_server_;
+  int health_port_ = 0;
 
   absl::Mutex shutdown_mu_;
   absl::Notification stopped_;
@@ -167,6 +400,8 @@ class Server::Impl {
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options) {
   if (absl::Status status = ValidateOptions(options); !status.ok()) return status;
+  absl::StatusOr<SecurityMaterial> security = LoadSecurityMaterial(options);
+  if (!security.ok()) return security.status();
 
   gradengine::EngineOptions engine_options;
   engine_options.threads_per_call = options.threads_per_request;
@@ -194,10 +429,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   service_options.max_queued_requests = pool_options.max_queued;
   service_options.max_workspace_bytes = options.max_workspace_bytes;
   service_options.log_requests = options.log_requests;
+  service_options.log_sink = options.request_log_sink;
+  service_options.bearer_tokens = security->bearer_tokens;
+  service_options.tls = security->tls();
+  service_options.client_certificates_required = !security->client_ca.empty();
   auto service = std::make_unique<GradientService>(service_options, engine->get(), pool->get());
 
-  auto impl =
-      std::make_unique<Impl>(options, *std::move(engine), *std::move(pool), std::move(service));
+  auto impl = std::make_unique<Impl>(options, *std::move(security), *std::move(engine),
+                                     *std::move(pool), std::move(service));
   if (absl::Status status = impl->Start(); !status.ok()) return status;
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
@@ -209,6 +448,13 @@ int Server::port() const { return impl_->port(); }
 
 std::string Server::listening_address() const {
   return WithPort(impl_->options().address, impl_->port());
+}
+
+int Server::health_port() const { return impl_->health_port(); }
+
+std::string Server::health_listening_address() const {
+  if (impl_->options().health_address.empty()) return "";
+  return WithPort(impl_->options().health_address, impl_->health_port());
 }
 
 void Server::Shutdown() { impl_->Shutdown(); }

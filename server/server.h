@@ -1,7 +1,9 @@
 // gradserver: the gRPC front end of the gradient engine.
 //
 // A Server owns an Engine, a fixed pool of compute threads and a gRPC server with the
-// grad.v1.GradientService, the standard grpc.health.v1 health service and server reflection.
+// grad.v1.GradientService, the standard grpc.health.v1 health service and server reflection,
+// optionally behind TLS, client certificates and bearer tokens, plus optionally a plaintext
+// listener for health probes only.
 // gRPC's own threads only parse, decode and queue requests; every Forward and ComputeGradients
 // runs on a compute thread, which also encodes its result. At most `max_concurrent_requests` calls
 // compute at once, at most `max_queued_requests` more wait for a slot, and a call beyond that is
@@ -14,11 +16,13 @@
 #define SERVER_SERVER_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 
 namespace gradserver {
@@ -46,12 +50,49 @@ struct ServerOptions {
   absl::Duration shutdown_grace = absl::Seconds(30);
   // Write one line per request to stderr. Default: true.
   bool log_requests = true;
+  // Where those lines go instead, one call per line without the newline; called from gRPC and
+  // compute threads at once. Default: empty, stderr.
+  std::function<void(absl::string_view line)> request_log_sink;
+
+  // Security. With none of the fields below set the server speaks plaintext and asks for no
+  // credentials, as a server behind a TLS-terminating proxy or on a trusted network may.
+
+  // TLS: PEM files of the server's certificate chain and its private key. Both or neither; with
+  // both, `address` speaks only TLS. Default: empty (plaintext).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // Mutual TLS: PEM file of the CA certificate(s) that client certificates must be signed by.
+  // Requires tls_cert_file. A client without such a certificate fails the TLS handshake, so its
+  // calls fail with UNAVAILABLE. Default: empty (no client certificate asked for).
+  std::string tls_client_ca_file;
+  // File of the bearer tokens the server accepts, one per line (see server/auth.h). When set,
+  // every call of grad.v1.GradientService and of server reflection must carry the metadata
+  // "authorization: Bearer <token>" with one of them, or it is refused with UNAUTHENTICATED;
+  // grpc.health.v1 stays open for probes. gRPC offers no hook that can refuse a reflection call
+  // on a plaintext port, so with a token and no TLS reflection is not served at all. Default:
+  // empty (no token needed).
+  std::string auth_token_file;
+  // A second address, always plaintext, that serves only grpc.health.v1 with the same statuses
+  // as the main one (SERVING, NOT_SERVING once Shutdown begins): for probes that cannot speak TLS,
+  // such as Kubernetes' gRPC probes. A port of 0 picks a free one; see health_port(). Default:
+  // empty (none).
+  std::string health_address;
+
+  // Connections are asked to close (HTTP/2 GOAWAY) once they are this old, give or take 10%;
+  // clients reconnect for their next call, which lets a load balancer spread long-lived clients
+  // over replicas as they come and go. 0 = never. Default: 300 s.
+  absl::Duration max_connection_age = absl::Seconds(300);
+  // How long calls in progress on such a connection may still take before it is closed.
+  // 0 = as long as they need. Default: 30 s, like shutdown_grace.
+  absl::Duration max_connection_age_grace = absl::Seconds(30);
 };
 
 class Server {
  public:
-  // Builds the engine, binds the address and starts serving. Errors: InvalidArgument for
-  // option values out of range (naming the option), Unavailable if the address cannot be bound.
+  // Builds the engine, binds the address(es) and starts serving. Errors: InvalidArgument for
+  // option values out of range and for TLS or token files that cannot be read or are incomplete
+  // (naming the option and the value), Unavailable if an address cannot be bound or gRPC rejects
+  // the certificate or key.
   static absl::StatusOr<std::unique_ptr<Server>> Create(const ServerOptions& options);
 
   Server(const Server&) = delete;
@@ -65,13 +106,18 @@ class Server {
   // `options.address` with its port replaced by port(), e.g. "127.0.0.1:40123".
   std::string listening_address() const;
 
-  // Graceful stop: health turns NOT_SERVING and new calls are refused with UNAVAILABLE; calls
-  // in progress (computing or queued) get up to `options.shutdown_grace` to be answered, and
-  // past it are cancelled. Once they are answered the connections stay open a moment (0.5 s) for
-  // clients to read the last responses, then clients are asked to close them (GOAWAY) and
-  // those still open after at most a second more are closed, along with any health Watch
-  // streams. Returns when the server has stopped. Idempotent; a concurrent second call returns
-  // once the first has finished. Must not be called from a handler.
+  // The health listener's port, and `options.health_address` with it; 0 and empty without one.
+  int health_port() const;
+  std::string health_listening_address() const;
+
+  // Graceful stop: health turns NOT_SERVING (on the health listener too) and new calls are
+  // refused with UNAVAILABLE; calls in progress (computing or queued) get up to
+  // `options.shutdown_grace` to be answered, and past it are cancelled. Once they are answered the
+  // connections stay open a moment (0.5 s) for clients to read the last responses, then clients
+  // are asked to close them (GOAWAY) and those still open after at most a second more are closed,
+  // along with any health Watch streams; the health listener stops last. Returns when the server
+  // has stopped. Idempotent; a concurrent second call returns once the first has finished. Must
+  // not be called from a handler.
   void Shutdown();
 
   // Blocks until Shutdown() has completed.

@@ -322,8 +322,10 @@ grpc::Status RawUnaryCall(grpc::Channel* channel, const std::string& method,
   return status;
 }
 
-RawStream::RawStream(std::shared_ptr<grpc::Channel> channel, const std::string& method)
+RawStream::RawStream(std::shared_ptr<grpc::Channel> channel, const std::string& method,
+                     const std::vector<std::pair<std::string, std::string>>& metadata)
     : stub_(std::move(channel)) {
+  for (const auto& [key, value] : metadata) context_.AddMetadata(key, value);
   call_ = stub_.PrepareCall(&context_, method, &queue_);
   call_->StartCall(&call_);
   started_ = Await(&call_);

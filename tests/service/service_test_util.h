@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -118,7 +119,9 @@ grpc::Status RawUnaryCall(grpc::Channel* channel, const std::string& method,
 // returns false if it does not complete within 30 s. Not thread-safe.
 class RawStream {
  public:
-  RawStream(std::shared_ptr<grpc::Channel> channel, const std::string& method);
+  // `metadata` is sent with the call (e.g. {"authorization", "Bearer ..."}).
+  RawStream(std::shared_ptr<grpc::Channel> channel, const std::string& method,
+            const std::vector<std::pair<std::string, std::string>>& metadata = {});
   // Cancels the call if it has not finished.
   ~RawStream();
 
