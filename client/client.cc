@@ -1,12 +1,21 @@
 #include "gradclient/client.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <string>
+#include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -14,11 +23,17 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "client/grpc_status.h"
+#include "client/sharding.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/wire_format_lite.h"
 #include "grad/v1/gradient_service.grpc.pb.h"
@@ -91,6 +106,65 @@ absl::StatusOr<absl::Time> CallDeadline(const CallOptions& call, const ClientOpt
   return deadline;
 }
 
+// The contents of `path`, named `option` in errors.
+absl::StatusOr<std::string> ReadCredentialFile(absl::string_view option, const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(option, "=", path, " cannot be read: ", std::strerror(errno)));
+  }
+  std::ostringstream contents;
+  contents << file.rdbuf();
+  if (file.bad()) {
+    return absl::InvalidArgumentError(absl::StrCat(option, "=", path, " cannot be read"));
+  }
+  return contents.str();
+}
+
+// The channel's credentials from options.tls, after checking options.tls and auth_token.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentials(
+    const ClientOptions& options) {
+  // The token travels as a metadata value, which must be printable ASCII; it is never echoed.
+  for (const char c : options.auth_token) {
+    if (c <= 0x20 || c >= 0x7f) {
+      return absl::InvalidArgumentError(
+          "auth_token may hold only printable ASCII characters other than space");
+    }
+  }
+  const TlsOptions& tls = options.tls;
+  if (!tls.enabled) {
+    for (const auto& [name, value] :
+         {std::pair<const char*, const std::string&>{"tls.root_ca_file", tls.root_ca_file},
+          {"tls.cert_file", tls.cert_file},
+          {"tls.key_file", tls.key_file},
+          {"tls.server_name_override", tls.server_name_override}}) {
+      if (!value.empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(name, "=", value, " is set but tls.enabled is false"));
+      }
+    }
+    return grpc::InsecureChannelCredentials();
+  }
+  if (tls.cert_file.empty() != tls.key_file.empty()) {
+    return absl::InvalidArgumentError(
+        tls.cert_file.empty()
+            ? absl::StrCat("tls.key_file=", tls.key_file, " is set but tls.cert_file is not")
+            : absl::StrCat("tls.cert_file=", tls.cert_file, " is set but tls.key_file is not"));
+  }
+  grpc::SslCredentialsOptions ssl;
+  for (const auto& [name, path, pem] :
+       {std::tuple<const char*, const std::string&, std::string*>{
+            "tls.root_ca_file", tls.root_ca_file, &ssl.pem_root_certs},
+        {"tls.cert_file", tls.cert_file, &ssl.pem_cert_chain},
+        {"tls.key_file", tls.key_file, &ssl.pem_private_key}}) {
+    if (path.empty()) continue;
+    absl::StatusOr<std::string> contents = ReadCredentialFile(name, path);
+    if (!contents.ok()) return contents.status();
+    *pem = *std::move(contents);
+  }
+  return grpc::SslCredentials(ssl);
+}
+
 std::string RandomRequestId() {
   absl::BitGen gen;
   return absl::StrFormat("%016x", absl::Uniform<uint64_t>(gen));
@@ -148,6 +222,46 @@ absl::StatusOr<ServingStatus> DecodeHealthCheckResponse(const std::string& bytes
   return static_cast<ServingStatus>(status);
 }
 
+// True for "A.B.C.D:PORT" (ipv6 = false) or "[V6]:PORT" (ipv6 = true).
+bool IsIpAddressWithPort(absl::string_view address, bool ipv6) {
+  const size_t colon = address.rfind(':');
+  if (colon == absl::string_view::npos) return false;
+  int port = 0;
+  if (!absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 0 || port > 65535) {
+    return false;
+  }
+  absl::string_view host = address.substr(0, colon);
+  if (ipv6) {
+    if (host.size() < 2 || host.front() != '[' || host.back() != ']') return false;
+    host = host.substr(1, host.size() - 2);
+  }
+  unsigned char buffer[sizeof(in6_addr)];
+  return inet_pton(ipv6 ? AF_INET6 : AF_INET, std::string(host).c_str(), buffer) == 1;
+}
+
+// The gRPC channel target for `target`. gRPC's own syntax passes through unchanged; a bare
+// comma-separated list of IP addresses ("127.0.0.1:5001,127.0.0.1:5002") becomes the ipv4: or
+// ipv6: target that lists them.
+absl::StatusOr<std::string> ChannelTarget(const std::string& target) {
+  if (target.find(',') == std::string::npos || absl::StartsWith(target, "ipv4:") ||
+      absl::StartsWith(target, "ipv6:")) {
+    return target;
+  }
+  const std::vector<absl::string_view> addresses = absl::StrSplit(target, ',');
+  for (const bool ipv6 : {false, true}) {
+    if (std::all_of(addresses.begin(), addresses.end(), [ipv6](absl::string_view address) {
+          return IsIpAddressWithPort(address, ipv6);
+        })) {
+      return absl::StrCat(ipv6 ? "ipv6:" : "ipv4:", target);
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "target=", target,
+      " lists several addresses, which must all be IP addresses with ports (A.B.C.D:PORT or "
+      "[V6]:PORT); for host names use dns:///NAME:PORT with a name that resolves to every "
+      "server"));
+}
+
 std::string FlattenByteBuffer(const grpc::ByteBuffer& buffer) {
   std::vector<grpc::Slice> slices;
   std::string bytes;
@@ -187,59 +301,30 @@ class Client::Impl {
 
   absl::StatusOr<ForwardReply> Forward(const gradengine::ForwardRequest& request,
                                        const CallOptions& call) {
-    const absl::Time start = absl::Now();
-    absl::StatusOr<absl::Time> deadline = CallDeadline(call, options_, start);
-    if (!deadline.ok()) return deadline.status();
-    grad::v1::ForwardRequest wire_request;
-    gradwire::EncodeForwardRequest(request, &wire_request);
-    wire_request.set_request_id(call.request_id.empty() ? RandomRequestId() : call.request_id);
-
-    grad::v1::ForwardResponse response;
-    ForwardReply reply;
-    absl::Status status = CallWithRetry(
-        *deadline,
-        [&](grpc::ClientContext* context) {
-          response.Clear();
-          return stub_->Forward(context, wire_request, &response);
+    return Sharded<ForwardReply>(
+        request, call,
+        [this](const gradengine::ForwardRequest& part, const CallOptions& part_call,
+               absl::Time deadline, absl::Time start) {
+          return ForwardOnce(part, part_call, deadline, start);
         },
-        &reply.call.attempts);
-    if (!status.ok()) return status;
-    absl::StatusOr<gradengine::ForwardResult> result = gradwire::DecodeForwardResult(response);
-    if (!result.ok()) return MalformedResponse(target_, "Forward", result.status());
-    reply.result = *std::move(result);
-    reply.call.request_id = response.request_id();
-    reply.call.timing = FromWire(response.timing());
-    reply.call.round_trip = absl::Now() - start;
-    return reply;
+        [](absl::Span<const BatchSlice> slices, std::vector<gradengine::ForwardResult> parts) {
+          return CombineForwardResults(slices, std::move(parts));
+        });
   }
 
   absl::StatusOr<GradientReply> ComputeGradients(const gradengine::GradientRequest& request,
                                                  const CallOptions& call) {
-    const absl::Time start = absl::Now();
-    absl::StatusOr<absl::Time> deadline = CallDeadline(call, options_, start);
-    if (!deadline.ok()) return deadline.status();
-    grad::v1::ComputeGradientsRequest wire_request;
-    gradwire::EncodeGradientRequest(request, &wire_request);
-    wire_request.set_request_id(call.request_id.empty() ? RandomRequestId() : call.request_id);
-    wire_request.set_skip_output(call.skip_output);
-
-    grad::v1::ComputeGradientsResponse response;
-    GradientReply reply;
-    absl::Status status = CallWithRetry(
-        *deadline,
-        [&](grpc::ClientContext* context) {
-          response.Clear();
-          return stub_->ComputeGradients(context, wire_request, &response);
+    const int64_t batch = request.input.shape.empty() ? 0 : request.input.shape[0];
+    return Sharded<GradientReply>(
+        request, call,
+        [this](const gradengine::GradientRequest& part, const CallOptions& part_call,
+               absl::Time deadline, absl::Time start) {
+          return ComputeGradientsOnce(part, part_call, deadline, start);
         },
-        &reply.call.attempts);
-    if (!status.ok()) return status;
-    absl::StatusOr<gradengine::GradientResult> result = gradwire::DecodeGradientResult(response);
-    if (!result.ok()) return MalformedResponse(target_, "ComputeGradients", result.status());
-    reply.result = *std::move(result);
-    reply.call.request_id = response.request_id();
-    reply.call.timing = FromWire(response.timing());
-    reply.call.round_trip = absl::Now() - start;
-    return reply;
+        [&request, batch](absl::Span<const BatchSlice> slices,
+                          std::vector<gradengine::GradientResult> parts) {
+          return CombineGradientResults(request.objective.kind, batch, slices, std::move(parts));
+        });
   }
 
   absl::StatusOr<ServerInfo> GetInfo(const CallOptions& call) {
@@ -278,6 +363,10 @@ class Client::Impl {
     info.requests_total = response.requests_total();
     info.requests_failed = response.requests_failed();
     info.uptime = absl::Nanoseconds(response.uptime_ns());
+    info.requests_unauthenticated = response.requests_unauthenticated();
+    info.tls = response.security().tls();
+    info.client_certificates_required = response.security().client_certificates_required();
+    info.bearer_token_required = response.security().bearer_token_required();
     return info;
   }
 
@@ -311,6 +400,117 @@ class Client::Impl {
   }
 
  private:
+  // One call for the whole of `request`, with the request id already chosen.
+  absl::StatusOr<ForwardReply> ForwardOnce(const gradengine::ForwardRequest& request,
+                                           const CallOptions& call, absl::Time deadline,
+                                           absl::Time start) {
+    grad::v1::ForwardRequest wire_request;
+    gradwire::EncodeForwardRequest(request, &wire_request);
+    wire_request.set_request_id(call.request_id);
+
+    grad::v1::ForwardResponse response;
+    ForwardReply reply;
+    absl::Status status = CallWithRetry(
+        deadline,
+        [&](grpc::ClientContext* context) {
+          response.Clear();
+          return stub_->Forward(context, wire_request, &response);
+        },
+        &reply.call.attempts);
+    if (!status.ok()) return status;
+    absl::StatusOr<gradengine::ForwardResult> result = gradwire::DecodeForwardResult(response);
+    if (!result.ok()) return MalformedResponse(target_, "Forward", result.status());
+    reply.result = *std::move(result);
+    reply.call.request_id = response.request_id();
+    reply.call.timing = FromWire(response.timing());
+    reply.call.round_trip = absl::Now() - start;
+    return reply;
+  }
+
+  absl::StatusOr<GradientReply> ComputeGradientsOnce(const gradengine::GradientRequest& request,
+                                                     const CallOptions& call,
+                                                     absl::Time deadline, absl::Time start) {
+    grad::v1::ComputeGradientsRequest wire_request;
+    gradwire::EncodeGradientRequest(request, &wire_request);
+    wire_request.set_request_id(call.request_id);
+    wire_request.set_skip_output(call.skip_output);
+
+    grad::v1::ComputeGradientsResponse response;
+    GradientReply reply;
+    absl::Status status = CallWithRetry(
+        deadline,
+        [&](grpc::ClientContext* context) {
+          response.Clear();
+          return stub_->ComputeGradients(context, wire_request, &response);
+        },
+        &reply.call.attempts);
+    if (!status.ok()) return status;
+    absl::StatusOr<gradengine::GradientResult> result = gradwire::DecodeGradientResult(response);
+    if (!result.ok()) return MalformedResponse(target_, "ComputeGradients", result.status());
+    reply.result = *std::move(result);
+    reply.call.request_id = response.request_id();
+    reply.call.timing = FromWire(response.timing());
+    reply.call.round_trip = absl::Now() - start;
+    return reply;
+  }
+
+  // A Forward or ComputeGradients call: `once(request, call, deadline, start)` for the whole
+  // batch, or with call.shards > 1 for each part of it at once (parts 1.. on threads of their
+  // own, part 0 on the caller's), whose results `combine(slices, results)` joins.
+  template <typename Reply, typename Request, typename Once, typename Combine>
+  absl::StatusOr<Reply> Sharded(const Request& request, const CallOptions& call, Once once,
+                                Combine combine) {
+    const absl::Time start = absl::Now();
+    absl::StatusOr<absl::Time> deadline = CallDeadline(call, options_, start);
+    if (!deadline.ok()) return deadline.status();
+    if (call.shards < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("shards=", call.shards, " must be >= 1"));
+    }
+    CallOptions part_call = call;
+    if (part_call.request_id.empty()) part_call.request_id = RandomRequestId();
+    const int64_t batch = call.shards > 1 ? ShardableBatch(request) : 0;
+    if (batch < 2) return once(request, part_call, *deadline, start);
+
+    const std::vector<BatchSlice> slices = SplitBatch(batch, call.shards);
+    std::vector<absl::StatusOr<Reply>> replies(slices.size(),
+                                               absl::UnknownError("part not run"));
+    auto run_part = [&](size_t i) {
+      replies[i] = once(SliceRequest(request, slices[i]), part_call, *deadline, start);
+    };
+    std::vector<std::thread> threads;
+    threads.reserve(slices.size() - 1);
+    for (size_t i = 1; i < slices.size(); ++i) threads.emplace_back(run_part, i);
+    run_part(0);
+    for (std::thread& thread : threads) thread.join();
+
+    Reply whole;
+    std::vector<decltype(whole.result)> results;
+    results.reserve(slices.size());
+    for (size_t i = 0; i < slices.size(); ++i) {
+      if (!replies[i].ok()) {
+        const absl::Status& status = replies[i].status();
+        return absl::Status(status.code(),
+                            absl::StrCat("shard ", i + 1, " of ", slices.size(), " (batch rows ",
+                                         slices[i].begin, "..", slices[i].end - 1,
+                                         "): ", status.message()));
+      }
+      const CallInfo& part = replies[i]->call;
+      whole.call.attempts = std::max(whole.call.attempts, part.attempts);
+      ServerTiming& timing = whole.call.timing;
+      timing.decode = std::max(timing.decode, part.timing.decode);
+      timing.queue = std::max(timing.queue, part.timing.queue);
+      timing.forward = std::max(timing.forward, part.timing.forward);
+      timing.backward = std::max(timing.backward, part.timing.backward);
+      timing.encode = std::max(timing.encode, part.timing.encode);
+      results.push_back(std::move(replies[i]->result));
+    }
+    whole.call.request_id = replies.front()->call.request_id;
+    whole.result = combine(slices, std::move(results));
+    whole.call.round_trip = absl::Now() - start;
+    return whole;
+  }
+
   // Runs `attempt` with a fresh context carrying `deadline` until it succeeds, fails with a
   // code other than Unavailable, or the retry budget (attempts, deadline) is spent; returns
   // the last status. Each attempt must be safe to repeat: every RPC here is idempotent.
@@ -323,6 +523,9 @@ class Client::Impl {
     for (int n = 1;; ++n) {
       grpc::ClientContext context;
       if (deadline != absl::InfiniteFuture()) context.set_deadline(absl::ToChronoTime(deadline));
+      if (!options_.auth_token.empty()) {
+        context.AddMetadata("authorization", absl::StrCat("Bearer ", options_.auth_token));
+      }
       *attempts = n;
       absl::Status status = FromGrpcStatus(attempt(&context));
       if (status.ok() || !absl::IsUnavailable(status) || n >= retry.max_attempts) return status;
@@ -351,7 +554,13 @@ class Client::Impl {
 absl::StatusOr<std::unique_ptr<Client>> Client::Create(const std::string& target,
                                                        const ClientOptions& options) {
   if (absl::Status status = CheckOptions(target, options); !status.ok()) return status;
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      ChannelCredentials(options);
+  if (!credentials.ok()) return credentials.status();
   grpc::ChannelArguments arguments;
+  if (!options.tls.server_name_override.empty()) {
+    arguments.SetSslTargetNameOverride(options.tls.server_name_override);
+  }
   const int max_message_bytes = options.max_message_mb * (1 << 20);
   arguments.SetMaxSendMessageSize(max_message_bytes);
   arguments.SetMaxReceiveMessageSize(max_message_bytes);
@@ -362,8 +571,13 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const std::string& target
                    static_cast<int>(absl::ToInt64Milliseconds(options.retry.initial_backoff)));
   arguments.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
                    static_cast<int>(absl::ToInt64Milliseconds(options.retry.max_backoff)));
+  // Every address the target resolves to gets a connection and calls take turns over the
+  // ready ones, so one client spreads its load over all replicas behind a name or list.
+  arguments.SetServiceConfigJSON(R"({"loadBalancingConfig": [{"round_robin": {}}]})");
+  absl::StatusOr<std::string> channel_target = ChannelTarget(target);
+  if (!channel_target.ok()) return channel_target.status();
   std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), arguments);
+      grpc::CreateCustomChannel(*channel_target, *credentials, arguments);
   if (channel == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat("target=", target, " gives no channel"));
   }

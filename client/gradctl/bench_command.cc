@@ -5,7 +5,8 @@
 // requests are spent. One untimed request first warms the server up (its plan for the
 // workload is compiled on first use). Latency is measured on the client around each call,
 // retries included; the percentiles and the throughput count successful calls only, and
-// failed ones are counted by status code.
+// failed ones are counted by status code. With --verify every reply is also compared with the
+// warm-up reply, and one that differs counts as failed (DATA_LOSS).
 
 #include <algorithm>
 #include <atomic>
@@ -32,6 +33,8 @@
 #include "client/gradctl/commands.h"
 #include "gradclient/client.h"
 #include "gradclient/workloads.h"
+#include "gradengine/network.h"
+#include "gradengine/tensor.h"
 
 namespace gradctl {
 namespace {
@@ -39,6 +42,71 @@ namespace {
 constexpr int kMaxConcurrency = 1024;
 constexpr absl::Duration kDefaultDuration = absl::Seconds(10);
 constexpr absl::Duration kProgressInterval = absl::Milliseconds(250);
+// --verify: how far a reply may be from the warm-up reply, relative to the largest magnitude
+// of the warm-up tensor (at least 1). Identical servers answer identical requests bit for bit;
+// this leaves room for replicas on CPUs whose oneDNN kernels sum in another order.
+constexpr double kVerifyTolerance = 1e-4;
+
+// OK if `actual` is within kVerifyTolerance of `expected`; DataLoss naming `what` otherwise.
+absl::Status CompareTensor(const std::string& what, const gradengine::Tensor& actual,
+                           const gradengine::Tensor& expected) {
+  if (actual.shape != expected.shape || actual.data.size() != expected.data.size()) {
+    return absl::DataLossError(absl::StrCat(what, " has shape ",
+                                            gradengine::ShapeToString(actual.shape),
+                                            ", the warm-up reply ",
+                                            gradengine::ShapeToString(expected.shape)));
+  }
+  double scale = 1.0;
+  for (float value : expected.data) scale = std::max(scale, std::abs(static_cast<double>(value)));
+  for (size_t i = 0; i < actual.data.size(); ++i) {
+    const double diff = std::abs(static_cast<double>(actual.data[i]) - expected.data[i]);
+    if (!(diff <= kVerifyTolerance * scale) && !(std::isnan(actual.data[i]) &&
+                                                 std::isnan(expected.data[i]))) {
+      return absl::DataLossError(absl::StrCat(what, "[", i, "] = ", actual.data[i],
+                                              " differs from the warm-up reply's ",
+                                              expected.data[i]));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CompareResults(const gradengine::ForwardResult& actual,
+                            const gradengine::ForwardResult& expected) {
+  return CompareTensor("output", actual.output, expected.output);
+}
+
+absl::Status CompareResults(const gradengine::GradientResult& actual,
+                            const gradengine::GradientResult& expected) {
+  if (absl::Status s = CompareTensor("output", actual.output, expected.output); !s.ok()) return s;
+  if (actual.loss.has_value() != expected.loss.has_value() ||
+      (expected.loss.has_value() &&
+       !(std::abs(*actual.loss - *expected.loss) <=
+         kVerifyTolerance * std::max(1.0, std::abs(*expected.loss))))) {
+    return absl::DataLossError(absl::StrCat("loss = ", actual.loss.value_or(NAN),
+                                            " differs from the warm-up reply's ",
+                                            expected.loss.value_or(NAN)));
+  }
+  if (actual.input_grad.has_value() != expected.input_grad.has_value()) {
+    return absl::DataLossError("input_grad is missing from one of the replies");
+  }
+  if (expected.input_grad.has_value()) {
+    if (absl::Status s = CompareTensor("input_grad", *actual.input_grad, *expected.input_grad);
+        !s.ok()) {
+      return s;
+    }
+  }
+  for (const auto& [name, grad] : expected.parameter_grads) {
+    const auto found = actual.parameter_grads.find(name);
+    if (found == actual.parameter_grads.end()) {
+      return absl::DataLossError(absl::StrCat(name, " gradient is missing"));
+    }
+    if (absl::Status s = CompareTensor(absl::StrCat(name, " gradient"), found->second, grad);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
 
 // What the threads record, merged under `mu`.
 struct Tally {
@@ -52,6 +120,8 @@ struct Report {
   std::string workload;
   std::string method;  // "gradients" or "forward"
   int concurrency = 0;
+  int shards = 1;
+  bool verify = false;
   bool skip_output = false;
   absl::Duration elapsed;
   int64_t ok = 0;
@@ -79,6 +149,8 @@ void PrintReport(const Report& report, bool json) {
               << ",\"method\":" << JsonString(report.method)
               << ",\"concurrency\":" << report.concurrency
               << ",\"skip_output\":" << (report.skip_output ? "true" : "false")
+              << ",\"shards\":" << report.shards
+              << ",\"verify\":" << (report.verify ? "true" : "false")
               << ",\"duration_s\":"
               << absl::StrFormat("%.3f", absl::ToDoubleSeconds(report.elapsed))
               << ",\"requests\":" << report.ok + report.failed << ",\"ok\":" << report.ok
@@ -90,8 +162,11 @@ void PrintReport(const Report& report, bool json) {
               << "},\"errors\":{" << absl::StrJoin(errors, ",") << "}}\n";
     return;
   }
-  std::cout << absl::StrFormat("workload      %s (%s), concurrency %d%s\n", report.workload,
-                               report.method, report.concurrency, report.skip_output ? ", skip_output" : "");
+  std::cout << absl::StrFormat(
+      "workload      %s (%s), concurrency %d%s%s%s\n", report.workload, report.method,
+      report.concurrency, report.skip_output ? ", skip_output" : "",
+      report.shards > 1 ? absl::StrCat(", ", report.shards, " shards") : "",
+      report.verify ? ", verified" : "");
   std::cout << absl::StrFormat("requests      %d in %.2f s: %d ok, %d failed\n",
                                report.ok + report.failed, absl::ToDoubleSeconds(report.elapsed),
                                report.ok, report.failed);
@@ -134,18 +209,37 @@ absl::Status RunBench(const BenchOptions& options) {
   if (options.forward && options.skip_output) {
     return UsageError("--skip_output applies to --method=gradients only");
   }
+  if (options.shards < 1) {
+    return UsageError(absl::StrCat("--shards=", options.shards, " must be >= 1"));
+  }
   const gradengine::GradientRequest request = workload->Request();
   const gradengine::ForwardRequest forward_request = workload->ForwardOnly();
   gradclient::CallOptions call;
   call.skip_output = options.skip_output;
+  call.shards = options.shards;
+  // The warm-up reply, which --verify compares every later one with.
+  gradengine::ForwardResult forward_expected;
+  gradengine::GradientResult gradient_expected;
+  bool warm = false;
   auto send = [&]() -> absl::Status {
-    if (options.forward) return (*client)->Forward(forward_request, call).status();
-    return (*client)->ComputeGradients(request, call).status();
+    if (options.forward) {
+      absl::StatusOr<gradclient::ForwardReply> reply = (*client)->Forward(forward_request, call);
+      if (!reply.ok()) return reply.status();
+      if (!warm) forward_expected = std::move(reply->result);
+      if (!warm || !options.verify) return absl::OkStatus();
+      return CompareResults(reply->result, forward_expected);
+    }
+    absl::StatusOr<gradclient::GradientReply> reply = (*client)->ComputeGradients(request, call);
+    if (!reply.ok()) return reply.status();
+    if (!warm) gradient_expected = std::move(reply->result);
+    if (!warm || !options.verify) return absl::OkStatus();
+    return CompareResults(reply->result, gradient_expected);
   };
 
   if (absl::Status s = send(); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat("warm-up request: ", s.message()));
   }
+  warm = true;
 
   Tally tally;
   std::atomic<int64_t> issued{0};
@@ -216,6 +310,8 @@ absl::Status RunBench(const BenchOptions& options) {
   report.method = options.forward ? "forward" : "gradients";
   report.concurrency = options.concurrency;
   report.skip_output = options.skip_output;
+  report.shards = options.shards;
+  report.verify = options.verify;
   report.elapsed = absl::Nanoseconds(last_finish_ns.load());
   {
     absl::MutexLock lock(&tally.mu);

@@ -1,8 +1,13 @@
 #include "client/gradctl/cli_util.h"
 
+#include <cerrno>
 #include <cmath>
+#include <cstring>
+#include <fstream>
+#include <string>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -12,6 +17,23 @@ namespace {
 
 // Marks a status as a usage error; the payload's value is not used.
 constexpr char kUsageErrorPayload[] = "type.gradctl/usage_error";
+
+// The first line of `path` that is neither blank nor a # comment, trimmed. Never shows the line.
+absl::StatusOr<std::string> ReadFirstToken(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--auth_token_file=", path, " cannot be read: ", std::strerror(errno)));
+  }
+  std::string line;
+  while (std::getline(file, line)) {
+    const absl::string_view token = absl::StripAsciiWhitespace(line);
+    if (!token.empty() && token[0] != '#') return std::string(token);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("--auth_token_file=", path,
+                   " holds no token (blank lines and lines starting with # are skipped)"));
+}
 
 }  // namespace
 
@@ -33,6 +55,19 @@ absl::StatusOr<std::unique_ptr<gradclient::Client>> Connect(const ConnectionOpti
   if (options.server.empty()) return UsageError("--server is empty; expected HOST:PORT");
   gradclient::ClientOptions client_options;
   client_options.default_timeout = options.timeout;
+  client_options.tls.enabled = options.tls || !options.tls_ca.empty() ||
+                               !options.tls_cert.empty() || !options.tls_key.empty() ||
+                               !options.tls_server_name.empty();
+  client_options.tls.root_ca_file = options.tls_ca;
+  client_options.tls.cert_file = options.tls_cert;
+  client_options.tls.key_file = options.tls_key;
+  client_options.tls.server_name_override = options.tls_server_name;
+  client_options.auth_token = options.auth_token;
+  if (!options.auth_token_file.empty()) {
+    absl::StatusOr<std::string> token = ReadFirstToken(options.auth_token_file);
+    if (!token.ok()) return token.status();
+    client_options.auth_token = *std::move(token);
+  }
   return gradclient::Client::Create(options.server, client_options);
 }
 

@@ -20,6 +20,18 @@ struct ConnectionOptions {
   std::string server = "localhost:50051";
   // Deadline of each call, retries included. Default: 60 s.
   absl::Duration timeout = absl::Seconds(60);
+  // --tls, --tls_ca, --tls_cert, --tls_key, --tls_server_name: TLS is on when `tls` is or any of
+  // the others is set. Defaults: off, empty.
+  bool tls = false;
+  std::string tls_ca;
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_server_name;
+  // --auth_token_file: the file whose first token line (blank lines and # comments skipped) is
+  // sent as "authorization: Bearer <token>". Default: empty.
+  std::string auth_token_file;
+  // The token itself ($GRADCTL_AUTH_TOKEN), used when auth_token_file is empty. Default: empty.
+  std::string auth_token;
 };
 
 // An InvalidArgument status marked as a mistake in the command line, which gradctl reports
@@ -27,7 +39,9 @@ struct ConnectionOptions {
 absl::Status UsageError(absl::string_view message);
 bool IsUsageError(const absl::Status& status);
 
-// A client for options.server whose calls default to options.timeout.
+// A client for options.server whose calls default to options.timeout, with the TLS settings and
+// the token of `options`. Errors name the flag: an unreadable or tokenless --auth_token_file is
+// InvalidArgument, as are TLS files the client library cannot read.
 absl::StatusOr<std::unique_ptr<gradclient::Client>> Connect(const ConnectionOptions& options);
 
 // `text` as a JSON string literal, quotes included.

@@ -52,6 +52,9 @@ struct GradOptions {
   std::string out_dir;
   // Default: empty, for a random id.
   std::string request_id;
+  // Parts the batch is cut into, computed at once (gradclient::CallOptions::shards).
+  // Default: 1.
+  int shards = 1;
 };
 
 // Reads the network, input, parameters and objective tensor, calls the server and writes
@@ -82,6 +85,11 @@ struct BenchOptions {
   bool skip_output = false;
   // Send Forward instead of ComputeGradients. Default: false.
   bool forward = false;
+  // Parts each call's batch is cut into (gradclient::CallOptions::shards). Default: 1.
+  int shards = 1;
+  // Compare every reply with the warm-up reply (within kVerifyTolerance, bench_command.cc);
+  // a mismatch counts as a failed request (DATA_LOSS). Default: false.
+  bool verify = false;
   // One JSON line instead of the readable report. Default: false.
   bool json = false;
   // Refresh a progress line on stderr while running. Default: false.

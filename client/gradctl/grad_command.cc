@@ -122,6 +122,9 @@ absl::Status CheckOptions(const GradOptions& options) {
       return UsageError(absl::StrCat("gradctl ", command, " needs ", required.flag));
     }
   }
+  if (options.shards < 1) {
+    return UsageError(absl::StrCat("--shards=", options.shards, " must be >= 1"));
+  }
   if (!options.gradients) return absl::OkStatus();
   if (!options.objective.empty() && options.objective != "sum") {
     return UsageError(
@@ -211,6 +214,7 @@ absl::Status RunGrad(const GradOptions& options) {
   gradclient::CallOptions call;
   call.request_id = options.request_id;
   call.skip_output = options.skip_output;
+  call.shards = options.shards;
   gradengine::ParameterViews parameters;
   for (const auto& [name, tensor] : data->parameters) parameters[name] = tensor.view();
   std::vector<std::string> written;

@@ -35,6 +35,17 @@ std::string Bytes(int64_t bytes) {
   return absl::StrCat(bytes, " ", kUnits[unit]);
 }
 
+const char* JsonBool(bool value) { return value ? "true" : "false"; }
+
+// "TLS, client certificates, bearer token" or "plaintext, no token".
+std::string SecuritySummary(const gradclient::ServerInfo& info) {
+  std::vector<std::string> parts;
+  parts.push_back(info.tls ? "TLS" : "plaintext");
+  if (info.client_certificates_required) parts.push_back("client certificates required");
+  parts.push_back(info.bearer_token_required ? "bearer token required" : "no token");
+  return absl::StrJoin(parts, ", ");
+}
+
 void PrintInfoJson(const std::string& server, const gradclient::ServerInfo& info) {
   std::cout << "{\"server\":" << JsonString(server)
             << ",\"server_version\":" << JsonString(info.server_version)
@@ -52,6 +63,10 @@ void PrintInfoJson(const std::string& server, const gradclient::ServerInfo& info
             << ",\"dtypes\":" << JsonStrings(info.dtypes)
             << ",\"requests_total\":" << info.requests_total
             << ",\"requests_failed\":" << info.requests_failed
+            << ",\"requests_unauthenticated\":" << info.requests_unauthenticated
+            << ",\"security\":{\"tls\":" << JsonBool(info.tls)
+            << ",\"client_certificates_required\":" << JsonBool(info.client_certificates_required)
+            << ",\"bearer_token_required\":" << JsonBool(info.bearer_token_required) << "}"
             << ",\"uptime_s\":" << JsonNumber(absl::ToDoubleSeconds(info.uptime)) << "}\n";
 }
 
@@ -71,9 +86,10 @@ void PrintInfoText(const std::string& server, const gradclient::ServerInfo& info
   line("activations", absl::StrJoin(info.activations, ", "));
   line("objectives", absl::StrJoin(info.objectives, ", "));
   line("dtypes", absl::StrJoin(info.dtypes, ", "));
-  line("requests",
-       absl::StrCat(info.requests_total, " served, ", info.requests_failed, " failed, up ",
-                    absl::FormatDuration(absl::Trunc(info.uptime, absl::Seconds(1)))));
+  line("requests", absl::StrCat(info.requests_total, " served, ", info.requests_failed, " failed, ",
+                                info.requests_unauthenticated, " unauthenticated, up ",
+                                absl::FormatDuration(absl::Trunc(info.uptime, absl::Seconds(1)))));
+  line("security", SecuritySummary(info));
 }
 
 }  // namespace

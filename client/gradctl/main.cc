@@ -47,9 +47,19 @@ std::string AbslUnparseFlag(FlagDuration flag) { return absl::FormatDuration(fla
 
 }  // namespace gradctl
 
-ABSL_FLAG(std::string, server, "localhost:50051", "the server, HOST:PORT");
+ABSL_FLAG(std::string, server, "localhost:50051",
+          "the server(s): HOST:PORT, IP:PORT,IP:PORT,... or a gRPC target (dns:///NAME:PORT)");
 ABSL_FLAG(gradctl::FlagDuration, timeout, gradctl::FlagDuration{absl::Seconds(60)},
           "deadline of each call, retries included");
+ABSL_FLAG(bool, tls, false, "speak TLS to the server (implied by the other --tls_ flags)");
+ABSL_FLAG(std::string, tls_ca, "", "PEM CA certificate(s) to trust (default: the system's roots)");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate chain, for mutual TLS");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "check the server's certificate against this name instead of the --server host");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "send the file's first token line as 'authorization: Bearer <token>' (default: "
+          "$GRADCTL_AUTH_TOKEN)");
 ABSL_FLAG(bool, json, false, "info, bench: print one JSON line");
 ABSL_FLAG(std::string, net, "", "grad, forward: the network, protobuf JSON of grad.v1.Network");
 ABSL_FLAG(std::string, input, "", "grad, forward: the input .npy");
@@ -71,6 +81,11 @@ ABSL_FLAG(int, concurrency, 1, "bench: threads issuing requests back to back");
 ABSL_FLAG(gradctl::FlagDuration, duration, gradctl::FlagDuration{absl::Seconds(10)},
           "bench: how long to run (unless --requests)");
 ABSL_FLAG(int64_t, requests, 0, "bench: how many requests to send in all");
+ABSL_FLAG(int, shards, 1,
+          "grad, forward, bench: cut the batch into this many parts computed at once on the "
+          "servers --server lists, and combine the results");
+ABSL_FLAG(bool, verify, false,
+          "bench: check every reply against the warm-up reply; a mismatch counts as failed");
 
 namespace {
 
@@ -84,19 +99,31 @@ usage: gradctl COMMAND [flags]
               --net=NET.json --input=X.npy --params=DIR --out=OUT, and one objective:
               --target=T.npy (MSE) | --grad_output=G.npy | --objective=sum
               [--no_input_grad] [--param_grads=all|none|NAME,...] [--skip_output]
-              [--request_id=ID]
+              [--request_id=ID] [--shards=K]
             writes OUT/output.npy, input.grad.npy, <layer>.weight.grad.npy and
             <layer>.bias.grad.npy, and prints one JSON line: loss, server timings, round trip
-  forward   the network's output only: --net --input --params --out [--request_id]
+  forward   the network's output only: --net --input --params --out [--request_id] [--shards=K]
             writes OUT/output.npy and prints one JSON line
   demo      [conv1|conv4|layer|all] the seed notebook's demos through the server, checked
             against PyTorch                                       [--data=DIR]
   bench     closed-loop load: --workload=seed1|seed4|seed4_b32|resblock|io64 --concurrency=C
             (--duration=10s | --requests=N) [--method=gradients|forward] [--skip_output]
-            [--json]
+            [--shards=K] [--verify] [--json]
+
+every command takes --server=TARGET (default localhost:50051): HOST:PORT, a list of IP
+addresses A:PORT,B:PORT, or a gRPC target such as dns:///NAME:PORT. Calls are spread over
+every server the target names or resolves to (round robin), and a call a server cannot take
+(UNAVAILABLE) is retried, landing on another. --shards=K cuts each call's batch into K parts
+sent at once (data-parallel), so K servers compute one call together.
 
 every command takes --server=HOST:PORT (default localhost:50051) and --timeout=DURATION
-(deadline of each call, retries included; default 60s).
+(deadline of each call, retries included; default 60s), and for a secured server:
+  --tls [--tls_ca=CA.pem] [--tls_cert=CERT.pem --tls_key=KEY.pem] [--tls_server_name=NAME]
+            TLS (any --tls_ flag implies --tls); the CA defaults to the system's roots;
+            --tls_cert/--tls_key present a client certificate (mutual TLS)
+  --auth_token_file=FILE
+            sends the file's first token line as "authorization: Bearer <token>";
+            without it, the token in $GRADCTL_AUTH_TOKEN, if set
 
 NET.json is a grad.v1.Network in protobuf's JSON mapping, for example
   {"layers": [{"name": "conv1", "conv2d": {"inChannels": 1, "outChannels": 8,
@@ -124,10 +151,11 @@ const std::vector<Command>& Commands() {
       {"grad",
        0,
        {"net", "input", "params", "target", "grad_output", "objective", "no_input_grad",
-        "param_grads", "skip_output", "out", "request_id"}},
-      {"forward", 0, {"net", "input", "params", "out", "request_id"}},
+        "param_grads", "skip_output", "out", "request_id", "shards"}},
+      {"forward", 0, {"net", "input", "params", "out", "request_id", "shards"}},
       {"demo", 1, {"data"}},
-      {"bench", 0, {"workload", "method", "concurrency", "duration", "requests", "skip_output", "json"}},
+      {"bench", 0, {"workload", "method", "concurrency", "duration", "requests", "skip_output", "shards",
+        "verify", "json"}},
   };
   return *commands;
 }
@@ -185,6 +213,15 @@ absl::Status Run(const Command& command, const std::vector<std::string>& positio
   gradctl::ConnectionOptions connection;
   connection.server = absl::GetFlag(FLAGS_server);
   connection.timeout = absl::GetFlag(FLAGS_timeout).value;
+  connection.tls = absl::GetFlag(FLAGS_tls);
+  connection.tls_ca = absl::GetFlag(FLAGS_tls_ca);
+  connection.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+  connection.tls_key = absl::GetFlag(FLAGS_tls_key);
+  connection.tls_server_name = absl::GetFlag(FLAGS_tls_server_name);
+  connection.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
+  if (const char* token = std::getenv("GRADCTL_AUTH_TOKEN"); token != nullptr) {
+    connection.auth_token = token;
+  }
   const std::string name = command.name;
   if (name == "health") return gradctl::RunHealth(connection);
   if (name == "info") {
@@ -208,6 +245,7 @@ absl::Status Run(const Command& command, const std::vector<std::string>& positio
     options.skip_output = absl::GetFlag(FLAGS_skip_output);
     options.out_dir = absl::GetFlag(FLAGS_out);
     options.request_id = absl::GetFlag(FLAGS_request_id);
+    options.shards = absl::GetFlag(FLAGS_shards);
     return gradctl::RunGrad(options);
   }
   if (name == "demo") {
@@ -234,6 +272,8 @@ absl::Status Run(const Command& command, const std::vector<std::string>& positio
         absl::StrCat("--method=", method, " is unknown; expected gradients or forward"));
   }
   options.forward = method == "forward";
+  options.shards = absl::GetFlag(FLAGS_shards);
+  options.verify = absl::GetFlag(FLAGS_verify);
   options.json = absl::GetFlag(FLAGS_json);
   options.progress = isatty(STDERR_FILENO) != 0;
   return gradctl::RunBench(options);

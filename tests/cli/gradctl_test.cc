@@ -201,46 +201,52 @@ std::vector<std::string> FileNames(const std::string& dir) {
   return names;
 }
 
+// Every fixture whole, and with its batch cut into 3 parts (--shards=3; fixtures with a batch
+// of 1 or 2 are sent whole or in 2), combined by the client.
 TEST_F(GradctlTest, GradMatchesPyTorchOnEveryFixture) {
   absl::StatusOr<std::vector<std::string>> cases = gradtest::FindFixtureCases(FixturesDir());
   ASSERT_TRUE(cases.ok()) << cases.status();
   ASSERT_GE(cases->size(), 20u);
   for (const std::string& case_dir : *cases) {
-    SCOPED_TRACE(case_dir);
-    absl::StatusOr<std::unique_ptr<gradtest::FixtureCase>> fixture =
-        gradtest::LoadFixtureCase(case_dir);
-    ASSERT_TRUE(fixture.ok()) << fixture.status();
-    const std::string out = dir_ + "/" + (*fixture)->name;
-    const GradctlRun run = Gradctl(GradArgs(**fixture, out));
-    ASSERT_EQ(run.exit_code, 0) << run;
-    EXPECT_EQ(std::count(run.out.begin(), run.out.end(), '\n'), 1) << run;
+    for (const int shards : {1, 3}) {
+      SCOPED_TRACE(absl::StrCat(case_dir, " --shards=", shards));
+      absl::StatusOr<std::unique_ptr<gradtest::FixtureCase>> fixture =
+          gradtest::LoadFixtureCase(case_dir);
+      ASSERT_TRUE(fixture.ok()) << fixture.status();
+      const std::string out = absl::StrCat(dir_, "/", (*fixture)->name, "_", shards);
+      std::vector<std::string> args = GradArgs(**fixture, out);
+      args.push_back(absl::StrCat("--shards=", shards));
+      const GradctlRun run = Gradctl(args);
+      ASSERT_EQ(run.exit_code, 0) << run;
+      EXPECT_EQ(std::count(run.out.begin(), run.out.end(), '\n'), 1) << run;
 
-    // Exactly the files of expected/ but loss.npy, each within the tolerance.
-    std::vector<std::string> expected_files;
-    for (const std::string& name : FileNames(case_dir + "/expected")) {
-      if (name != "loss.npy") expected_files.push_back(name);
-    }
-    EXPECT_EQ(FileNames(out), expected_files) << run;
-    for (const std::string& name : expected_files) {
-      if (fs::exists(out + "/" + name)) {
-        EXPECT_TRUE(NpyFilesClose(out + "/" + name, case_dir + "/expected/" + name));
+      // Exactly the files of expected/ but loss.npy, each within the tolerance.
+      std::vector<std::string> expected_files;
+      for (const std::string& name : FileNames(case_dir + "/expected")) {
+        if (name != "loss.npy") expected_files.push_back(name);
       }
-    }
+      EXPECT_EQ(FileNames(out), expected_files) << run;
+      for (const std::string& name : expected_files) {
+        if (fs::exists(out + "/" + name)) {
+          EXPECT_TRUE(NpyFilesClose(out + "/" + name, case_dir + "/expected/" + name));
+        }
+      }
 
-    if ((*fixture)->expected_loss.has_value()) {
-      absl::StatusOr<double> loss = JsonNumberField(run.out, "loss");
-      ASSERT_TRUE(loss.ok()) << loss.status();
-      const double value = *loss;
-      const std::vector<int64_t> shape = {1};
-      EXPECT_TRUE((gradtest::TensorsClose<double, float>(
-          "loss", shape, absl::MakeConstSpan(&value, 1), (*fixture)->expected_loss->shape,
-          absl::MakeConstSpan((*fixture)->expected_loss->data))));
-    } else {
-      EXPECT_THAT(run.out, HasSubstr("\"loss\":null"));
+      if ((*fixture)->expected_loss.has_value()) {
+        absl::StatusOr<double> loss = JsonNumberField(run.out, "loss");
+        ASSERT_TRUE(loss.ok()) << loss.status();
+        const double value = *loss;
+        const std::vector<int64_t> shape = {1};
+        EXPECT_TRUE((gradtest::TensorsClose<double, float>(
+            "loss", shape, absl::MakeConstSpan(&value, 1), (*fixture)->expected_loss->shape,
+            absl::MakeConstSpan((*fixture)->expected_loss->data))));
+      } else {
+        EXPECT_THAT(run.out, HasSubstr("\"loss\":null"));
+      }
+      EXPECT_THAT(run.out, HasSubstr("\"round_trip_ms\":"));
+      EXPECT_THAT(run.out, HasSubstr("\"server_ms\":{\"decode\":"));
+      EXPECT_THAT(run.out, HasSubstr("\"backward\":"));
     }
-    EXPECT_THAT(run.out, HasSubstr("\"round_trip_ms\":"));
-    EXPECT_THAT(run.out, HasSubstr("\"server_ms\":{\"decode\":"));
-    EXPECT_THAT(run.out, HasSubstr("\"backward\":"));
   }
 }
 
@@ -514,6 +520,12 @@ TEST_F(GradctlInputTest, UsageErrorsExitWithTwo) {
   run = Gradctl(wrong_flag);
   EXPECT_EQ(run.exit_code, 2) << run;
   EXPECT_THAT(run.err, HasSubstr("--json is not a flag of gradctl grad"));
+
+  std::vector<std::string> no_shards = Args(net_, case_dir_ + "/input.npy");
+  no_shards.push_back("--shards=0");
+  run = Gradctl(no_shards);
+  EXPECT_EQ(run.exit_code, 2) << run;
+  EXPECT_THAT(run.err, HasSubstr("--shards=0 must be >= 1"));
 
   run = Gradctl({"grad", "--nett=x.json"});
   EXPECT_EQ(run.exit_code, 2) << run;

@@ -1,6 +1,6 @@
 // The C++ client of the gradient service (grad.v1.GradientService).
 //
-// A Client holds one gRPC channel to one server and turns the engine's value types
+// A Client holds one gRPC channel to one or more servers and turns the engine's value types
 // (gradengine/network.h, gradengine/tensor.h) into calls and back, so callers never see
 // protobuf or gRPC types:
 //
@@ -52,6 +52,23 @@ struct RetryOptions {
   double jitter = 0.2;
 };
 
+// TLS on the channel. The server's certificate must be signed by a trusted CA and name the
+// target's host (or server_name_override).
+struct TlsOptions {
+  // Speak TLS. The other fields require it. Default: false (plaintext).
+  bool enabled = false;
+  // PEM file of the CA certificate(s) to trust. Default: empty, the system's roots (gRPC reads
+  // GRPC_DEFAULT_SSL_ROOTS_FILE_PATH, else its own bundle).
+  std::string root_ca_file;
+  // Mutual TLS: PEM files of the client's certificate chain and its private key, both or
+  // neither. Default: empty (no client certificate).
+  std::string cert_file;
+  std::string key_file;
+  // The name to check the server's certificate against instead of the target's host, e.g. when
+  // connecting by IP address to a server whose certificate names its DNS name. Default: empty.
+  std::string server_name_override;
+};
+
 struct ClientOptions {
   // Deadline of a call that sets none in its CallOptions, counted from the call's start and
   // covering every retry. absl::InfiniteDuration() means no deadline. Default: 60 s.
@@ -61,6 +78,10 @@ struct ClientOptions {
   // own receive default of 4 MiB is too small for tensors. Range 1..2047. Default: 1024, the
   // server's default.
   int max_message_mb = 1024;
+  TlsOptions tls;
+  // Sent as the metadata "authorization: Bearer <auth_token>" with every call, for a server
+  // started with a token file. Printable ASCII without spaces. Default: empty, none sent.
+  std::string auth_token;
 };
 
 // Per-call settings.
@@ -76,6 +97,17 @@ struct CallOptions {
   // ComputeGradients only: leave the network's output out of the reply, for callers that need
   // only the loss and the gradients. The reply's result.output is then empty. Default: false.
   bool skip_output = false;
+  // Forward and ComputeGradients: data-parallel sharding. The batch (dim 0 of the input) is cut
+  // into min(shards, batch) contiguous parts that are sent at once; over a channel to several
+  // servers (see Client::Create) consecutive calls go to different servers, so the parts
+  // compute in parallel. The reply combines them: outputs and input gradients concatenated,
+  // parameter gradients summed and the loss recombined, with the weighting MSE's mean needs
+  // (client/sharding.h). It equals the unsharded result up to float rounding. All parts share
+  // the deadline and the request id; the reply's timing is the slowest part's and `attempts`
+  // the most any part needed. The first part to fail (in batch order) fails the call, its
+  // message prefixed with the part. A request whose tensors cannot be cut (e.g. a target of
+  // another batch size) is sent whole, for the server to report. Must be >= 1. Default: 1.
+  int shards = 1;
 };
 
 // Server-side durations of one call (grad.v1.Timing).
@@ -127,7 +159,13 @@ struct ServerInfo {
   std::vector<std::string> dtypes;       // accepted tensor dtypes, e.g. "DATA_TYPE_FLOAT32"
   int64_t requests_total = 0;
   int64_t requests_failed = 0;
+  // Calls refused for a missing, malformed or unaccepted bearer token (GetInfo included).
+  int64_t requests_unauthenticated = 0;
   absl::Duration uptime;
+  // How the server authenticates clients (grad.v1.Security).
+  bool tls = false;
+  bool client_certificates_required = false;
+  bool bearer_token_required = false;
 };
 
 // grpc.health.v1.HealthCheckResponse.ServingStatus.
@@ -143,10 +181,17 @@ const char* ServingStatusName(ServingStatus status);
 
 class Client {
  public:
-  // Makes a client for the server at `target` ("host:port", or any gRPC target such as
-  // "dns:///host:port" or "unix:/path"). Does not connect: the first call does, so Create
-  // succeeds while the server is still starting. Errors: InvalidArgument for an empty target
-  // or an option out of range, naming the option and its value.
+  // Makes a client for the server(s) at `target`: "host:port", a list of IP addresses
+  // "127.0.0.1:5001,127.0.0.1:5002" (or gRPC's "ipv4:127.0.0.1:5001,127.0.0.1:5002"), or any
+  // gRPC target such as "dns:///name:port" or "unix:/path". The client connects to every
+  // address the target names or resolves to and spreads calls over the ready ones in turn
+  // (gRPC's round_robin policy); a call that fails with Unavailable is retried, which can land
+  // on another server. Does not connect: the first call does, so Create succeeds while the
+  // server is still starting. Errors: InvalidArgument for an empty target, a list of host
+  // names, an option out of range, naming the option and its value, or a TLS file that cannot be
+  // read, naming the option and the path. A server that refuses the TLS handshake (wrong CA,
+  // missing client certificate) fails calls with Unavailable; one that refuses the token, with
+  // Unauthenticated.
   static absl::StatusOr<std::unique_ptr<Client>> Create(const std::string& target,
                                                         const ClientOptions& options = {});
 
