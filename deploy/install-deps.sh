@@ -2,7 +2,8 @@
 # Installs everything needed to build, test and benchmark the project on Debian bookworm.
 # Used by the README, by .ci/run and by the Dockerfile, so they cannot disagree.
 #
-#   deploy/install-deps.sh            build + test dependencies (including PyTorch for fixtures)
+#   deploy/install-deps.sh            build + test dependencies (including PyTorch for fixtures,
+#                                     and buildah + debootstrap for deploy/test-image.sh)
 #   deploy/install-deps.sh --build    only what compiling needs (the container's build stage)
 set -euo pipefail
 
@@ -14,6 +15,8 @@ build_packages=(
 )
 test_packages=(
   python3 python3-numpy python3-torch
+  python3-yaml openssl  # tests/deploy/manifest_test.py: reads the manifests, makes a test certificate
+  buildah debootstrap   # deploy/test-image.sh: builds and runs the image without a Docker engine
 )
 
 packages=("${build_packages[@]}")

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: a warnings-as-errors build with every test and the main job
 # (deploy/run-demo.sh: gradserver + gradctl demo), then the tests again under AddressSanitizer +
-# UndefinedBehaviorSanitizer (all but the PyTorch comparisons, which run in the first build).
+# UndefinedBehaviorSanitizer (all but the PyTorch comparisons, which run in the first build),
+# and finally the container image (deploy/test-image.sh: build the Dockerfile, run gradserver
+# from the image, check it with the first build's gradctl and the image's own).
 #
 #   bash tests/run_tests.sh
 #
@@ -31,4 +33,8 @@ cmake -S "$root" -B "$asan_build" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DGRAD_WERRO
   -DGRAD_SANITIZE=ON -DGRAD_BUILD_BENCHMARKS=OFF
 cmake --build "$asan_build" -j "$jobs"
 ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1" \
+  LSAN_OPTIONS="suppressions=$root/tests/lsan.supp" \
   ctest --test-dir "$asan_build" --output-on-failure -L "engine|reference|wire|client|cli|service"
+
+echo "== the container image"
+bash "$root/deploy/test-image.sh" "$build"
