@@ -22,9 +22,9 @@
 #include "absl/random/random.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
@@ -304,9 +304,8 @@ class Client::Impl {
     return Sharded<ForwardReply>(
         request, call,
         [this](const gradengine::ForwardRequest& part, const CallOptions& part_call,
-               absl::Time deadline, absl::Time start) {
-          return ForwardOnce(part, part_call, deadline, start);
-        },
+               absl::Time deadline,
+               absl::Time start) { return ForwardOnce(part, part_call, deadline, start); },
         [](absl::Span<const BatchSlice> slices, std::vector<gradengine::ForwardResult> parts) {
           return CombineForwardResults(slices, std::move(parts));
         });
@@ -318,9 +317,8 @@ class Client::Impl {
     return Sharded<GradientReply>(
         request, call,
         [this](const gradengine::GradientRequest& part, const CallOptions& part_call,
-               absl::Time deadline, absl::Time start) {
-          return ComputeGradientsOnce(part, part_call, deadline, start);
-        },
+               absl::Time deadline,
+               absl::Time start) { return ComputeGradientsOnce(part, part_call, deadline, start); },
         [&request, batch](absl::Span<const BatchSlice> slices,
                           std::vector<gradengine::GradientResult> parts) {
           return CombineGradientResults(request.objective.kind, batch, slices, std::move(parts));
@@ -428,8 +426,8 @@ class Client::Impl {
   }
 
   absl::StatusOr<GradientReply> ComputeGradientsOnce(const gradengine::GradientRequest& request,
-                                                     const CallOptions& call,
-                                                     absl::Time deadline, absl::Time start) {
+                                                     const CallOptions& call, absl::Time deadline,
+                                                     absl::Time start) {
     grad::v1::ComputeGradientsRequest wire_request;
     gradwire::EncodeGradientRequest(request, &wire_request);
     wire_request.set_request_id(call.request_id);
@@ -464,8 +462,7 @@ class Client::Impl {
     absl::StatusOr<absl::Time> deadline = CallDeadline(call, options_, start);
     if (!deadline.ok()) return deadline.status();
     if (call.shards < 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("shards=", call.shards, " must be >= 1"));
+      return absl::InvalidArgumentError(absl::StrCat("shards=", call.shards, " must be >= 1"));
     }
     CallOptions part_call = call;
     if (part_call.request_id.empty()) part_call.request_id = RandomRequestId();
@@ -473,8 +470,7 @@ class Client::Impl {
     if (batch < 2) return once(request, part_call, *deadline, start);
 
     const std::vector<BatchSlice> slices = SplitBatch(batch, call.shards);
-    std::vector<absl::StatusOr<Reply>> replies(slices.size(),
-                                               absl::UnknownError("part not run"));
+    std::vector<absl::StatusOr<Reply>> replies(slices.size(), absl::UnknownError("part not run"));
     auto run_part = [&](size_t i) {
       replies[i] = once(SliceRequest(request, slices[i]), part_call, *deadline, start);
     };
@@ -490,10 +486,10 @@ class Client::Impl {
     for (size_t i = 0; i < slices.size(); ++i) {
       if (!replies[i].ok()) {
         const absl::Status& status = replies[i].status();
-        return absl::Status(status.code(),
-                            absl::StrCat("shard ", i + 1, " of ", slices.size(), " (batch rows ",
-                                         slices[i].begin, "..", slices[i].end - 1,
-                                         "): ", status.message()));
+        return absl::Status(
+            status.code(),
+            absl::StrCat("shard ", i + 1, " of ", slices.size(), " (batch rows ", slices[i].begin,
+                         "..", slices[i].end - 1, "): ", status.message()));
       }
       const CallInfo& part = replies[i]->call;
       whole.call.attempts = std::max(whole.call.attempts, part.attempts);

@@ -51,17 +51,16 @@ constexpr double kVerifyTolerance = 1e-4;
 absl::Status CompareTensor(const std::string& what, const gradengine::Tensor& actual,
                            const gradengine::Tensor& expected) {
   if (actual.shape != expected.shape || actual.data.size() != expected.data.size()) {
-    return absl::DataLossError(absl::StrCat(what, " has shape ",
-                                            gradengine::ShapeToString(actual.shape),
-                                            ", the warm-up reply ",
-                                            gradengine::ShapeToString(expected.shape)));
+    return absl::DataLossError(
+        absl::StrCat(what, " has shape ", gradengine::ShapeToString(actual.shape),
+                     ", the warm-up reply ", gradengine::ShapeToString(expected.shape)));
   }
   double scale = 1.0;
   for (float value : expected.data) scale = std::max(scale, std::abs(static_cast<double>(value)));
   for (size_t i = 0; i < actual.data.size(); ++i) {
     const double diff = std::abs(static_cast<double>(actual.data[i]) - expected.data[i]);
-    if (!(diff <= kVerifyTolerance * scale) && !(std::isnan(actual.data[i]) &&
-                                                 std::isnan(expected.data[i]))) {
+    if (!(diff <= kVerifyTolerance * scale) &&
+        !(std::isnan(actual.data[i]) && std::isnan(expected.data[i]))) {
       return absl::DataLossError(absl::StrCat(what, "[", i, "] = ", actual.data[i],
                                               " differs from the warm-up reply's ",
                                               expected.data[i]));
@@ -150,8 +149,7 @@ void PrintReport(const Report& report, bool json) {
               << ",\"concurrency\":" << report.concurrency
               << ",\"skip_output\":" << (report.skip_output ? "true" : "false")
               << ",\"shards\":" << report.shards
-              << ",\"verify\":" << (report.verify ? "true" : "false")
-              << ",\"duration_s\":"
+              << ",\"verify\":" << (report.verify ? "true" : "false") << ",\"duration_s\":"
               << absl::StrFormat("%.3f", absl::ToDoubleSeconds(report.elapsed))
               << ",\"requests\":" << report.ok + report.failed << ",\"ok\":" << report.ok
               << ",\"failed\":" << report.failed

@@ -154,7 +154,9 @@ const std::vector<Command>& Commands() {
         "param_grads", "skip_output", "out", "request_id", "shards"}},
       {"forward", 0, {"net", "input", "params", "out", "request_id", "shards"}},
       {"demo", 1, {"data"}},
-      {"bench", 0, {"workload", "method", "concurrency", "duration", "requests", "skip_output", "shards",
+      {"bench",
+       0,
+       {"workload", "method", "concurrency", "duration", "requests", "skip_output", "shards",
         "verify", "json"}},
   };
   return *commands;

@@ -48,9 +48,9 @@ class ReplicaTest : public ::testing::Test {
     ASSERT_NE(GradserverBinary(), "") << "GRADSERVER_BINARY is not set; run through ctest";
     for (int i = 0; i < kReplicas; ++i) {
       replicas_[i] = std::make_unique<ServerProcess>();
-      ASSERT_TRUE(replicas_[i]->Start(
-          GradserverBinary(), {"--address=127.0.0.1:0", "--threads_per_request=1",
-                               "--max_concurrent_requests=2", "--log_requests=false"}));
+      ASSERT_TRUE(replicas_[i]->Start(GradserverBinary(),
+                                      {"--address=127.0.0.1:0", "--threads_per_request=1",
+                                       "--max_concurrent_requests=2", "--log_requests=false"}));
     }
     std::vector<std::string> addresses;
     for (int i = 0; i < kReplicas; ++i) {
@@ -148,9 +148,9 @@ TEST_F(ReplicaTest, ShardedCallComputesOnEveryReplicaAndEqualsTheWholeBatch) {
 
   const gradengine::GradientResult& a = parts->result;
   const gradengine::GradientResult& e = whole->result;
-  EXPECT_TRUE((gradtest::TensorsClose<float, float>("output", a.output.shape, a.output.data,
-                                                    e.output.shape, e.output.data,
-                                                    gradtest::kShardedRelativeTolerance)));
+  EXPECT_TRUE(
+      (gradtest::TensorsClose<float, float>("output", a.output.shape, a.output.data, e.output.shape,
+                                            e.output.data, gradtest::kShardedRelativeTolerance)));
   ASSERT_TRUE(a.loss.has_value() && e.loss.has_value());
   EXPECT_NEAR(*a.loss, *e.loss, gradtest::kShardedRelativeTolerance * std::max(1.0, *e.loss));
   ASSERT_TRUE(a.input_grad.has_value() && e.input_grad.has_value());
@@ -161,10 +161,44 @@ TEST_F(ReplicaTest, ShardedCallComputesOnEveryReplicaAndEqualsTheWholeBatch) {
   for (const auto& [name, grad] : e.parameter_grads) {
     ASSERT_TRUE(a.parameter_grads.count(name)) << name;
     const gradengine::Tensor& got = a.parameter_grads.at(name);
-    EXPECT_TRUE((gradtest::TensorsClose<float, float>(name, got.shape, got.data, grad.shape,
-                                                      grad.data,
-                                                      gradtest::kShardedRelativeTolerance)));
+    EXPECT_TRUE((gradtest::TensorsClose<float, float>(
+        name, got.shape, got.data, grad.shape, grad.data, gradtest::kShardedRelativeTolerance)));
   }
+}
+
+// A part the server refuses fails the whole call with the server's code and message, prefixed
+// with the part; Forward shards too.
+TEST_F(ReplicaTest, ShardedCallsReportTheFailingPartAndForwardShards) {
+  absl::StatusOr<std::unique_ptr<Client>> client = Client::Create(target_);
+  ASSERT_TRUE(client.ok()) << client.status();
+  absl::StatusOr<Workload> workload = MakeWorkload("seed4_b32");
+  ASSERT_TRUE(workload.ok());
+  CallOptions sharded;
+  sharded.shards = kReplicas;
+
+  gradengine::GradientRequest bad = workload->Request();
+  gradengine::TensorView& weight = bad.parameters.at("conv2.weight");
+  weight.shape = {16, 8, 9, 1};
+  absl::StatusOr<GradientReply> refused = (*client)->ComputeGradients(bad, sharded);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("shard 1 of 3 (batch rows 0..10): "));
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("parameters[\"conv2.weight\"].shape=[16, 8, 9, 1] must be [16, 8, 3, 3]"));
+
+  sharded.shards = 0;
+  EXPECT_EQ((*client)->ComputeGradients(workload->Request(), sharded).status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  sharded.shards = 4;
+  absl::StatusOr<ForwardReply> whole = (*client)->Forward(workload->ForwardOnly());
+  absl::StatusOr<ForwardReply> parts = (*client)->Forward(workload->ForwardOnly(), sharded);
+  ASSERT_TRUE(whole.ok() && parts.ok());
+  const gradengine::Tensor& a = parts->result.output;
+  const gradengine::Tensor& e = whole->result.output;
+  EXPECT_TRUE((gradtest::TensorsClose<float, float>("output", a.shape, a.data, e.shape, e.data,
+                                                    gradtest::kShardedRelativeTolerance)));
 }
 
 // `command` run by the shell; its stdout and exit status.
