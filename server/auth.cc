@@ -43,8 +43,7 @@ bool ConstantTimeEquals(absl::string_view presented, absl::string_view accepted)
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<BearerTokens>> BearerTokens::FromFile(absl::string_view option_name,
-                                                                     const std::string& path) {
+absl::StatusOr<std::string> ReadOptionFile(absl::string_view option_name, const std::string& path) {
   std::ifstream file(path, std::ios::binary);
   if (!file) {
     return absl::InvalidArgumentError(
@@ -55,9 +54,16 @@ absl::StatusOr<std::unique_ptr<BearerTokens>> BearerTokens::FromFile(absl::strin
   if (file.bad()) {
     return absl::InvalidArgumentError(absl::StrCat(option_name, "=", path, " cannot be read"));
   }
+  return contents.str();
+}
+
+absl::StatusOr<std::unique_ptr<BearerTokens>> BearerTokens::FromFile(absl::string_view option_name,
+                                                                     const std::string& path) {
+  absl::StatusOr<std::string> contents = ReadOptionFile(option_name, path);
+  if (!contents.ok()) return contents.status();
   std::vector<std::string> tokens;
   int line_number = 0;
-  for (absl::string_view line : absl::StrSplit(contents.str(), '\n')) {
+  for (absl::string_view line : absl::StrSplit(*contents, '\n')) {
     ++line_number;
     line = absl::StripAsciiWhitespace(line);
     if (line.empty() || absl::StartsWith(line, "#")) continue;

@@ -30,6 +30,10 @@ namespace gradserver {
 // The metadata key of the token, lower case as gRPC stores keys.
 inline constexpr char kAuthorizationMetadataKey[] = "authorization";
 
+// The whole contents of the file `path`, given as the option `option_name`. Errors:
+// InvalidArgument "<option_name>=<path> cannot be read: <reason>".
+absl::StatusOr<std::string> ReadOptionFile(absl::string_view option_name, const std::string& path);
+
 class BearerTokens {
  public:
   // Reads the accepted tokens from `path`: one per line; surrounding whitespace is trimmed,

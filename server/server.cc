@@ -9,12 +9,9 @@
 #include <grpcpp/security/server_credentials.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <climits>
 #include <cstring>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <utility>
@@ -120,17 +117,9 @@ absl::Status ValidateOptions(const ServerOptions& options) {
 // The contents of the PEM file `path`, which must hold a "-----BEGIN <what>" block.
 absl::StatusOr<std::string> ReadPemFile(absl::string_view option_name, const std::string& path,
                                         absl::string_view what) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(option_name, "=", path, " cannot be read: ", std::strerror(errno)));
-  }
-  std::ostringstream contents;
-  contents << file.rdbuf();
-  if (file.bad()) {
-    return absl::InvalidArgumentError(absl::StrCat(option_name, "=", path, " cannot be read"));
-  }
-  const std::string pem = contents.str();
+  absl::StatusOr<std::string> contents = ReadOptionFile(option_name, path);
+  if (!contents.ok()) return contents.status();
+  std::string pem = *std::move(contents);
   if (!absl::StrContains(pem, "-----BEGIN ") || !absl::StrContains(pem, what)) {
     return absl::InvalidArgumentError(
         absl::StrCat(option_name, "=", path, " is not a PEM file holding a ", what));
