@@ -390,7 +390,7 @@ class Client::Impl {
           done.WaitForNotification();
           return result;
         },
-        &attempts);
+        &attempts, /*send_token=*/false);
     if (!status.ok()) return status;
     absl::StatusOr<ServingStatus> serving = DecodeHealthCheckResponse(FlattenByteBuffer(response));
     if (!serving.ok()) return MalformedResponse(target_, "Health/Check", serving.status());
@@ -461,8 +461,9 @@ class Client::Impl {
     const absl::Time start = absl::Now();
     absl::StatusOr<absl::Time> deadline = CallDeadline(call, options_, start);
     if (!deadline.ok()) return deadline.status();
-    if (call.shards < 1) {
-      return absl::InvalidArgumentError(absl::StrCat("shards=", call.shards, " must be >= 1"));
+    if (call.shards < 1 || call.shards > kMaxShards) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("shards=", call.shards, " is out of range 1..", kMaxShards));
     }
     CallOptions part_call = call;
     if (part_call.request_id.empty()) part_call.request_id = RandomRequestId();
@@ -510,16 +511,18 @@ class Client::Impl {
   // Runs `attempt` with a fresh context carrying `deadline` until it succeeds, fails with a
   // code other than Unavailable, or the retry budget (attempts, deadline) is spent; returns
   // the last status. Each attempt must be safe to repeat: every RPC here is idempotent.
+  // The bearer token goes with every call but health checks, which never need it (and may go
+  // to a plaintext health port).
   absl::Status CallWithRetry(absl::Time deadline,
                              const std::function<grpc::Status(grpc::ClientContext*)>& attempt,
-                             int* attempts) const {
+                             int* attempts, bool send_token = true) const {
     const RetryOptions& retry = options_.retry;
     std::optional<absl::BitGen> jitter_source;  // seeded on the first retry only
     absl::Duration backoff = retry.initial_backoff;
     for (int n = 1;; ++n) {
       grpc::ClientContext context;
       if (deadline != absl::InfiniteFuture()) context.set_deadline(absl::ToChronoTime(deadline));
-      if (!options_.auth_token.empty()) {
+      if (send_token && !options_.auth_token.empty()) {
         context.AddMetadata("authorization", absl::StrCat("Bearer ", options_.auth_token));
       }
       *attempts = n;

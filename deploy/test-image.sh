@@ -104,7 +104,11 @@ else
   containers+=("$ctr")
   rootfs="$(bh mount "$ctr")"
   [[ -d "$rootfs" && "$rootfs" != / ]] || { echo "test-image: cannot mount $ctr" >&2; exit 1; }
-  debootstrap --variant=minbase --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
+  # An https archive needs the CA certificates inside the image too, for the Dockerfile's apt.
+  include=()
+  [[ "$mirror$security" == *https://* ]] && include=(--include=ca-certificates)
+  debootstrap --variant=minbase "${include[@]}" \
+    --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
     bookworm "$rootfs" "$mirror" > "$work/debootstrap.log" 2>&1 ||
     { tail -n 30 "$work/debootstrap.log" >&2; exit 1; }
   # What the official slim image does: the same apt sources, no documentation, manuals or

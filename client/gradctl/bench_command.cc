@@ -207,8 +207,9 @@ absl::Status RunBench(const BenchOptions& options) {
   if (options.forward && options.skip_output) {
     return UsageError("--skip_output applies to --method=gradients only");
   }
-  if (options.shards < 1) {
-    return UsageError(absl::StrCat("--shards=", options.shards, " must be >= 1"));
+  if (options.shards < 1 || options.shards > gradclient::kMaxShards) {
+    return UsageError(absl::StrCat("--shards=", options.shards, " is out of range 1..",
+                                   gradclient::kMaxShards));
   }
   const gradengine::GradientRequest request = workload->Request();
   const gradengine::ForwardRequest forward_request = workload->ForwardOnly();

@@ -122,8 +122,9 @@ absl::Status CheckOptions(const GradOptions& options) {
       return UsageError(absl::StrCat("gradctl ", command, " needs ", required.flag));
     }
   }
-  if (options.shards < 1) {
-    return UsageError(absl::StrCat("--shards=", options.shards, " must be >= 1"));
+  if (options.shards < 1 || options.shards > gradclient::kMaxShards) {
+    return UsageError(absl::StrCat("--shards=", options.shards, " is out of range 1..",
+                                   gradclient::kMaxShards));
   }
   if (!options.gradients) return absl::OkStatus();
   if (!options.objective.empty() && options.objective != "sum") {

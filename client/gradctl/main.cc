@@ -113,11 +113,11 @@ usage: gradctl COMMAND [flags]
 every command takes --server=TARGET (default localhost:50051): HOST:PORT, a list of IP
 addresses A:PORT,B:PORT, or a gRPC target such as dns:///NAME:PORT. Calls are spread over
 every server the target names or resolves to (round robin), and a call a server cannot take
-(UNAVAILABLE) is retried, landing on another. --shards=K cuts each call's batch into K parts
-sent at once (data-parallel), so K servers compute one call together.
+(UNAVAILABLE) is retried, landing on another. --shards=K (at most 64) cuts each call's batch
+into K parts sent at once (data-parallel), so K servers compute one call together.
 
-every command takes --server=HOST:PORT (default localhost:50051) and --timeout=DURATION
-(deadline of each call, retries included; default 60s), and for a secured server:
+every command also takes --timeout=DURATION (deadline of each call, retries included;
+default 60s), and for a secured server:
   --tls [--tls_ca=CA.pem] [--tls_cert=CERT.pem --tls_key=KEY.pem] [--tls_server_name=NAME]
             TLS (any --tls_ flag implies --tls); the CA defaults to the system's roots;
             --tls_cert/--tls_key present a client certificate (mutual TLS)

@@ -525,7 +525,7 @@ TEST_F(GradctlInputTest, UsageErrorsExitWithTwo) {
   no_shards.push_back("--shards=0");
   run = Gradctl(no_shards);
   EXPECT_EQ(run.exit_code, 2) << run;
-  EXPECT_THAT(run.err, HasSubstr("--shards=0 must be >= 1"));
+  EXPECT_THAT(run.err, HasSubstr("--shards=0 is out of range 1..64"));
 
   run = Gradctl({"grad", "--nett=x.json"});
   EXPECT_EQ(run.exit_code, 2) << run;

@@ -31,6 +31,12 @@ ServerProcess::~ServerProcess() {
 }
 
 bool ServerProcess::Start(const std::string& binary, const std::vector<std::string>& flags) {
+  // Built before fork: the child of a threaded process may only make async-signal-safe calls,
+  // and allocating is not one.
+  std::vector<char*> argv;
+  argv.push_back(const_cast<char*>(binary.c_str()));
+  for (const std::string& flag : flags) argv.push_back(const_cast<char*>(flag.c_str()));
+  argv.push_back(nullptr);
   int pipe_fds[2];
   if (pipe(pipe_fds) != 0) return false;
   pid_ = fork();
@@ -39,10 +45,6 @@ bool ServerProcess::Start(const std::string& binary, const std::vector<std::stri
     dup2(pipe_fds[1], STDERR_FILENO);
     close(pipe_fds[0]);
     close(pipe_fds[1]);
-    std::vector<char*> argv;
-    argv.push_back(const_cast<char*>(binary.c_str()));
-    for (const std::string& flag : flags) argv.push_back(const_cast<char*>(flag.c_str()));
-    argv.push_back(nullptr);
     execv(binary.c_str(), argv.data());
     _exit(127);
   }

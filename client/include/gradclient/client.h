@@ -79,10 +79,15 @@ struct ClientOptions {
   // server's default.
   int max_message_mb = 1024;
   TlsOptions tls;
-  // Sent as the metadata "authorization: Bearer <auth_token>" with every call, for a server
-  // started with a token file. Printable ASCII without spaces. Default: empty, none sent.
+  // Sent as the metadata "authorization: Bearer <auth_token>" with every call but Health (which
+  // needs none, and may go to a plaintext health port), for a server started with a token file.
+  // Printable ASCII without spaces. Default: empty, none sent.
   std::string auth_token;
 };
+
+// Most parts CallOptions::shards may cut a call into; each part is sent from a thread of its
+// own.
+inline constexpr int kMaxShards = 64;
 
 // Per-call settings.
 struct CallOptions {
@@ -106,7 +111,8 @@ struct CallOptions {
   // the deadline and the request id; the reply's timing is the slowest part's and `attempts`
   // the most any part needed. The first part to fail (in batch order) fails the call, its
   // message prefixed with the part. A request whose tensors cannot be cut (e.g. a target of
-  // another batch size) is sent whole, for the server to report. Must be >= 1. Default: 1.
+  // another batch size) is sent whole, for the server to report. Range 1..kMaxShards.
+  // Default: 1.
   int shards = 1;
 };
 
