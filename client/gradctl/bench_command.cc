@@ -208,8 +208,8 @@ absl::Status RunBench(const BenchOptions& options) {
     return UsageError("--skip_output applies to --method=gradients only");
   }
   if (options.shards < 1 || options.shards > gradclient::kMaxShards) {
-    return UsageError(absl::StrCat("--shards=", options.shards, " is out of range 1..",
-                                   gradclient::kMaxShards));
+    return UsageError(
+        absl::StrCat("--shards=", options.shards, " is out of range 1..", gradclient::kMaxShards));
   }
   const gradengine::GradientRequest request = workload->Request();
   const gradengine::ForwardRequest forward_request = workload->ForwardOnly();

@@ -123,8 +123,8 @@ absl::Status CheckOptions(const GradOptions& options) {
     }
   }
   if (options.shards < 1 || options.shards > gradclient::kMaxShards) {
-    return UsageError(absl::StrCat("--shards=", options.shards, " is out of range 1..",
-                                   gradclient::kMaxShards));
+    return UsageError(
+        absl::StrCat("--shards=", options.shards, " is out of range 1..", gradclient::kMaxShards));
   }
   if (!options.gradients) return absl::OkStatus();
   if (!options.objective.empty() && options.objective != "sum") {
