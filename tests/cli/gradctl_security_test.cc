@@ -3,60 +3,31 @@
 // port. The gradserver binary comes from $GRADSERVER_BINARY (set by CTest).
 
 #include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
-#include "absl/strings/str_replace.h"
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/cli/gradctl_runner.h"
 #include "tests/service/server_process.h"
 #include "tests/service/test_pki.h"
 
 namespace {
 
 namespace fs = std::filesystem;
+using ::gradclitest::GradctlRun;
+using ::gradclitest::RunGradctl;
 using ::gradservicetest::kFirstToken;
 using ::gradservicetest::kSecondToken;
-using ::gradservicetest::ReadTextFile;
 using ::testing::HasSubstr;
 using ::testing::Not;
 
 constexpr char kWrongToken[] = "wrong-token-0badf00d";
-
-std::string ShellQuote(const std::string& arg) {
-  return absl::StrCat("'", absl::StrReplaceAll(arg, {{"'", "'\\''"}}), "'");
-}
-
-struct GradctlRun {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
-
-std::ostream& operator<<(std::ostream& os, const GradctlRun& run) {
-  return os << "exit " << run.exit_code << "\n--- stdout\n" << run.out << "--- stderr\n" << run.err;
-}
-
-// The port in "<marker><host>:<port>\n" on `text`, or 0.
-int PortAfter(const std::string& text, const std::string& marker) {
-  const size_t at = text.find(marker);
-  if (at == std::string::npos) return 0;
-  const size_t end = text.find('\n', at);
-  const std::string address = text.substr(at + marker.size(), end - at - marker.size());
-  int port = 0;
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port)) return 0;
-  return port;
-}
 
 class GradctlSecurityTest : public ::testing::Test {
  protected:
@@ -73,7 +44,7 @@ class GradctlSecurityTest : public ::testing::Test {
          "--threads_per_request=1", "--max_concurrent_requests=2"}));
     port_ = server_.WaitForPort(absl::Seconds(60));
     ASSERT_GT(port_, 0) << server_.Stderr();
-    health_port_ = PortAfter(server_.Stderr(), "gradserver health listening on ");
+    health_port_ = server_.WaitForPort(absl::Seconds(60), "gradserver health listening on ");
     ASSERT_GT(health_port_, 0) << server_.Stderr();
   }
 
@@ -81,24 +52,10 @@ class GradctlSecurityTest : public ::testing::Test {
     if (!HasFailure()) fs::remove_all(dir_);
   }
 
-  // Runs gradctl with `args` and the environment assignments `env` (GRADCTL_AUTH_TOKEN is
-  // unset unless `env` sets it).
+  // Runs gradctl with `args` and the environment assignments `env` (see RunGradctl).
   GradctlRun Gradctl(const std::vector<std::string>& args,
                      const std::vector<std::string>& env = {}) {
-    std::vector<std::string> words = {"env", "-u", "GRADCTL_AUTH_TOKEN"};
-    for (const std::string& assignment : env) words.push_back(ShellQuote(assignment));
-    words.push_back(ShellQuote(GRADCTL_PATH));
-    for (const std::string& arg : args) words.push_back(ShellQuote(arg));
-    const std::string out = dir_ + "/gradctl.stdout";
-    const std::string err = dir_ + "/gradctl.stderr";
-    const std::string command = absl::StrCat(absl::StrJoin(words, " "), " >", ShellQuote(out),
-                                             " 2>", ShellQuote(err), " </dev/null");
-    const int status = std::system(command.c_str());
-    GradctlRun run;
-    run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    run.out = ReadTextFile(out);
-    run.err = ReadTextFile(err);
-    return run;
+    return RunGradctl(dir_, args, env);
   }
 
   std::string ServerFlag() const { return absl::StrCat("--server=127.0.0.1:", port_); }

@@ -1,8 +1,6 @@
 // The gradctl binary end to end against an in-process gradserver::Server: `grad` on every
 // PyTorch fixture, `forward`, `demo`, `health`, `info`, `bench`, and how it reports errors.
 
-#include <sys/wait.h>
-
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -17,7 +15,6 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_replace.h"
 #include "gmock/gmock.h"
 #include "google/protobuf/util/json_util.h"
 #include "grad/v1/gradient_service.pb.h"
@@ -26,12 +23,17 @@
 #include "gtest/gtest.h"
 #include "proto/wire.h"
 #include "server/server.h"
+#include "tests/cli/gradctl_runner.h"
+#include "tests/service/test_pki.h"
 #include "tests/tolerance.h"
 #include "tests/torch/fixture.h"
 
 namespace {
 
 namespace fs = std::filesystem;
+using ::gradclitest::GradctlRun;
+using ::gradclitest::RunGradctl;
+using ::gradservicetest::ReadTextFile;
 using ::testing::HasSubstr;
 using ::testing::Not;
 
@@ -45,30 +47,9 @@ std::string SourceDir() {
 
 std::string FixturesDir() { return SourceDir() + "/tests/fixtures"; }
 
-std::string ShellQuote(const std::string& arg) {
-  return absl::StrCat("'", absl::StrReplaceAll(arg, {{"'", "'\\''"}}), "'");
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  std::ostringstream text;
-  text << file.rdbuf();
-  return text.str();
-}
-
 void WriteFile(const std::string& path, const std::string& bytes) {
   std::ofstream file(path, std::ios::binary | std::ios::trunc);
   file << bytes;
-}
-
-struct GradctlRun {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
-
-std::ostream& operator<<(std::ostream& os, const GradctlRun& run) {
-  return os << "exit " << run.exit_code << "\n--- stdout\n" << run.out << "--- stderr\n" << run.err;
 }
 
 class GradctlTest : public ::testing::Test {
@@ -105,20 +86,7 @@ class GradctlTest : public ::testing::Test {
   static std::string ServerFlag() { return absl::StrCat("--server=127.0.0.1:", server_->port()); }
 
   // Runs gradctl with `args` (the server flag is not added) and captures its output.
-  GradctlRun Gradctl(const std::vector<std::string>& args) {
-    std::vector<std::string> quoted = {ShellQuote(GRADCTL_PATH)};
-    for (const std::string& arg : args) quoted.push_back(ShellQuote(arg));
-    const std::string out = dir_ + "/gradctl.stdout";
-    const std::string err = dir_ + "/gradctl.stderr";
-    const std::string command = absl::StrCat(absl::StrJoin(quoted, " "), " >", ShellQuote(out),
-                                             " 2>", ShellQuote(err), " </dev/null");
-    const int status = std::system(command.c_str());
-    GradctlRun run;
-    run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    run.out = ReadFile(out);
-    run.err = ReadFile(err);
-    return run;
-  }
+  GradctlRun Gradctl(const std::vector<std::string>& args) { return RunGradctl(dir_, args); }
 
   // Writes `network` as the protobuf JSON of grad.v1.Network; returns the path.
   std::string WriteNetJson(const gradengine::NetworkSpec& network, const std::string& name) {
@@ -352,7 +320,8 @@ TEST_F(GradctlTest, BenchReportsThroughputLatencyAndErrors) {
   const GradctlRun json = Gradctl(
       {"bench", ServerFlag(), "--workload=seed1", "--concurrency=3", "--requests=30", "--json"});
   ASSERT_EQ(json.exit_code, 0) << json;
-  EXPECT_THAT(json.out, HasSubstr("\"workload\":\"seed1\",\"method\":\"gradients\",\"concurrency\":3"));
+  EXPECT_THAT(json.out,
+              HasSubstr("\"workload\":\"seed1\",\"method\":\"gradients\",\"concurrency\":3"));
   EXPECT_THAT(json.out, HasSubstr("\"requests\":30,\"ok\":30,\"failed\":0"));
   EXPECT_THAT(json.out, HasSubstr("\"errors\":{}"));
   absl::StatusOr<double> throughput = JsonNumberField(json.out, "throughput_rps");
@@ -371,8 +340,8 @@ TEST_F(GradctlTest, BenchReportsThroughputLatencyAndErrors) {
   EXPECT_THAT(text.out, HasSubstr("latency (ms)  p50 "));
   EXPECT_THAT(text.out, HasSubstr("errors        none"));
 
-  const GradctlRun forward = Gradctl({"bench", ServerFlag(), "--workload=seed4",
-                                      "--method=forward", "--requests=5", "--json"});
+  const GradctlRun forward = Gradctl(
+      {"bench", ServerFlag(), "--workload=seed4", "--method=forward", "--requests=5", "--json"});
   ASSERT_EQ(forward.exit_code, 0) << forward;
   EXPECT_THAT(forward.out, HasSubstr("\"method\":\"forward\""));
   EXPECT_THAT(forward.out, HasSubstr("\"requests\":5,\"ok\":5,\"failed\":0"));
@@ -422,7 +391,7 @@ class GradctlInputTest : public GradctlTest {
 };
 
 TEST_F(GradctlInputTest, FortranOrderNpyIsRejectedNamingTheFile) {
-  std::string bytes = ReadFile(case_dir_ + "/input.npy");
+  std::string bytes = ReadTextFile(case_dir_ + "/input.npy");
   const size_t at = bytes.find("'fortran_order': False");
   ASSERT_NE(at, std::string::npos);
   bytes.replace(at, 22, "'fortran_order': True ");
@@ -436,7 +405,7 @@ TEST_F(GradctlInputTest, FortranOrderNpyIsRejectedNamingTheFile) {
 }
 
 TEST_F(GradctlInputTest, Float64NpyIsRejectedNamingTheFile) {
-  std::string bytes = ReadFile(case_dir_ + "/input.npy");
+  std::string bytes = ReadTextFile(case_dir_ + "/input.npy");
   const size_t at = bytes.find("'<f4'");
   ASSERT_NE(at, std::string::npos);
   bytes.replace(at, 5, "'<f8'");

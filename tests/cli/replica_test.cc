@@ -3,15 +3,15 @@
 // single-server result, and a replica killed with SIGKILL in the middle of `gradctl bench`
 // loses no request: the calls it had are retried on the others and every reply is verified.
 //
-// The binaries come from GRADSERVER_BINARY (set by CTest) and GRADCTL_PATH (compiled in).
+// The gradserver binary comes from GRADSERVER_BINARY (set by CTest).
 
 #include <signal.h>
-#include <stdio.h>
-#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <filesystem>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -29,6 +29,7 @@
 #include "gradclient/workloads.h"
 #include "gradengine/network.h"
 #include "gtest/gtest.h"
+#include "tests/cli/gradctl_runner.h"
 #include "tests/service/server_process.h"
 #include "tests/tolerance.h"
 
@@ -201,35 +202,19 @@ TEST_F(ReplicaTest, ShardedCallsReportTheFailingPartAndForwardShards) {
                                                     gradtest::kShardedRelativeTolerance)));
 }
 
-// `command` run by the shell; its stdout and exit status.
-struct CommandResult {
-  std::string out;
-  int exit_code = -1;
-};
-
-CommandResult RunCommand(const std::string& command) {
-  CommandResult result;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return result;
-  char buffer[4096];
-  size_t n;
-  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) result.out.append(buffer, n);
-  const int status = pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
-
 TEST_F(ReplicaTest, SigkillOfOneReplicaMidBenchLosesNoRequest) {
   absl::StatusOr<Workload> workload = MakeWorkload("seed4");
   ASSERT_TRUE(workload.ok());
 
   // gradctl bench at concurrency 8 for 6 s over the three replicas, every reply compared with
   // the warm-up reply; replica 1 is killed 2 s in.
-  CommandResult bench;
+  const std::string dir = absl::StrCat(::testing::TempDir(), "/replica_test_", getpid());
+  std::filesystem::create_directories(dir);
+  gradclitest::GradctlRun bench;
   std::thread runner([&] {
-    bench = RunCommand(absl::StrCat(GRADCTL_PATH, " bench --server=", target_,
-                                    " --workload=seed4 --concurrency=8 --duration=6s --verify "
-                                    "--json 2>&1"));
+    bench =
+        gradclitest::RunGradctl(dir, {"bench", "--server=" + target_, "--workload=seed4",
+                                      "--concurrency=8", "--duration=6s", "--verify", "--json"});
   });
   absl::SleepFor(absl::Seconds(2));
   absl::StatusOr<ServerInfo> victim = direct_[1]->GetInfo();
@@ -250,12 +235,13 @@ TEST_F(ReplicaTest, SigkillOfOneReplicaMidBenchLosesNoRequest) {
 
   std::cout << "gradctl bench: " << bench.out;
   // Nothing lost, nothing wrong.
-  EXPECT_EQ(bench.exit_code, 0) << bench.out;
+  EXPECT_EQ(bench.exit_code, 0) << bench;
   EXPECT_THAT(bench.out, HasSubstr("\"concurrency\":8"));
   EXPECT_THAT(bench.out, HasSubstr("\"verify\":true"));
   EXPECT_THAT(bench.out, HasSubstr("\"failed\":0,"));
   EXPECT_THAT(bench.out, HasSubstr("\"errors\":{}"));
-  EXPECT_THAT(bench.out, ::testing::Not(HasSubstr("\"ok\":0,"))) << bench.out;
+  EXPECT_THAT(bench.out, ::testing::Not(HasSubstr("\"ok\":0,"))) << bench;
+  if (!HasFailure()) std::filesystem::remove_all(dir);
 }
 
 TEST(ClientTargetTest, ListsOfHostNamesAreRefusedWithTheAlternatives) {

@@ -64,8 +64,7 @@ bool ServerProcess::Start(const std::string& binary, const std::vector<std::stri
   return true;
 }
 
-int ServerProcess::WaitForPort(absl::Duration timeout) {
-  const std::string marker = "gradserver listening on ";
+int ServerProcess::WaitForPort(absl::Duration timeout, const std::string& marker) {
   if (!WaitForStderr(marker, timeout)) return 0;
   int port = 0;
   auto line_done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {

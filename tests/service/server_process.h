@@ -31,8 +31,10 @@ class ServerProcess {
   // Starts `binary` with `flags`; false if it cannot be started.
   bool Start(const std::string& binary, const std::vector<std::string>& flags);
 
-  // The port from "gradserver listening on <host>:<port>", or 0 if the line does not come.
-  int WaitForPort(absl::Duration timeout);
+  // The port from the line "<marker><host>:<port>" once it is complete, or 0 if it does not
+  // come within `timeout`. The default marker is the main listener's line; the health
+  // listener's is "gradserver health listening on ".
+  int WaitForPort(absl::Duration timeout, const std::string& marker = "gradserver listening on ");
 
   // Whether stderr comes to contain `text` within `timeout`.
   bool WaitForStderr(const std::string& text, absl::Duration timeout);
