@@ -313,15 +313,14 @@ class Client::Impl {
 
   absl::StatusOr<GradientReply> ComputeGradients(const gradengine::GradientRequest& request,
                                                  const CallOptions& call) {
-    const int64_t batch = request.input.shape.empty() ? 0 : request.input.shape[0];
     return Sharded<GradientReply>(
         request, call,
         [this](const gradengine::GradientRequest& part, const CallOptions& part_call,
                absl::Time deadline,
                absl::Time start) { return ComputeGradientsOnce(part, part_call, deadline, start); },
-        [&request, batch](absl::Span<const BatchSlice> slices,
-                          std::vector<gradengine::GradientResult> parts) {
-          return CombineGradientResults(request.objective.kind, batch, slices, std::move(parts));
+        [&request](absl::Span<const BatchSlice> slices,
+                   std::vector<gradengine::GradientResult> parts) {
+          return CombineGradientResults(request.objective.kind, slices, std::move(parts));
         });
   }
 

@@ -152,10 +152,10 @@ gradengine::ForwardResult CombineForwardResults(absl::Span<const BatchSlice> sli
 }
 
 gradengine::GradientResult CombineGradientResults(gradengine::ObjectiveKind objective,
-                                                  int64_t batch,
                                                   absl::Span<const BatchSlice> slices,
                                                   std::vector<gradengine::GradientResult> parts) {
   if (parts.size() == 1) return std::move(parts.front());
+  const int64_t batch = slices.back().end;
   // Part k's share of the whole batch's mean; sums and caller-given gradients add up as they
   // are.
   std::vector<double> weights;

@@ -51,13 +51,12 @@ gradengine::ForwardRequest SliceRequest(const gradengine::ForwardRequest& reques
 gradengine::GradientRequest SliceRequest(const gradengine::GradientRequest& request,
                                          BatchSlice slice);
 
-// The whole batch's result from the parts' results, part i computed for slices[i] of a batch
-// of `batch` rows. The timing is the slowest part's (the parts run at once). REQUIRES: parts
-// and slices have the same size and the parts answer the slices of one request.
+// The whole batch's result from the parts' results, part i computed for slices[i] of
+// SplitBatch's slices of the batch. The timing is the slowest part's (the parts run at once).
+// REQUIRES: parts and slices have the same size and the parts answer the slices of one request.
 gradengine::ForwardResult CombineForwardResults(absl::Span<const BatchSlice> slices,
                                                 std::vector<gradengine::ForwardResult> parts);
 gradengine::GradientResult CombineGradientResults(gradengine::ObjectiveKind objective,
-                                                  int64_t batch,
                                                   absl::Span<const BatchSlice> slices,
                                                   std::vector<gradengine::GradientResult> parts);
 

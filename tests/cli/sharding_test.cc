@@ -95,8 +95,7 @@ class ShardingTest : public ::testing::Test {
       EXPECT_TRUE(part.ok()) << part.status();
       parts.push_back(part.ok() ? *std::move(part) : gradengine::GradientResult());
     }
-    return CombineGradientResults(request.objective.kind, ShardableBatch(request), slices,
-                                  std::move(parts));
+    return CombineGradientResults(request.objective.kind, slices, std::move(parts));
   }
 
   static void ExpectClose(const std::string& what, const gradengine::Tensor& actual,
@@ -192,8 +191,8 @@ TEST_F(ShardingTest, GradientSubsetsAndSkippedOutputsCombine) {
   const std::vector<BatchSlice> slices = SplitBatch(kBatch, 2);
   std::vector<gradengine::GradientResult> parts(2);
   parts[0].output = gradengine::Tensor({4, 4, 5, 5}, std::vector<float>(400, 1.0f));
-  EXPECT_TRUE(CombineGradientResults(ObjectiveKind::kSum, kBatch, slices, std::move(parts))
-                  .output.data.empty());
+  EXPECT_TRUE(
+      CombineGradientResults(ObjectiveKind::kSum, slices, std::move(parts)).output.data.empty());
 }
 
 TEST_F(ShardingTest, ForwardConcatenatesTheParts) {
