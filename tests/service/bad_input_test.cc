@@ -271,26 +271,8 @@ std::vector<BadInput> BadInputs() {
   };
 }
 
-class BadInputTest : public ::testing::Test {
+class BadInputTest : public ServerAndEngineTest<kThreads, /*kMaxConcurrentRequests=*/1> {
  protected:
-  static void SetUpTestSuite() {
-    gradserver::ServerOptions options;
-    options.threads_per_request = kThreads;
-    options.max_concurrent_requests = 1;
-    server_ = StartTestServer(options).release();
-    engine_ = MakeReferenceEngine(kThreads).release();
-  }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-    delete engine_;
-    engine_ = nullptr;
-  }
-  void SetUp() override {
-    ASSERT_NE(server_, nullptr);
-    ASSERT_NE(engine_, nullptr);
-  }
-
   static grad::v1::ComputeGradientsRequest BaseRequest(const OwnedCase& c) {
     grad::v1::ComputeGradientsRequest request;
     gradwire::EncodeGradientRequest(c.GradientRequest(), &request);
@@ -301,26 +283,9 @@ class BadInputTest : public ::testing::Test {
   // The server still computes a valid request exactly as the engine does.
   static void ExpectStillServes(TestServer* server) {
     const OwnedCase c = SmallCase("grouped_dilated");
-    grad::v1::ComputeGradientsRequest request;
-    gradwire::EncodeGradientRequest(c.GradientRequest(), &request);
-    grad::v1::ComputeGradientsResponse response;
-    grpc::ClientContext context;
-    grpc::Status status = server->stub->ComputeGradients(&context, request, &response);
-    ASSERT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
-    absl::StatusOr<gradengine::GradientResult> actual = gradwire::DecodeGradientResult(response);
-    ASSERT_TRUE(actual.ok()) << actual.status();
-    absl::StatusOr<gradengine::GradientResult> expected =
-        engine_->ComputeGradients(c.GradientRequest());
-    ASSERT_TRUE(expected.ok()) << expected.status();
-    EXPECT_TRUE(SameGradientResult(*actual, *expected));
+    ExpectGradientsMatchEngine(*server, *engine_, c.GradientRequest());
   }
-
-  static TestServer* server_;
-  static gradengine::Engine* engine_;
 };
-
-TestServer* BadInputTest::server_ = nullptr;
-gradengine::Engine* BadInputTest::engine_ = nullptr;
 
 TEST_F(BadInputTest, TheBaseRequestIsValid) {
   const OwnedCase c = BaseCase();

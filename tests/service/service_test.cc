@@ -36,49 +36,14 @@ using ::testing::HasSubstr;
 // are bit-identical (oneDNN's reductions depend on the thread count).
 constexpr int kThreads = 1;
 
-class ServiceTest : public ::testing::Test {
+class ServiceTest : public ServerAndEngineTest<kThreads, /*kMaxConcurrentRequests=*/2> {
  protected:
-  static void SetUpTestSuite() {
-    gradserver::ServerOptions options;
-    options.threads_per_request = kThreads;
-    options.max_concurrent_requests = 2;
-    server_ = StartTestServer(options).release();
-    engine_ = MakeReferenceEngine(kThreads).release();
-  }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-    delete engine_;
-    engine_ = nullptr;
-  }
-  void SetUp() override {
-    ASSERT_NE(server_, nullptr);
-    ASSERT_NE(engine_, nullptr);
-  }
-
   // Sends `request` through the stub and checks the reply against the engine's result.
   static void ExpectGradientsMatchEngine(const gradengine::GradientRequest& request,
                                          bool skip_output = false) {
-    grad::v1::ComputeGradientsRequest wire;
-    gradwire::EncodeGradientRequest(request, &wire);
-    wire.set_skip_output(skip_output);
-    grad::v1::ComputeGradientsResponse response;
-    grpc::ClientContext context;
-    grpc::Status status = server_->stub->ComputeGradients(&context, wire, &response);
-    ASSERT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
-    absl::StatusOr<gradengine::GradientResult> actual = gradwire::DecodeGradientResult(response);
-    ASSERT_TRUE(actual.ok()) << actual.status();
-    absl::StatusOr<gradengine::GradientResult> expected = engine_->ComputeGradients(request);
-    ASSERT_TRUE(expected.ok()) << expected.status();
-    EXPECT_TRUE(SameGradientResult(*actual, *expected, !skip_output));
+    gradservicetest::ExpectGradientsMatchEngine(*server_, *engine_, request, skip_output);
   }
-
-  static TestServer* server_;
-  static gradengine::Engine* engine_;
 };
-
-TestServer* ServiceTest::server_ = nullptr;
-gradengine::Engine* ServiceTest::engine_ = nullptr;
 
 TEST_F(ServiceTest, ForwardMatchesTheEngineBitForBit) {
   for (const std::string& name : SmallCaseNames()) {

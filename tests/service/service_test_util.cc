@@ -231,6 +231,22 @@ OwnedCase DeepCase(int layers, int64_t batch, int64_t channels, int64_t size) {
   return ::testing::AssertionSuccess();
 }
 
+void ExpectGradientsMatchEngine(TestServer& server, gradengine::Engine& engine,
+                                const gradengine::GradientRequest& request, bool skip_output) {
+  grad::v1::ComputeGradientsRequest wire;
+  gradwire::EncodeGradientRequest(request, &wire);
+  wire.set_skip_output(skip_output);
+  grad::v1::ComputeGradientsResponse response;
+  grpc::ClientContext context;
+  grpc::Status status = server.stub->ComputeGradients(&context, wire, &response);
+  ASSERT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
+  absl::StatusOr<gradengine::GradientResult> actual = gradwire::DecodeGradientResult(response);
+  ASSERT_TRUE(actual.ok()) << actual.status();
+  absl::StatusOr<gradengine::GradientResult> expected = engine.ComputeGradients(request);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  EXPECT_TRUE(SameGradientResult(*actual, *expected, !skip_output));
+}
+
 grad::v1::ComputeGradientsRequest InstantlyRefusedRequest() {
   NetworkSpec network;
   Conv2dSpec grouped = Conv2dSpec::Square(4, 6, 1, 1, 0, false);

@@ -88,6 +88,41 @@ OwnedCase DeepCase(int layers, int64_t batch, int64_t channels, int64_t size);
                                               const gradengine::GradientResult& expected,
                                               bool compare_output = true);
 
+// Sends `request` through `server`'s stub and expects the reply to equal `engine`'s result bit
+// for bit (the output too unless `skip_output`, which is also sent).
+void ExpectGradientsMatchEngine(TestServer& server, gradengine::Engine& engine,
+                                const gradengine::GradientRequest& request,
+                                bool skip_output = false);
+
+// A test suite's server and reference engine, made once for the suite. Both compute with
+// kThreadsPerRequest threads per call, so that their results are bit-identical (oneDNN's
+// reductions depend on the thread count); kMaxConcurrentRequests calls compute at once on the
+// server.
+template <int kThreadsPerRequest, int kMaxConcurrentRequests>
+class ServerAndEngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    gradserver::ServerOptions options;
+    options.threads_per_request = kThreadsPerRequest;
+    options.max_concurrent_requests = kMaxConcurrentRequests;
+    server_ = StartTestServer(options).release();
+    engine_ = MakeReferenceEngine(kThreadsPerRequest).release();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+    delete engine_;
+    engine_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_NE(server_, nullptr);
+    ASSERT_NE(engine_, nullptr);
+  }
+
+  inline static TestServer* server_ = nullptr;
+  inline static gradengine::Engine* engine_ = nullptr;
+};
+
 // A request that passes the wire decoder but that the engine refuses at once
 // (layers[0].conv2d.groups=3 does not divide in_channels=4): it holds a compute slot for
 // microseconds. Used to probe whether the slots are free.
