@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -19,20 +18,13 @@
 #include "gradengine/network.h"
 #include "gradengine/tensor.h"
 #include "gtest/gtest.h"
+#include "tests/service/service_test_util.h"
 #include "tests/tolerance.h"
 
 namespace gradclient {
 namespace {
 
 using gradengine::ObjectiveKind;
-
-std::vector<float> RandomValues(int64_t count, uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> values(static_cast<size_t>(count));
-  for (float& value : values) value = normal(gen);
-  return values;
-}
 
 gradengine::Conv2dSpec Conv(int64_t in, int64_t out, int64_t kernel, int64_t stride, int64_t pad,
                             bool bias) {
@@ -58,31 +50,17 @@ class ShardingTest : public ::testing::Test {
     ASSERT_TRUE(engine.ok()) << engine.status();
     engine_ = *std::move(engine);
 
-    network_.layers.push_back({"conv1", Conv(3, 6, 3, 1, 1, true)});
-    network_.layers.push_back({"act1", gradengine::ActivationSpec::LeakyRelu(0.1f)});
-    network_.layers.push_back({"conv2", Conv(6, 4, 3, 2, 1, true)});
-    network_.layers.push_back(
+    gradengine::NetworkSpec network;
+    network.layers.push_back({"conv1", Conv(3, 6, 3, 1, 1, true)});
+    network.layers.push_back({"act1", gradengine::ActivationSpec::LeakyRelu(0.1f)});
+    network.layers.push_back({"conv2", Conv(6, 4, 3, 2, 1, true)});
+    network.layers.push_back(
         {"act2", gradengine::ActivationSpec{gradengine::ActivationKind::kTanh}});
-    input_shape_ = {kBatch, 3, 9, 9};
-    output_shape_ = {kBatch, 4, 5, 5};
-    input_ = RandomValues(kBatch * 3 * 9 * 9, 1);
-    target_ = RandomValues(kBatch * 4 * 5 * 5, 2);
-    parameters_["conv1.weight"] = {{6, 3, 3, 3}, RandomValues(6 * 3 * 3 * 3, 3)};
-    parameters_["conv1.bias"] = {{6}, RandomValues(6, 4)};
-    parameters_["conv2.weight"] = {{4, 6, 3, 3}, RandomValues(4 * 6 * 3 * 3, 5)};
-    parameters_["conv2.bias"] = {{4}, RandomValues(4, 6)};
+    case_ = gradservicetest::MakeCase(network, {kBatch, 3, 9, 9}, /*seed=*/1);
   }
 
   gradengine::GradientRequest Request(ObjectiveKind objective) const {
-    gradengine::GradientRequest request;
-    request.network = network_;
-    for (const auto& [name, tensor] : parameters_) request.parameters[name] = tensor.view();
-    request.input = gradengine::TensorView(input_shape_, input_);
-    request.objective.kind = objective;
-    if (objective != ObjectiveKind::kSum) {
-      request.objective.tensor = gradengine::TensorView(output_shape_, target_);
-    }
-    return request;
+    return case_.GradientRequest(objective);
   }
 
   // The request computed in `shards` parts by the engine and combined.
@@ -125,12 +103,7 @@ class ShardingTest : public ::testing::Test {
   }
 
   std::unique_ptr<gradengine::Engine> engine_;
-  gradengine::NetworkSpec network_;
-  std::vector<int64_t> input_shape_;
-  std::vector<int64_t> output_shape_;
-  std::vector<float> input_;
-  std::vector<float> target_;
-  std::map<std::string, gradengine::Tensor> parameters_;
+  gradservicetest::OwnedCase case_;
 };
 
 TEST(SplitBatchTest, CoversTheBatchInOrderAsEquallyAsPossible) {
@@ -196,11 +169,7 @@ TEST_F(ShardingTest, GradientSubsetsAndSkippedOutputsCombine) {
 }
 
 TEST_F(ShardingTest, ForwardConcatenatesTheParts) {
-  gradengine::ForwardRequest request;
-  const gradengine::GradientRequest gradient_request = Request(ObjectiveKind::kSum);
-  request.network = gradient_request.network;
-  request.parameters = gradient_request.parameters;
-  request.input = gradient_request.input;
+  const gradengine::ForwardRequest request = case_.ForwardRequest();
   absl::StatusOr<gradengine::ForwardResult> whole = engine_->Forward(request);
   ASSERT_TRUE(whole.ok()) << whole.status();
   const std::vector<BatchSlice> slices = SplitBatch(ShardableBatch(request), 3);
