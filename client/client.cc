@@ -45,13 +45,17 @@
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/channel_arguments.h"
+#include "grpcpp/support/proto_buffer_reader.h"
 #include "grpcpp/support/slice.h"
+#include "proto/framing.h"
 #include "proto/wire.h"
 
 namespace gradclient {
 namespace {
 
 constexpr char kHealthCheckMethod[] = "/grpc.health.v1.Health/Check";
+constexpr char kForwardMethod[] = "/grad.v1.GradientService/Forward";
+constexpr char kComputeGradientsMethod[] = "/grad.v1.GradientService/ComputeGradients";
 
 absl::Status CheckOptions(const std::string& target, const ClientOptions& options) {
   if (target.empty()) return absl::InvalidArgumentError("target is empty; expected host:port");
@@ -401,21 +405,19 @@ class Client::Impl {
   absl::StatusOr<ForwardReply> ForwardOnce(const gradengine::ForwardRequest& request,
                                            const CallOptions& call, absl::Time deadline,
                                            absl::Time start) {
-    grad::v1::ForwardRequest wire_request;
-    gradwire::EncodeForwardRequest(request, &wire_request);
-    wire_request.set_request_id(call.request_id);
-
-    grad::v1::ForwardResponse response;
+    grad::v1::ForwardRequest skeleton;
+    gradwire::EncodeForwardRequest(request, &skeleton, /*tensor_data=*/false);
+    skeleton.set_request_id(call.request_id);
     ForwardReply reply;
-    absl::Status status = CallWithRetry(
-        deadline,
-        [&](grpc::ClientContext* context) {
-          response.Clear();
-          return stub_->Forward(context, wire_request, &response);
+    grad::v1::ForwardResponse response;
+    absl::Status status = SendFramed(
+        kForwardMethod, deadline,
+        [&](const std::shared_ptr<const void>& owner) {
+          return gradwire::FrameForwardRequest(skeleton, request, owner);
         },
-        &reply.call.attempts);
+        &response, &reply.call.attempts);
     if (!status.ok()) return status;
-    absl::StatusOr<gradengine::ForwardResult> result = gradwire::DecodeForwardResult(response);
+    absl::StatusOr<gradengine::ForwardResult> result = gradwire::TakeForwardResult(&response);
     if (!result.ok()) return MalformedResponse(target_, "Forward", result.status());
     reply.result = *std::move(result);
     reply.call.request_id = response.request_id();
@@ -427,28 +429,75 @@ class Client::Impl {
   absl::StatusOr<GradientReply> ComputeGradientsOnce(const gradengine::GradientRequest& request,
                                                      const CallOptions& call, absl::Time deadline,
                                                      absl::Time start) {
-    grad::v1::ComputeGradientsRequest wire_request;
-    gradwire::EncodeGradientRequest(request, &wire_request);
-    wire_request.set_request_id(call.request_id);
-    wire_request.set_skip_output(call.skip_output);
-
-    grad::v1::ComputeGradientsResponse response;
+    grad::v1::ComputeGradientsRequest skeleton;
+    gradwire::EncodeGradientRequest(request, &skeleton, /*tensor_data=*/false);
+    skeleton.set_request_id(call.request_id);
+    skeleton.set_skip_output(call.skip_output);
     GradientReply reply;
-    absl::Status status = CallWithRetry(
-        deadline,
-        [&](grpc::ClientContext* context) {
-          response.Clear();
-          return stub_->ComputeGradients(context, wire_request, &response);
+    grad::v1::ComputeGradientsResponse response;
+    absl::Status status = SendFramed(
+        kComputeGradientsMethod, deadline,
+        [&](const std::shared_ptr<const void>& owner) {
+          return gradwire::FrameGradientRequest(skeleton, request, owner);
         },
-        &reply.call.attempts);
+        &response, &reply.call.attempts);
     if (!status.ok()) return status;
-    absl::StatusOr<gradengine::GradientResult> result = gradwire::DecodeGradientResult(response);
+    absl::StatusOr<gradengine::GradientResult> result = gradwire::TakeGradientResult(&response);
     if (!result.ok()) return MalformedResponse(target_, "ComputeGradients", result.status());
     reply.result = *std::move(result);
     reply.call.request_id = response.request_id();
     reply.call.timing = FromWire(response.timing());
     reply.call.round_trip = absl::Now() - start;
     return reply;
+  }
+
+  // Sends the request `frame(owner)` builds (once: every retry sends the same bytes) to
+  // `method` and parses the reply into `response`. The frame refers to the caller's tensor
+  // memory, which must stay untouched until gRPC has released every slice of it; `owner` goes
+  // with those slices, and this waits for its last reference before it returns, so the
+  // caller's memory is free again even when the call ended (deadline, cancellation) while gRPC
+  // was still writing.
+  template <typename Response>
+  absl::Status SendFramed(const char* method, absl::Time deadline,
+                          const std::function<gradwire::Frame(const std::shared_ptr<const void>&)>&
+                              frame,
+                          Response* response, int* attempts) {
+    absl::Notification released;
+    std::shared_ptr<const void> owner(&released, [](const void* notification) {
+      static_cast<absl::Notification*>(const_cast<void*>(notification))->Notify();
+    });
+    absl::Status status;
+    {
+      grpc::ByteBuffer request_buffer = frame(owner).ToByteBuffer();
+      owner.reset();
+      grpc::ByteBuffer response_buffer;
+      status = CallWithRetry(
+          deadline,
+          [&](grpc::ClientContext* context) {
+            response_buffer.Clear();
+            grpc::Status result;
+            absl::Notification done;
+            generic_stub_.UnaryCall(context, method, grpc::StubOptions(), &request_buffer,
+                                    &response_buffer, [&](grpc::Status call_status) {
+                                      result = std::move(call_status);
+                                      done.Notify();
+                                    });
+            done.WaitForNotification();
+            return result;
+          },
+          attempts);
+      if (status.ok()) {
+        grpc::ProtoBufferReader reader(&response_buffer);
+        if (!response->ParseFromZeroCopyStream(&reader)) {
+          status = absl::InternalError(absl::StrCat("malformed ", method, " response from ",
+                                                    target_, ": ", response_buffer.Length(),
+                                                    " bytes are not a ",
+                                                    response->GetTypeName()));
+        }
+      }
+    }
+    released.WaitForNotification();
+    return status;
   }
 
   // A Forward or ComputeGradients call: `once(request, call, deadline, start)` for the whole

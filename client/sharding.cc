@@ -55,15 +55,12 @@ gradengine::Tensor ConcatRows(const std::vector<const gradengine::Tensor*>& part
   }
   whole.shape = parts.front()->shape;
   whole.shape[0] = rows;
-  whole.data.reserve(elements);
+  whole.data = gradengine::TensorBuffer::Uninitialized(elements);
+  float* out = whole.data.data();
   for (size_t i = 0; i < parts.size(); ++i) {
-    const std::vector<float>& data = parts[i]->data;
-    if (scales[i] == 1.0) {
-      whole.data.insert(whole.data.end(), data.begin(), data.end());
-    } else {
-      const float scale = static_cast<float>(scales[i]);
-      for (float value : data) whole.data.push_back(value * scale);
-    }
+    const gradengine::TensorBuffer& data = parts[i]->data;
+    const float scale = static_cast<float>(scales[i]);
+    for (float value : data) *out++ = scales[i] == 1.0 ? value : value * scale;
   }
   return whole;
 }
@@ -190,12 +187,12 @@ gradengine::GradientResult CombineGradientResults(gradengine::ObjectiveKind obje
     for (size_t i = 0; i < parts.size(); ++i) {
       const auto found = parts[i].parameter_grads.find(name);
       if (found == parts[i].parameter_grads.end()) continue;
-      const std::vector<float>& grad = found->second.data;
+      const gradengine::TensorBuffer& grad = found->second.data;
       for (size_t j = 0; j < sum.size() && j < grad.size(); ++j) sum[j] += weights[i] * grad[j];
     }
     gradengine::Tensor& combined = whole.parameter_grads[name];
     combined.shape = first.shape;
-    combined.data.assign(sum.begin(), sum.end());
+    combined.data = gradengine::TensorBuffer(std::vector<float>(sum.begin(), sum.end()));
   }
   return whole;
 }

@@ -8,6 +8,7 @@
 #include <list>
 #include <memory>
 #include <new>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,6 +16,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "engine/plan.h"
 #include "engine/request_validation.h"
@@ -54,6 +56,24 @@ std::string IsaName(dnnl::cpu_isa isa) {
   }
 }
 
+// A result tensor of `shape`: in `memory` if the caller placed it, else freshly allocated and
+// uninitialised (the plan writes every element). `what` names the placement in errors.
+absl::StatusOr<Tensor> ResultTensor(const std::vector<int64_t>& shape,
+                                    const std::optional<ResultMemory>& memory,
+                                    absl::string_view what) {
+  if (!memory.has_value()) return Tensor::Uninitialized(shape);
+  int64_t elements = 1;
+  for (int64_t d : shape) elements *= d;
+  if (memory->size != elements || (elements > 0 && memory->data == nullptr)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement.", what, " has ", memory->size, " elements", 
+                     memory->data == nullptr ? " and no memory" : "", "; the result ",
+                     ShapeToString(shape), " has ", elements));
+  }
+  return Tensor(shape, TensorBuffer::Wrap(memory->data, static_cast<size_t>(elements),
+                                          memory->owner));
+}
+
 }  // namespace
 
 class Engine::Impl {
@@ -76,7 +96,10 @@ class Engine::Impl {
     bindings.input = request.input;
     bindings.parameters = &request.parameters;
     ForwardResult result;
-    result.output = Tensor::Zeros(validated->output_shapes.back());
+    absl::StatusOr<Tensor> output =
+        ResultTensor(validated->output_shapes.back(), request.placement.output, "output");
+    if (!output.ok()) return output.status();
+    result.output = *std::move(output);
     bindings.output = &result.output;
     std::chrono::steady_clock::time_point forward_done;
     bindings.forward_done = &forward_done;
@@ -107,12 +130,37 @@ class Engine::Impl {
     if (!plan.ok()) return plan.status();
 
     GradientResult result;
-    result.output = Tensor::Zeros(validated->output_shapes.back());
-    if (needs.input_grad) result.input_grad = Tensor::Zeros(request.input.shape);
-    for (const auto& [name, shape] : validated->parameter_shapes) {
-      if (needs.parameter_grads.count(name) > 0) {
-        result.parameter_grads.emplace(name, Tensor::Zeros(shape));
+    absl::StatusOr<Tensor> output =
+        ResultTensor(validated->output_shapes.back(), request.placement.output, "output");
+    if (!output.ok()) return output.status();
+    result.output = *std::move(output);
+    if (needs.input_grad) {
+      absl::StatusOr<Tensor> input_grad =
+          ResultTensor(request.input.shape, request.placement.input_grad, "input_grad");
+      if (!input_grad.ok()) return input_grad.status();
+      result.input_grad = *std::move(input_grad);
+    } else if (request.placement.input_grad.has_value()) {
+      return absl::InvalidArgumentError(
+          "placement.input_grad is given, but the input gradient is not requested");
+    }
+    for (const auto& [name, memory] : request.placement.parameter_grads) {
+      if (needs.parameter_grads.count(name) == 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "placement.parameter_grads names \"", name.substr(0, 128),
+            "\", whose gradient is not requested"));
       }
+    }
+    for (const auto& [name, shape] : validated->parameter_shapes) {
+      if (needs.parameter_grads.count(name) == 0) continue;
+      const auto placed = request.placement.parameter_grads.find(name);
+      absl::StatusOr<Tensor> grad = ResultTensor(
+          shape,
+          placed == request.placement.parameter_grads.end()
+              ? std::nullopt
+              : std::optional<ResultMemory>(placed->second),
+          absl::StrCat("parameter_grads[\"", name, "\"]"));
+      if (!grad.ok()) return grad.status();
+      result.parameter_grads.emplace(name, *std::move(grad));
     }
 
     PlanBindings bindings;

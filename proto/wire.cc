@@ -7,6 +7,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 
@@ -36,6 +37,13 @@ constexpr std::pair<ActivationKind, grad::v1::ActivationKind> kActivations[] = {
     {ActivationKind::kGeluErf, grad::v1::GELU},
     {ActivationKind::kGeluTanh, grad::v1::GELU_TANH},
 };
+
+// At most the first 64 bytes of a client-supplied string, escaped, for messages.
+std::string QuotedPrefix(absl::string_view value) {
+  constexpr size_t kMaxQuoted = 64;
+  if (value.size() <= kMaxQuoted) return absl::CEscape(value);
+  return absl::StrCat(absl::CEscape(value.substr(0, kMaxQuoted)), "...");
+}
 
 std::string DataTypeText(int dtype) {
   if (grad::v1::DataType_IsValid(dtype)) {
@@ -79,17 +87,113 @@ absl::Status CheckDataType(const grad::v1::Tensor& tensor, absl::string_view fie
   }
 }
 
-// Checks dtype, shape and byte count; returns the element count.
+// Checks dtype, shape and byte count; returns the element count. A tensor that names shared
+// memory must carry no data and a byte_size equal to what its shape needs.
 absl::StatusOr<int64_t> CheckTensor(const grad::v1::Tensor& tensor, absl::string_view field) {
   if (absl::Status s = CheckDataType(tensor, field); !s.ok()) return s;
   absl::StatusOr<int64_t> bytes = CheckedByteCount(tensor, field);
   if (!bytes.ok()) return bytes.status();
-  if (static_cast<int64_t>(tensor.data().size()) != *bytes) {
+  if (tensor.has_shared_memory()) {
+    if (!tensor.data().empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, " has both data (", tensor.data().size(), " bytes) and shared_memory; set one"));
+    }
+    if (tensor.shared_memory().byte_size() != *bytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ".shared_memory.byte_size=", tensor.shared_memory().byte_size(),
+          ", but shape=[", absl::StrJoin(tensor.shape(), ", "),
+          "] of DATA_TYPE_FLOAT32 needs ", *bytes));
+    }
+  } else if (static_cast<int64_t>(tensor.data().size()) != *bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         field, ".data has ", tensor.data().size(), " bytes, but shape=[",
         absl::StrJoin(tensor.shape(), ", "), "] of DATA_TYPE_FLOAT32 needs ", *bytes));
   }
   return *bytes / static_cast<int64_t>(sizeof(float));
+}
+
+// The memory `ref` (at path `field`) names, recorded in `storage` for the overlap check.
+absl::StatusOr<SharedMemorySpan> ResolveShared(const grad::v1::SharedMemoryRef& ref,
+                                               const std::string& field, bool written,
+                                               DecodeStorage* storage) {
+  if (storage->shared_memory == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        field, " names shared memory, but shared memory is not enabled here (the server's "
+               "--allow_shared_memory)"));
+  }
+  absl::StatusOr<SharedMemorySpan> span = storage->shared_memory->Resolve(ref, field);
+  if (!span.ok()) return span.status();
+  storage->shared_ranges.push_back({field, span->file_id, span->file_offset,
+                                    span->file_offset + ref.byte_size(), written});
+  return span;
+}
+
+// No memory a result is written to may overlap any other tensor of the call.
+absl::Status CheckSharedOverlaps(const DecodeStorage& storage) {
+  const auto& ranges = storage.shared_ranges;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    for (size_t j = i + 1; j < ranges.size(); ++j) {
+      const auto& a = ranges[i];
+      const auto& b = ranges[j];
+      if (!(a.written || b.written) || a.file_id != b.file_id) continue;
+      if (a.begin < b.end && b.begin < a.end) {
+        const auto& written = a.written ? a : b;
+        const auto& other = a.written ? b : a;
+        return absl::InvalidArgumentError(
+            absl::StrCat(written.field, " overlaps ", other.field,
+                         " in shared memory; a result must not share bytes with another tensor"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+// A ResultPlacement's one location: `size` floats of shared memory to write.
+absl::StatusOr<gradengine::ResultMemory> DecodeResultMemory(const grad::v1::SharedMemoryRef& ref,
+                                                            const std::string& field,
+                                                            DecodeStorage* storage) {
+  if (ref.byte_size() <= 0 || ref.byte_size() % static_cast<int64_t>(sizeof(float)) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".byte_size=", ref.byte_size(), " must be a positive multiple of 4 (FLOAT32)"));
+  }
+  absl::StatusOr<SharedMemorySpan> span = ResolveShared(ref, field, /*written=*/true, storage);
+  if (!span.ok()) return span.status();
+  return gradengine::ResultMemory{span->data, ref.byte_size() / static_cast<int64_t>(sizeof(float)),
+                                  std::move(span->owner)};
+}
+
+absl::Status DecodePlacement(const grad::v1::ResultPlacement& placement, bool gradients,
+                             DecodeStorage* storage, gradengine::ResultPlacement* out) {
+  if (placement.has_output()) {
+    absl::StatusOr<gradengine::ResultMemory> memory =
+        DecodeResultMemory(placement.output(), "placement.output", storage);
+    if (!memory.ok()) return memory.status();
+    out->output = *std::move(memory);
+  }
+  if (!gradients && (placement.has_input_grad() || placement.parameter_grads_size() > 0)) {
+    return absl::InvalidArgumentError(
+        "placement names gradients, but Forward computes none; set only placement.output");
+  }
+  if (placement.has_input_grad()) {
+    absl::StatusOr<gradengine::ResultMemory> memory =
+        DecodeResultMemory(placement.input_grad(), "placement.input_grad", storage);
+    if (!memory.ok()) return memory.status();
+    out->input_grad = *std::move(memory);
+  }
+  for (int i = 0; i < placement.parameter_grads_size(); ++i) {
+    const grad::v1::NamedSharedMemoryRef& named = placement.parameter_grads(i);
+    const std::string field = absl::StrCat("placement.parameter_grads[", i, "]");
+    if (named.name().empty()) return absl::InvalidArgumentError(absl::StrCat(field, ".name is empty"));
+    if (out->parameter_grads.count(named.name()) > 0) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ".name=\"", QuotedPrefix(named.name()),
+                                                     "\" repeats an earlier entry"));
+    }
+    absl::StatusOr<gradengine::ResultMemory> memory =
+        DecodeResultMemory(named.ref(), field + ".ref", storage);
+    if (!memory.ok()) return memory.status();
+    out->parameter_grads.emplace(named.name(), *std::move(memory));
+  }
+  return absl::OkStatus();
 }
 
 // Reads a PyTorch-style int-or-pair field: [v] means (v, v), [a, b] means (a, b); empty gives
@@ -186,13 +290,25 @@ grad::v1::ActivationKind EncodeActivationKind(ActivationKind kind) {
   return grad::v1::ACTIVATION_KIND_UNSPECIFIED;
 }
 
-void EncodeParameters(const gradengine::ParameterViews& parameters,
+absl::StatusOr<Tensor> TakeTensorOrShared(grad::v1::Tensor* tensor, absl::string_view field,
+                                          SharedMemoryResolver* shared_memory);
+
+// EncodeTensor, or only its header without `data`.
+void EncodeTensorOrHeader(const TensorView& view, bool data, grad::v1::Tensor* out) {
+  if (data) {
+    EncodeTensor(view, out);
+  } else {
+    EncodeTensorHeader(view.shape, out);
+  }
+}
+
+void EncodeParameters(const gradengine::ParameterViews& parameters, bool data,
                       google::protobuf::RepeatedPtrField<grad::v1::NamedTensor>* out) {
   out->Reserve(static_cast<int>(parameters.size()));
   for (const auto& [name, view] : parameters) {
     grad::v1::NamedTensor* named = out->Add();
     named->set_name(name);
-    EncodeTensor(view, named->mutable_tensor());
+    EncodeTensorOrHeader(view, data, named->mutable_tensor());
   }
 }
 
@@ -209,7 +325,7 @@ absl::StatusOr<gradengine::ParameterViews> DecodeParameters(
     }
     auto [it, inserted] = first_index.emplace(named.name(), i);
     if (!inserted) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ".name=\"", named.name(),
+      return absl::InvalidArgumentError(absl::StrCat(field, ".name=\"", QuotedPrefix(named.name()),
                                                      "\" repeats parameters[", it->second, "]"));
     }
     if (!named.has_tensor()) {
@@ -230,17 +346,19 @@ absl::StatusOr<TensorView> DecodeRequiredTensor(bool present, const grad::v1::Te
   return DecodeTensorView(tensor, field, storage);
 }
 
-absl::StatusOr<gradengine::ParameterTensors> DecodeNamedTensors(
-    const google::protobuf::RepeatedPtrField<grad::v1::NamedTensor>& tensors,
-    absl::string_view field) {
+absl::StatusOr<gradengine::ParameterTensors> TakeNamedTensors(
+    google::protobuf::RepeatedPtrField<grad::v1::NamedTensor>* tensors, absl::string_view field,
+    SharedMemoryResolver* shared_memory) {
   gradengine::ParameterTensors out;
-  for (int i = 0; i < tensors.size(); ++i) {
+  for (int i = 0; i < tensors->size(); ++i) {
+    grad::v1::NamedTensor* named = tensors->Mutable(i);
     const std::string path = absl::StrCat(field, "[", i, "]");
-    absl::StatusOr<Tensor> tensor = DecodeTensor(tensors[i].tensor(), path + ".tensor");
+    absl::StatusOr<Tensor> tensor =
+        TakeTensorOrShared(named->mutable_tensor(), path + ".tensor", shared_memory);
     if (!tensor.ok()) return tensor.status();
-    if (!out.emplace(tensors[i].name(), *std::move(tensor)).second) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ".name=\"", tensors[i].name(), "\" repeats an earlier entry"));
+    if (!out.emplace(named->name(), *std::move(tensor)).second) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ".name=\"", QuotedPrefix(named->name()), "\" repeats an earlier entry"));
     }
   }
   return out;
@@ -264,12 +382,44 @@ absl::Status DecodeNetworkParametersInput(const WireRequest& request, DecodeStor
   return absl::OkStatus();
 }
 
+// TakeTensor, resolving a SharedMemoryRef with `shared_memory` (the client's own regions).
+absl::StatusOr<Tensor> TakeTensorOrShared(grad::v1::Tensor* tensor, absl::string_view field,
+                                          SharedMemoryResolver* shared_memory) {
+  absl::StatusOr<int64_t> elements = CheckTensor(*tensor, field);
+  if (!elements.ok()) return elements.status();
+  std::vector<int64_t> shape(tensor->shape().begin(), tensor->shape().end());
+  const size_t count = static_cast<size_t>(*elements);
+  if (tensor->has_shared_memory()) {
+    const std::string ref_field = absl::StrCat(field, ".shared_memory");
+    if (shared_memory == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(ref_field, " is set, but no shared memory region was given"));
+    }
+    absl::StatusOr<SharedMemorySpan> span = shared_memory->Resolve(tensor->shared_memory(), ref_field);
+    if (!span.ok()) return span.status();
+    return Tensor(std::move(shape), gradengine::TensorBuffer::Wrap(span->data, count, span->owner));
+  }
+  auto bytes = std::make_shared<std::string>();
+  bytes->swap(*tensor->mutable_data());
+  if (reinterpret_cast<uintptr_t>(bytes->data()) % alignof(float) != 0) {
+    gradengine::TensorBuffer copy = gradengine::TensorBuffer::Uninitialized(count);
+    if (count > 0) std::memcpy(copy.data(), bytes->data(), bytes->size());
+    return Tensor(std::move(shape), std::move(copy));
+  }
+  float* data = reinterpret_cast<float*>(bytes->data());
+  return Tensor(std::move(shape), gradengine::TensorBuffer::Wrap(data, count, std::move(bytes)));
+}
+
 }  // namespace
+
+void EncodeTensorHeader(absl::Span<const int64_t> shape, grad::v1::Tensor* out) {
+  out->mutable_shape()->Assign(shape.begin(), shape.end());
+  out->set_dtype(grad::v1::DATA_TYPE_FLOAT32);
+}
 
 void EncodeTensor(absl::Span<const int64_t> shape, absl::Span<const float> values,
                   grad::v1::Tensor* out) {
-  out->mutable_shape()->Assign(shape.begin(), shape.end());
-  out->set_dtype(grad::v1::DATA_TYPE_FLOAT32);
+  EncodeTensorHeader(shape, out);
   // One copy, straight from the floats; assign() does not zero-fill first.
   out->mutable_data()->assign(reinterpret_cast<const char*>(values.data()),
                               values.size() * sizeof(float));
@@ -282,11 +432,18 @@ absl::StatusOr<TensorView> DecodeTensorView(const grad::v1::Tensor& tensor,
   TensorView view;
   view.shape.assign(tensor.shape().begin(), tensor.shape().end());
   view.size = *elements;
+  if (tensor.has_shared_memory()) {
+    absl::StatusOr<SharedMemorySpan> span = ResolveShared(
+        tensor.shared_memory(), absl::StrCat(field, ".shared_memory"), /*written=*/false, storage);
+    if (!span.ok()) return span.status();
+    view.data = span->data;
+    return view;
+  }
   const char* bytes = tensor.data().data();
   if (reinterpret_cast<uintptr_t>(bytes) % alignof(float) == 0) {
     view.data = reinterpret_cast<const float*>(bytes);
   } else {
-    std::vector<float>& copy = storage->emplace_back(static_cast<size_t>(*elements));
+    std::vector<float>& copy = storage->copies.emplace_back(static_cast<size_t>(*elements));
     std::memcpy(copy.data(), bytes, tensor.data().size());
     view.data = copy.data();
   }
@@ -294,13 +451,12 @@ absl::StatusOr<TensorView> DecodeTensorView(const grad::v1::Tensor& tensor,
 }
 
 absl::StatusOr<Tensor> DecodeTensor(const grad::v1::Tensor& tensor, absl::string_view field) {
-  absl::StatusOr<int64_t> elements = CheckTensor(tensor, field);
-  if (!elements.ok()) return elements.status();
-  Tensor out;
-  out.shape.assign(tensor.shape().begin(), tensor.shape().end());
-  out.data.resize(static_cast<size_t>(*elements));
-  std::memcpy(out.data.data(), tensor.data().data(), tensor.data().size());
-  return out;
+  grad::v1::Tensor copy = tensor;
+  return TakeTensor(&copy, field);
+}
+
+absl::StatusOr<Tensor> TakeTensor(grad::v1::Tensor* tensor, absl::string_view field) {
+  return TakeTensorOrShared(tensor, field, nullptr);
 }
 
 void EncodeNetwork(const NetworkSpec& network, grad::v1::Network* out) {
@@ -372,27 +528,28 @@ absl::StatusOr<NetworkSpec> DecodeNetwork(const grad::v1::Network& network) {
 }
 
 void EncodeForwardRequest(const gradengine::ForwardRequest& request,
-                          grad::v1::ForwardRequest* out) {
+                          grad::v1::ForwardRequest* out, bool tensor_data) {
   EncodeNetwork(request.network, out->mutable_network());
-  EncodeParameters(request.parameters, out->mutable_parameters());
-  EncodeTensor(request.input, out->mutable_input());
+  EncodeParameters(request.parameters, tensor_data, out->mutable_parameters());
+  EncodeTensorOrHeader(request.input, tensor_data, out->mutable_input());
 }
 
 void EncodeGradientRequest(const gradengine::GradientRequest& request,
-                           grad::v1::ComputeGradientsRequest* out) {
+                           grad::v1::ComputeGradientsRequest* out, bool tensor_data) {
   EncodeNetwork(request.network, out->mutable_network());
-  EncodeParameters(request.parameters, out->mutable_parameters());
-  EncodeTensor(request.input, out->mutable_input());
+  EncodeParameters(request.parameters, tensor_data, out->mutable_parameters());
+  EncodeTensorOrHeader(request.input, tensor_data, out->mutable_input());
   grad::v1::Objective* objective = out->mutable_objective();
   switch (request.objective.kind) {
     case ObjectiveKind::kMse:
-      EncodeTensor(request.objective.tensor, objective->mutable_mse_target());
+      EncodeTensorOrHeader(request.objective.tensor, tensor_data, objective->mutable_mse_target());
       break;
     case ObjectiveKind::kSum:
       objective->mutable_sum();
       break;
     case ObjectiveKind::kGradOutput:
-      EncodeTensor(request.objective.tensor, objective->mutable_grad_output());
+      EncodeTensorOrHeader(request.objective.tensor, tensor_data,
+                           objective->mutable_grad_output());
       break;
   }
   grad::v1::GradientSelection* selection = out->mutable_gradients();
@@ -412,6 +569,12 @@ absl::StatusOr<gradengine::ForwardRequest> DecodeForwardRequest(
     const grad::v1::ForwardRequest& request, DecodeStorage* storage) {
   gradengine::ForwardRequest out;
   if (absl::Status s = DecodeNetworkParametersInput(request, storage, &out); !s.ok()) return s;
+  if (absl::Status s =
+          DecodePlacement(request.placement(), /*gradients=*/false, storage, &out.placement);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = CheckSharedOverlaps(*storage); !s.ok()) return s;
   return out;
 }
 
@@ -455,6 +618,16 @@ absl::StatusOr<gradengine::GradientRequest> DecodeGradientRequest(
   }
   out.gradients.all_parameters = !selection.no_parameters() && selection.parameters().empty();
   out.gradients.parameters.assign(selection.parameters().begin(), selection.parameters().end());
+  if (request.skip_output() && request.placement().has_output()) {
+    return absl::InvalidArgumentError(
+        "skip_output is set, but placement.output names where the output goes; set one");
+  }
+  if (absl::Status s =
+          DecodePlacement(request.placement(), /*gradients=*/true, storage, &out.placement);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = CheckSharedOverlaps(*storage); !s.ok()) return s;
   return out;
 }
 
@@ -476,37 +649,52 @@ void EncodeGradientResult(const gradengine::GradientResult& result, bool include
   }
 }
 
-absl::StatusOr<gradengine::ForwardResult> DecodeForwardResult(
-    const grad::v1::ForwardResponse& response) {
-  absl::StatusOr<Tensor> output = DecodeTensor(response.output(), "output");
+absl::StatusOr<gradengine::ForwardResult> TakeForwardResult(grad::v1::ForwardResponse* response,
+                                                            SharedMemoryResolver* shared_memory) {
+  absl::StatusOr<Tensor> output =
+      TakeTensorOrShared(response->mutable_output(), "output", shared_memory);
   if (!output.ok()) return output.status();
   gradengine::ForwardResult result;
   result.output = *std::move(output);
-  result.timing.forward_ns = response.timing().forward_ns();
+  result.timing.forward_ns = response->timing().forward_ns();
   return result;
 }
 
-absl::StatusOr<gradengine::GradientResult> DecodeGradientResult(
-    const grad::v1::ComputeGradientsResponse& response) {
+absl::StatusOr<gradengine::GradientResult> TakeGradientResult(
+    grad::v1::ComputeGradientsResponse* response, SharedMemoryResolver* shared_memory) {
   gradengine::GradientResult result;
-  result.timing.forward_ns = response.timing().forward_ns();
-  result.timing.backward_ns = response.timing().backward_ns();
-  if (response.has_output()) {
-    absl::StatusOr<Tensor> output = DecodeTensor(response.output(), "output");
+  result.timing.forward_ns = response->timing().forward_ns();
+  result.timing.backward_ns = response->timing().backward_ns();
+  if (response->has_output()) {
+    absl::StatusOr<Tensor> output =
+        TakeTensorOrShared(response->mutable_output(), "output", shared_memory);
     if (!output.ok()) return output.status();
     result.output = *std::move(output);
   }
-  if (response.has_loss()) result.loss = response.loss();
-  if (response.has_input_grad()) {
-    absl::StatusOr<Tensor> input_grad = DecodeTensor(response.input_grad(), "input_grad");
+  if (response->has_loss()) result.loss = response->loss();
+  if (response->has_input_grad()) {
+    absl::StatusOr<Tensor> input_grad =
+        TakeTensorOrShared(response->mutable_input_grad(), "input_grad", shared_memory);
     if (!input_grad.ok()) return input_grad.status();
     result.input_grad = *std::move(input_grad);
   }
   absl::StatusOr<gradengine::ParameterTensors> grads =
-      DecodeNamedTensors(response.parameter_grads(), "parameter_grads");
+      TakeNamedTensors(response->mutable_parameter_grads(), "parameter_grads", shared_memory);
   if (!grads.ok()) return grads.status();
   result.parameter_grads = *std::move(grads);
   return result;
+}
+
+absl::StatusOr<gradengine::ForwardResult> DecodeForwardResult(
+    const grad::v1::ForwardResponse& response) {
+  grad::v1::ForwardResponse copy = response;
+  return TakeForwardResult(&copy);
+}
+
+absl::StatusOr<gradengine::GradientResult> DecodeGradientResult(
+    const grad::v1::ComputeGradientsResponse& response) {
+  grad::v1::ComputeGradientsResponse copy = response;
+  return TakeGradientResult(&copy);
 }
 
 std::vector<std::string> SupportedActivationNames() {

@@ -13,7 +13,13 @@
 // Zero copy: the Decode*Request functions return views into the message's `bytes` fields, so
 // the message must outlive the returned request and stay unchanged. A field whose bytes are
 // not aligned for float (never the case for protobuf's heap-allocated strings, but not
-// promised) is copied into `storage`.
+// promised) is copied into `storage`. Tensors given as SharedMemoryRef are resolved by the
+// storage's SharedMemoryResolver into views of the mapped memory (refused without one), and a
+// request's ResultPlacement into the engine's ResultPlacement; no result may overlap another
+// tensor of the call.
+//
+// The Take*Result functions take the response's tensor bytes over (the message is left with
+// empty `data` fields), so a decoded result costs no copy beyond the parse.
 //
 // All functions are thread-compatible and keep no state. Tensor bytes are little-endian; the
 // library only builds on little-endian hosts.
@@ -23,6 +29,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -35,10 +42,49 @@
 
 namespace gradwire {
 
-// Owns the copies made for misaligned tensor bytes; see above.
-using DecodeStorage = std::deque<std::vector<float>>;
+// Memory a SharedMemoryRef names, as its owner checked it.
+struct SharedMemorySpan {
+  float* data = nullptr;
+  // Keeps the mapping alive while a call uses it.
+  std::shared_ptr<const void> owner;
+  // Identifies the bytes for overlap checks: the same (file, offset) is the same memory, even
+  // under two region names.
+  uint64_t file_id = 0;
+  int64_t file_offset = 0;
+};
+
+// Resolves SharedMemoryRefs; implemented by the server's region registry.
+class SharedMemoryResolver {
+ public:
+  virtual ~SharedMemoryResolver() = default;
+  // The memory `ref` names, checked for bounds and for a region still as large as it was
+  // registered. `field` is the ref's path for messages ("input.shared_memory").
+  virtual absl::StatusOr<SharedMemorySpan> Resolve(const grad::v1::SharedMemoryRef& ref,
+                                                   absl::string_view field) = 0;
+};
+
+// What one decoded request holds besides the message: copies made for misaligned tensor bytes,
+// and the shared memory its tensors use. See above.
+struct DecodeStorage {
+  std::deque<std::vector<float>> copies;
+  // Null: tensors that name shared memory are refused (FAILED_PRECONDITION).
+  SharedMemoryResolver* shared_memory = nullptr;
+
+  // Every shared memory range the request uses, for the overlap check.
+  struct UsedRange {
+    std::string field;
+    uint64_t file_id = 0;
+    int64_t begin = 0;
+    int64_t end = 0;
+    bool written = false;
+  };
+  std::vector<UsedRange> shared_ranges;
+};
 
 // ---- Tensors
+
+// Writes `shape` and the FLOAT32 dtype, but no data: what framing.h completes with the bytes.
+void EncodeTensorHeader(absl::Span<const int64_t> shape, grad::v1::Tensor* out);
 
 // Writes `shape` and `values` as a FLOAT32 tensor (one memory copy of the values).
 void EncodeTensor(absl::Span<const int64_t> shape, absl::Span<const float> values,
@@ -63,6 +109,10 @@ absl::StatusOr<gradengine::TensorView> DecodeTensorView(const grad::v1::Tensor& 
 absl::StatusOr<gradengine::Tensor> DecodeTensor(const grad::v1::Tensor& tensor,
                                                 absl::string_view field);
 
+// As DecodeTensor, but takes `tensor`'s bytes over without copying them (leaving its data
+// empty), unless they are misaligned for float.
+absl::StatusOr<gradengine::Tensor> TakeTensor(grad::v1::Tensor* tensor, absl::string_view field);
+
 // ---- Networks
 
 void EncodeNetwork(const gradengine::NetworkSpec& network, grad::v1::Network* out);
@@ -75,10 +125,13 @@ absl::StatusOr<gradengine::NetworkSpec> DecodeNetwork(const grad::v1::Network& n
 
 // ---- Requests (client encodes, server decodes)
 
+// With `tensor_data` false, tensors get only their headers (EncodeTensorHeader), for
+// framing.h to send the bytes from where they lie. The engine request's `placement` is not
+// encoded: the client names wire placements itself (its shared memory regions).
 void EncodeForwardRequest(const gradengine::ForwardRequest& request,
-                          grad::v1::ForwardRequest* out);
+                          grad::v1::ForwardRequest* out, bool tensor_data = true);
 void EncodeGradientRequest(const gradengine::GradientRequest& request,
-                           grad::v1::ComputeGradientsRequest* out);
+                           grad::v1::ComputeGradientsRequest* out, bool tensor_data = true);
 
 // The decoded requests' `should_continue` is left empty for the caller to set. Parameter
 // names must be non-empty and unique ("parameters[3].name=\"conv1.weight\" repeats
@@ -98,6 +151,13 @@ void EncodeGradientResult(const gradengine::GradientResult& result, bool include
                           grad::v1::ComputeGradientsResponse* out);
 
 // The results' `timing` is the engine's, from the response's Timing.forward_ns/backward_ns.
+// Tensors that came back as SharedMemoryRef are resolved by `shared_memory` (the client's own
+// regions); without one they are an error.
+absl::StatusOr<gradengine::ForwardResult> TakeForwardResult(
+    grad::v1::ForwardResponse* response, SharedMemoryResolver* shared_memory = nullptr);
+absl::StatusOr<gradengine::GradientResult> TakeGradientResult(
+    grad::v1::ComputeGradientsResponse* response, SharedMemoryResolver* shared_memory = nullptr);
+// As the Take functions, on a copy of `response` (for callers that keep the message).
 absl::StatusOr<gradengine::ForwardResult> DecodeForwardResult(
     const grad::v1::ForwardResponse& response);
 absl::StatusOr<gradengine::GradientResult> DecodeGradientResult(

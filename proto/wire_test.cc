@@ -77,7 +77,7 @@ TEST(WireTensorTest, RoundTripsBitsExactly) {
   EXPECT_EQ(view->size, 6);
   // Zero copy: the view points into the message's bytes.
   EXPECT_EQ(static_cast<const void*>(view->data), static_cast<const void*>(wire.data().data()));
-  EXPECT_TRUE(storage.empty());
+  EXPECT_TRUE(storage.copies.empty());
   EXPECT_EQ(std::memcmp(view->data, values.data(), values.size() * 4), 0);
 
   absl::StatusOr<gradengine::Tensor> copy = DecodeTensor(wire, "output");

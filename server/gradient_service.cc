@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "proto/framing.h"
 #include "proto/wire.h"
 #include "server/status_conversion.h"
 
@@ -54,9 +55,12 @@ struct ForwardMethod {
                                           const EngineRequest& request) {
     return engine.Forward(request);
   }
-  static void Encode(const EngineResult& result, const WireRequest& /*request*/,
-                     WireResponse* response) {
-    gradwire::EncodeForwardResult(result, response);
+  static void EncodeSkeleton(const EngineResult& result, const WireRequest& request,
+                             WireResponse* response) {
+    gradwire::EncodeForwardResponseSkeleton(result, request.placement(), response);
+  }
+  static gradwire::Frame Frame(const WireResponse& skeleton, const EngineResult& result) {
+    return gradwire::FrameForwardResponse(skeleton, result);
   }
 };
 
@@ -75,9 +79,13 @@ struct ComputeGradientsMethod {
                                           const EngineRequest& request) {
     return engine.ComputeGradients(request);
   }
-  static void Encode(const EngineResult& result, const WireRequest& request,
-                     WireResponse* response) {
-    gradwire::EncodeGradientResult(result, /*include_output=*/!request.skip_output(), response);
+  static void EncodeSkeleton(const EngineResult& result, const WireRequest& request,
+                             WireResponse* response) {
+    gradwire::EncodeGradientResponseSkeleton(result, /*include_output=*/!request.skip_output(),
+                                             request.placement(), response);
+  }
+  static gradwire::Frame Frame(const WireResponse& skeleton, const EngineResult& result) {
+    return gradwire::FrameGradientResponse(skeleton, result);
   }
 };
 
@@ -200,28 +208,24 @@ class ComputeCall {
     return absl::OkStatus();
   }
 
+  // Frames the response around the result's buffers, which the engine computed into and which
+  // become the response's slices: no tensor byte is copied.
   absl::Status Encode(const typename Method::EngineResult& result) {
-    auto* response = google::protobuf::Arena::CreateMessage<typename Method::WireResponse>(&arena_);
+    auto* skeleton = google::protobuf::Arena::CreateMessage<typename Method::WireResponse>(&arena_);
     const Clock::time_point start = Clock::now();
-    Method::Encode(result, *request_, response);
-    response->set_request_id(request_->request_id());
-    // The response cannot hold the time spent serializing itself; encode_ns covers filling it.
+    Method::EncodeSkeleton(result, *request_, skeleton);
+    skeleton->set_request_id(request_->request_id());
+    // The response cannot hold the time spent framing itself; encode_ns covers the skeleton.
     timing_.set_encode_ns(NanosBetween(start, Clock::now()));
-    *response->mutable_timing() = timing_;
-    const size_t size = response->ByteSizeLong();
+    *skeleton->mutable_timing() = timing_;
+    gradwire::Frame frame = Method::Frame(*skeleton, result);
     const int64_t limit = service_->options().max_message_bytes;
-    if (limit > 0 && size > static_cast<size_t>(limit)) {
-      return absl::ResourceExhaustedError(absl::StrCat("the response would be ", size,
+    if (limit > 0 && frame.size() > static_cast<size_t>(limit)) {
+      return absl::ResourceExhaustedError(absl::StrCat("the response would be ", frame.size(),
                                                        " bytes, over the server's limit of ", limit,
                                                        " bytes per message (max_message_mb)"));
     }
-    bool own_buffer = false;
-    grpc::Status serialized = grpc::SerializationTraits<typename Method::WireResponse>::Serialize(
-        *response, response_buffer_, &own_buffer);
-    if (!serialized.ok()) {
-      return absl::InternalError(
-          absl::StrCat("could not serialize the response: ", serialized.error_message()));
-    }
+    *response_buffer_ = std::move(frame).ToByteBuffer();
     return absl::OkStatus();
   }
 

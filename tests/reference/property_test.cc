@@ -425,9 +425,9 @@ class CaseGenerator {
 
 PropertyCase MakeCase(uint64_t index) { return CaseGenerator(RunSeed(), index).Generate(); }
 
-template <typename A>
+template <typename Values>
 ::testing::AssertionResult Close(const std::string& what, absl::Span<const int64_t> actual_shape,
-                                 const std::vector<A>& actual, const RefTensor& expected) {
+                                 const Values& actual, const RefTensor& expected) {
   return TensorsClose(what, actual_shape, absl::MakeConstSpan(actual), expected.shape,
                       absl::MakeConstSpan(expected.data));
 }

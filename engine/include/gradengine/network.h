@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <variant>
@@ -114,11 +115,31 @@ struct GradientSelection {
 // and is returned as its result. Must be safe to call from the calling thread.
 using ContinueCheck = std::function<absl::Status()>;
 
+// Caller-provided memory for one result: `size` floats at `data`, kept alive by `owner` (may
+// be null if the caller otherwise keeps the memory alive until it is done with the result).
+struct ResultMemory {
+  float* data = nullptr;
+  int64_t size = 0;
+  std::shared_ptr<const void> owner;
+};
+
+// Where a call's results go, when the caller wants them in memory it provides (a response
+// buffer, a shared memory region) instead of buffers the engine allocates. Each given
+// ResultMemory must hold exactly the result's element count; the engine writes all of it and
+// the result Tensor refers to it. A result without an entry gets a fresh, uninitialised
+// allocation that the engine fills.
+struct ResultPlacement {
+  std::optional<ResultMemory> output;
+  std::optional<ResultMemory> input_grad;                 // ComputeGradients only
+  std::map<std::string, ResultMemory> parameter_grads;  // ComputeGradients only; by name
+};
+
 struct ForwardRequest {
   NetworkSpec network;
   ParameterViews parameters;
   TensorView input;
   ContinueCheck should_continue;  // optional
+  ResultPlacement placement;      // optional
 };
 
 // Where a call's time went, measured by the engine with a monotonic clock.
@@ -142,6 +163,7 @@ struct GradientRequest {
   Objective objective;
   GradientSelection gradients;
   ContinueCheck should_continue;  // optional
+  ResultPlacement placement;      // optional
 };
 
 struct GradientResult {
