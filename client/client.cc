@@ -10,6 +10,8 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <limits>
+#include <map>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -56,6 +58,8 @@ namespace {
 constexpr char kHealthCheckMethod[] = "/grpc.health.v1.Health/Check";
 constexpr char kForwardMethod[] = "/grad.v1.GradientService/Forward";
 constexpr char kComputeGradientsMethod[] = "/grad.v1.GradientService/ComputeGradients";
+// The client lays out results by the network's shapes; the server enforces the real limits.
+constexpr int64_t kNoElementLimit = std::numeric_limits<int64_t>::max();
 
 absl::Status CheckOptions(const std::string& target, const ClientOptions& options) {
   if (target.empty()) return absl::InvalidArgumentError("target is empty; expected host:port");
@@ -276,6 +280,99 @@ std::string FlattenByteBuffer(const grpc::ByteBuffer& buffer) {
   return bytes;
 }
 
+// The regions one call may use, held for its duration; resolves the references in its reply.
+class CallRegions final : public gradwire::SharedMemoryResolver {
+ public:
+  explicit CallRegions(std::vector<std::shared_ptr<SharedMemoryRegion>> regions)
+      : regions_(std::move(regions)) {}
+
+  // The reference for `bytes` at `data` if they lie inside one of the regions.
+  std::optional<grad::v1::SharedMemoryRef> RefFor(const void* data, size_t bytes) const {
+    if (bytes == 0) return std::nullopt;
+    for (const auto& region : regions_) {
+      if (std::optional<int64_t> offset = region->OffsetOf(data, bytes)) {
+        grad::v1::SharedMemoryRef ref;
+        ref.set_region(region->name());
+        ref.set_offset(*offset);
+        ref.set_byte_size(static_cast<int64_t>(bytes));
+        return ref;
+      }
+    }
+    return std::nullopt;
+  }
+
+  absl::StatusOr<gradwire::SharedMemorySpan> Resolve(const grad::v1::SharedMemoryRef& ref,
+                                                     absl::string_view field) override {
+    for (const auto& region : regions_) {
+      if (region->name() != ref.region()) continue;
+      const int64_t size = static_cast<int64_t>(region->byte_size());
+      if (ref.offset() < 0 || ref.byte_size() < 0 || ref.offset() > size ||
+          ref.byte_size() > size - ref.offset() || ref.offset() % alignof(float) != 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            field, " (offset ", ref.offset(), ", byte_size ", ref.byte_size(),
+            ") does not lie inside region \"", region->name(), "\" of ", size, " bytes"));
+      }
+      gradwire::SharedMemorySpan span;
+      span.data = reinterpret_cast<float*>(region->data() + ref.offset());
+      span.owner = region;
+      return span;
+    }
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".region names a region this client did not give the call"));
+  }
+
+ private:
+  const std::vector<std::shared_ptr<SharedMemoryRegion>> regions_;
+};
+
+// Points every skeleton tensor whose bytes lie in one of `regions` at its place there.
+void UseSharedMemory(const CallRegions& regions, const gradengine::TensorView& view,
+                     grad::v1::Tensor* header) {
+  if (std::optional<grad::v1::SharedMemoryRef> ref =
+          regions.RefFor(view.data, static_cast<size_t>(view.size) * sizeof(float))) {
+    *header->mutable_shared_memory() = *std::move(ref);
+  }
+}
+
+template <typename WireRequest, typename EngineRequest>
+void UseSharedMemoryForInputs(const CallRegions& regions, const EngineRequest& request,
+                              WireRequest* skeleton) {
+  auto view = request.parameters.begin();
+  for (grad::v1::NamedTensor& named : *skeleton->mutable_parameters()) {
+    UseSharedMemory(regions, view->second, named.mutable_tensor());
+    ++view;
+  }
+  UseSharedMemory(regions, request.input, skeleton->mutable_input());
+}
+
+// Lays the results out in `region` from `offset`, each at the next alignment boundary.
+class ResultLayout {
+ public:
+  ResultLayout(const SharedMemoryRegion& region, int64_t offset) : region_(region), next_(offset) {}
+
+  absl::Status Place(absl::Span<const int64_t> shape, grad::v1::SharedMemoryRef* ref) {
+    int64_t bytes = sizeof(float);
+    for (int64_t d : shape) bytes *= d;
+    constexpr int64_t kAlign = SharedMemoryRegion::kAlignment;
+    const int64_t begin = (next_ + kAlign - 1) / kAlign * kAlign;
+    const int64_t size = static_cast<int64_t>(region_.byte_size());
+    if (begin > size || bytes > size - begin) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "result_region \"", region_.name(), "\" (", size, " bytes) has no room for a result of ",
+          bytes, " bytes at offset ", begin));
+    }
+    ref->set_region(region_.name());
+    ref->set_offset(begin);
+    ref->set_byte_size(bytes);
+    next_ = begin + bytes;
+    return absl::OkStatus();
+  }
+
+ private:
+  const SharedMemoryRegion& region_;
+  int64_t next_;
+};
+
 }  // namespace
 
 const char* ServingStatusName(ServingStatus status) {
@@ -368,6 +465,9 @@ class Client::Impl {
     info.tls = response.security().tls();
     info.client_certificates_required = response.security().client_certificates_required();
     info.bearer_token_required = response.security().bearer_token_required();
+    info.shared_memory_allowed = response.shared_memory().allowed();
+    info.max_shared_memory_regions = response.shared_memory().max_regions();
+    info.max_shared_memory_bytes = response.shared_memory().max_mapped_bytes();
     return info;
   }
 
@@ -408,6 +508,19 @@ class Client::Impl {
     grad::v1::ForwardRequest skeleton;
     gradwire::EncodeForwardRequest(request, &skeleton, /*tensor_data=*/false);
     skeleton.set_request_id(call.request_id);
+    CallRegions regions(RegionsFor());
+    UseSharedMemoryForInputs(regions, request, &skeleton);
+    if (call.result_region != nullptr) {
+      absl::StatusOr<gradengine::ValidatedNetwork> shapes =
+          gradengine::ValidateNetwork(request.network, request.input.shape, kNoElementLimit);
+      if (!shapes.ok()) return shapes.status();
+      ResultLayout layout(*call.result_region, ResultOffset(call));
+      if (absl::Status s = layout.Place(shapes->output_shapes.back(),
+                                        skeleton.mutable_placement()->mutable_output());
+          !s.ok()) {
+        return s;
+      }
+    }
     ForwardReply reply;
     grad::v1::ForwardResponse response;
     absl::Status status = SendFramed(
@@ -417,7 +530,8 @@ class Client::Impl {
         },
         &response, &reply.call.attempts);
     if (!status.ok()) return status;
-    absl::StatusOr<gradengine::ForwardResult> result = gradwire::TakeForwardResult(&response);
+    absl::StatusOr<gradengine::ForwardResult> result =
+        gradwire::TakeForwardResult(&response, &regions);
     if (!result.ok()) return MalformedResponse(target_, "Forward", result.status());
     reply.result = *std::move(result);
     reply.call.request_id = response.request_id();
@@ -433,6 +547,20 @@ class Client::Impl {
     gradwire::EncodeGradientRequest(request, &skeleton, /*tensor_data=*/false);
     skeleton.set_request_id(call.request_id);
     skeleton.set_skip_output(call.skip_output);
+    CallRegions regions(RegionsFor());
+    UseSharedMemoryForInputs(regions, request, &skeleton);
+    if (request.objective.kind != gradengine::ObjectiveKind::kSum) {
+      grad::v1::Objective* objective = skeleton.mutable_objective();
+      UseSharedMemory(regions, request.objective.tensor,
+                      objective->has_mse_target() ? objective->mutable_mse_target()
+                                                  : objective->mutable_grad_output());
+    }
+    if (call.result_region != nullptr) {
+      if (absl::Status s = PlaceGradientResults(request, call, skeleton.mutable_placement());
+          !s.ok()) {
+        return s;
+      }
+    }
     GradientReply reply;
     grad::v1::ComputeGradientsResponse response;
     absl::Status status = SendFramed(
@@ -442,7 +570,8 @@ class Client::Impl {
         },
         &response, &reply.call.attempts);
     if (!status.ok()) return status;
-    absl::StatusOr<gradengine::GradientResult> result = gradwire::TakeGradientResult(&response);
+    absl::StatusOr<gradengine::GradientResult> result =
+        gradwire::TakeGradientResult(&response, &regions);
     if (!result.ok()) return MalformedResponse(target_, "ComputeGradients", result.status());
     reply.result = *std::move(result);
     reply.call.request_id = response.request_id();
@@ -451,6 +580,183 @@ class Client::Impl {
     return reply;
   }
 
+  // The registered regions a call may use: every one still alive (the result region, which
+  // CheckResultRegion made sure is registered, among them).
+  std::vector<std::shared_ptr<SharedMemoryRegion>> RegionsFor() {
+    std::vector<std::shared_ptr<SharedMemoryRegion>> regions;
+    absl::MutexLock lock(&regions_mu_);
+    for (const auto& [name, entry] : regions_) {
+      if (std::shared_ptr<SharedMemoryRegion> region = entry.region.lock()) {
+        regions.push_back(std::move(region));
+      }
+    }
+    return regions;
+  }
+
+  static int64_t ResultOffset(const CallOptions& call) {
+    return call.result_offset.has_value()
+               ? *call.result_offset
+               : static_cast<int64_t>(call.result_region->allocated_bytes());
+  }
+
+  absl::Status CheckResultRegion(const CallOptions& call) {
+    if (call.result_region == nullptr) return absl::OkStatus();
+    if (call.shards > 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("result_region is set with shards=", call.shards,
+                       "; results can be placed in shared memory only by unsharded calls"));
+    }
+    if (call.result_offset.has_value() && *call.result_offset < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("result_offset=", *call.result_offset, " must be >= 0"));
+    }
+    absl::MutexLock lock(&regions_mu_);
+    const auto it = regions_.find(call.result_region->name());
+    if (it == regions_.end() || it->second.pointer != call.result_region.get()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "result_region \"", call.result_region->name(),
+          "\" is not registered with this client; call RegisterSharedMemory first"));
+    }
+    return absl::OkStatus();
+  }
+
+  // The output, input gradient and parameter gradients the request asks for, laid out in
+  // call.result_region.
+  static absl::Status PlaceGradientResults(const gradengine::GradientRequest& request,
+                                           const CallOptions& call,
+                                           grad::v1::ResultPlacement* placement) {
+    absl::StatusOr<gradengine::ValidatedNetwork> shapes =
+        gradengine::ValidateNetwork(request.network, request.input.shape, kNoElementLimit);
+    if (!shapes.ok()) return shapes.status();
+    ResultLayout layout(*call.result_region, ResultOffset(call));
+    if (!call.skip_output) {
+      if (absl::Status s = layout.Place(shapes->output_shapes.back(), placement->mutable_output());
+          !s.ok()) {
+        return s;
+      }
+    }
+    if (request.gradients.input) {
+      if (absl::Status s = layout.Place(request.input.shape, placement->mutable_input_grad());
+          !s.ok()) {
+        return s;
+      }
+    }
+    std::vector<std::pair<std::string, std::vector<int64_t>>> wanted;
+    for (const auto& [name, shape] : shapes->parameter_shapes) {
+      if (request.gradients.all_parameters ||
+          std::find(request.gradients.parameters.begin(), request.gradients.parameters.end(),
+                    name) != request.gradients.parameters.end()) {
+        wanted.emplace_back(name, shape);
+      }
+    }
+    std::sort(wanted.begin(), wanted.end());
+    for (const auto& [name, shape] : wanted) {
+      grad::v1::NamedSharedMemoryRef* named = placement->add_parameter_grads();
+      named->set_name(name);
+      if (absl::Status s = layout.Place(shape, named->mutable_ref()); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+
+ public:
+  absl::Status RegisterSharedMemory(const std::shared_ptr<SharedMemoryRegion>& region,
+                                    const CallOptions& call) {
+    if (region == nullptr) return absl::InvalidArgumentError("region is null");
+    absl::StatusOr<absl::Time> deadline = CallDeadline(call, options_, absl::Now());
+    if (!deadline.ok()) return deadline.status();
+    {
+      absl::MutexLock lock(&regions_mu_);
+      if (regions_.count(region->name()) > 0) {
+        return absl::AlreadyExistsError(absl::StrCat(
+            "a region named \"", region->name(), "\" is already registered with this client"));
+      }
+    }
+    grad::v1::RegisterSharedMemoryRequest request;
+    request.set_name(region->name());
+    request.set_key(region->key());
+    request.set_offset(0);
+    request.set_byte_size(static_cast<int64_t>(region->byte_size()));
+    grad::v1::RegisterSharedMemoryResponse response;
+    int attempts = 0;
+    absl::Status status = CallWithRetry(
+        *deadline,
+        [&](grpc::ClientContext* context) {
+          return stub_->RegisterSharedMemory(context, request, &response);
+        },
+        &attempts);
+    if (!status.ok()) return status;
+    absl::MutexLock lock(&regions_mu_);
+    regions_[region->name()] = RegionEntry{region, region.get()};
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<int> UnregisterSharedMemory(const std::string& name, const CallOptions& call) {
+    absl::StatusOr<absl::Time> deadline = CallDeadline(call, options_, absl::Now());
+    if (!deadline.ok()) return deadline.status();
+    grad::v1::UnregisterSharedMemoryRequest request;
+    request.set_name(name);
+    grad::v1::UnregisterSharedMemoryResponse response;
+    int attempts = 0;
+    absl::Status status = CallWithRetry(
+        *deadline,
+        [&](grpc::ClientContext* context) {
+          return stub_->UnregisterSharedMemory(context, request, &response);
+        },
+        &attempts);
+    {
+      absl::MutexLock lock(&regions_mu_);
+      for (auto it = regions_.begin(); it != regions_.end();) {
+        if (name.empty() || it->first == name) {
+          if (std::shared_ptr<SharedMemoryRegion> region = it->second.region.lock()) {
+            region->registered_with_ = nullptr;
+          }
+          it = regions_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    if (!status.ok()) return status;
+    return response.unregistered();
+  }
+
+  absl::StatusOr<std::vector<SharedMemoryStatus>> GetSharedMemoryStatus(const std::string& name,
+                                                                        const CallOptions& call) {
+    absl::StatusOr<absl::Time> deadline = CallDeadline(call, options_, absl::Now());
+    if (!deadline.ok()) return deadline.status();
+    grad::v1::GetSharedMemoryStatusRequest request;
+    request.set_name(name);
+    grad::v1::GetSharedMemoryStatusResponse response;
+    int attempts = 0;
+    absl::Status status = CallWithRetry(
+        *deadline,
+        [&](grpc::ClientContext* context) {
+          return stub_->GetSharedMemoryStatus(context, request, &response);
+        },
+        &attempts);
+    if (!status.ok()) return status;
+    std::vector<SharedMemoryStatus> regions;
+    for (const grad::v1::SharedMemoryRegionStatus& region : response.regions()) {
+      regions.push_back(
+          {region.name(), region.offset(), region.byte_size(), region.calls_in_progress()});
+    }
+    return regions;
+  }
+
+  void ForgetSharedMemory(SharedMemoryRegion* region) {
+    {
+      absl::MutexLock lock(&regions_mu_);
+      const auto it = regions_.find(region->name());
+      if (it == regions_.end() || it->second.pointer != region) return;
+      regions_.erase(it);
+    }
+    CallOptions call;
+    call.timeout = absl::Seconds(2);
+    // Best effort: a server that is gone has unmapped it already.
+    UnregisterSharedMemory(region->name(), call).IgnoreError();
+  }
+
+ private:
   // Sends the request `frame(owner)` builds (once: every retry sends the same bytes) to
   // `method` and parses the reply into `response`. The frame refers to the caller's tensor
   // memory, which must stay untouched until gRPC has released every slice of it; `owner` goes
@@ -513,6 +819,7 @@ class Client::Impl {
       return absl::InvalidArgumentError(
           absl::StrCat("shards=", call.shards, " is out of range 1..", kMaxShards));
     }
+    if (absl::Status s = CheckResultRegion(call); !s.ok()) return s;
     CallOptions part_call = call;
     if (part_call.request_id.empty()) part_call.request_id = RandomRequestId();
     const int64_t batch = call.shards > 1 ? ShardableBatch(request) : 0;
@@ -596,6 +903,13 @@ class Client::Impl {
   // grpc.health.v1 has no generated stub in the Debian packages; its two messages are
   // encoded by hand above.
   grpc::GenericStub generic_stub_;
+
+  struct RegionEntry {
+    std::weak_ptr<SharedMemoryRegion> region;
+    const SharedMemoryRegion* pointer = nullptr;  // identifies the entry once `region` expired
+  };
+  absl::Mutex regions_mu_;
+  std::map<std::string, RegionEntry> regions_ ABSL_GUARDED_BY(regions_mu_);
 };
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Create(const std::string& target,
@@ -653,6 +967,25 @@ absl::StatusOr<ServingStatus> Client::Health(const std::string& service,
                                              const CallOptions& options) {
   return impl_->Health(service, options);
 }
+
+absl::Status Client::RegisterSharedMemory(const std::shared_ptr<SharedMemoryRegion>& region,
+                                          const CallOptions& options) {
+  absl::Status status = impl_->RegisterSharedMemory(region, options);
+  if (status.ok()) region->registered_with_ = this;
+  return status;
+}
+
+absl::StatusOr<int> Client::UnregisterSharedMemory(const std::string& name,
+                                                   const CallOptions& options) {
+  return impl_->UnregisterSharedMemory(name, options);
+}
+
+absl::StatusOr<std::vector<SharedMemoryStatus>> Client::GetSharedMemoryStatus(
+    const std::string& name, const CallOptions& options) {
+  return impl_->GetSharedMemoryStatus(name, options);
+}
+
+void Client::ForgetSharedMemory(SharedMemoryRegion* region) { impl_->ForgetSharedMemory(region); }
 
 const std::string& Client::target() const { return impl_->target(); }
 

@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "proto/framing.h"
@@ -106,6 +107,10 @@ class ComputeCall {
         peer_(context->peer()),
         arrived_(Clock::now()) {
     request_ = google::protobuf::Arena::CreateMessage<typename Method::WireRequest>(&arena_);
+    if (service->shared_memory().options().allowed) {
+      resolver_ = service->shared_memory().NewCallResolver(service->SharedMemoryOwner(*context));
+      storage_.shared_memory = resolver_.get();
+    }
   }
 
   grpc::ServerUnaryReactor* reactor() const { return reactor_; }
@@ -240,6 +245,9 @@ class ComputeCall {
 
   google::protobuf::Arena arena_;
   typename Method::WireRequest* request_ = nullptr;  // on arena_
+  // Keeps the shared memory the request uses mapped; destroyed after engine_request_ and
+  // storage_, which point into it.
+  std::unique_ptr<gradwire::SharedMemoryResolver> resolver_;
   gradwire::DecodeStorage storage_;
   std::optional<typename Method::EngineRequest> engine_request_;
 
@@ -252,10 +260,11 @@ class ComputeCall {
 }  // namespace
 
 GradientService::GradientService(const GradientServiceOptions& options, gradengine::Engine* engine,
-                                 ComputePool* pool)
+                                 ComputePool* pool, SharedMemoryRegistry* shared_memory)
     : options_(options),
       engine_(engine),
       pool_(pool),
+      shared_memory_(shared_memory),
       engine_info_(engine->info()),
       start_time_(absl::Now()) {}
 
@@ -342,6 +351,10 @@ grpc::ServerUnaryReactor* GradientService::GetInfo(grpc::CallbackServerContext* 
   security->set_client_certificates_required(options_.client_certificates_required);
   security->set_bearer_token_required(options_.bearer_tokens != nullptr);
   response->set_requests_unauthenticated(requests_unauthenticated_.load(std::memory_order_relaxed));
+  grad::v1::SharedMemoryLimits* shared = response->mutable_shared_memory();
+  shared->set_allowed(shared_memory_->options().allowed);
+  shared->set_max_regions(shared_memory_->options().max_regions);
+  shared->set_max_mapped_bytes(shared_memory_->options().max_mapped_bytes);
 
   const std::string peer = context->peer();
   reactor->Finish(grpc::Status::OK);
@@ -350,6 +363,84 @@ grpc::ServerUnaryReactor* GradientService::GetInfo(grpc::CallbackServerContext* 
                      " peer=\"", absl::CEscape(peer), "\""));
   }
   return reactor;
+}
+
+grpc::ServerUnaryReactor* GradientService::HandleSharedMemory(
+    grpc::CallbackServerContext* context, absl::string_view method, absl::string_view name,
+    const std::function<absl::Status()>& body) {
+  const Clock::time_point arrived = Clock::now();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::Status status;
+  {
+    absl::MutexLock lock(&mu_);
+    if (draining_) status = absl::UnavailableError(kShuttingDown);
+  }
+  if (status.ok()) status = Authenticate(*context);
+  if (status.ok()) status = body();
+  const std::string peer = context->peer();
+  reactor->Finish(ToGrpcStatus(status));
+  if (options_.log_requests) {
+    // The region's name, cut to a bounded prefix; never its key.
+    std::string line = absl::StrCat(
+        "method=", method, " name=\"", absl::CEscape(name.substr(0, 64)),
+        name.size() > 64 ? "\"..." : "\"", " code=", absl::StatusCodeToString(status.code()),
+        " total_us=", NanosBetween(arrived, Clock::now()) / 1000, " peer=\"", absl::CEscape(peer),
+        "\"");
+    if (!status.ok()) absl::StrAppend(&line, " error=\"", absl::CEscape(status.message()), "\"");
+    Log(line);
+  }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GradientService::RegisterSharedMemory(
+    grpc::CallbackServerContext* context, const grad::v1::RegisterSharedMemoryRequest* request,
+    grad::v1::RegisterSharedMemoryResponse* /*response*/) {
+  return HandleSharedMemory(context, "RegisterSharedMemory", request->name(), [&] {
+    return shared_memory_->Register(SharedMemoryOwner(*context), request->name(), request->key(),
+                                    request->offset(), request->byte_size());
+  });
+}
+
+grpc::ServerUnaryReactor* GradientService::UnregisterSharedMemory(
+    grpc::CallbackServerContext* context, const grad::v1::UnregisterSharedMemoryRequest* request,
+    grad::v1::UnregisterSharedMemoryResponse* response) {
+  return HandleSharedMemory(context, "UnregisterSharedMemory", request->name(), [&] {
+    absl::StatusOr<int> removed =
+        shared_memory_->Unregister(SharedMemoryOwner(*context), request->name());
+    if (!removed.ok()) return removed.status();
+    response->set_unregistered(*removed);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* GradientService::GetSharedMemoryStatus(
+    grpc::CallbackServerContext* context, const grad::v1::GetSharedMemoryStatusRequest* request,
+    grad::v1::GetSharedMemoryStatusResponse* response) {
+  return HandleSharedMemory(context, "GetSharedMemoryStatus", request->name(), [&] {
+    absl::StatusOr<std::vector<SharedMemoryRegionInfo>> regions =
+        shared_memory_->Status(SharedMemoryOwner(*context), request->name());
+    if (!regions.ok()) return regions.status();
+    for (const SharedMemoryRegionInfo& info : *regions) {
+      grad::v1::SharedMemoryRegionStatus* region = response->add_regions();
+      region->set_name(info.name);
+      region->set_offset(info.offset);
+      region->set_byte_size(info.byte_size);
+      region->set_calls_in_progress(info.calls_in_progress);
+    }
+    return absl::OkStatus();
+  });
+}
+
+std::string GradientService::SharedMemoryOwner(const grpc::ServerContextBase& context) const {
+  if (options_.bearer_tokens == nullptr) return "";
+  const auto range = context.client_metadata().equal_range(kAuthorizationMetadataKey);
+  if (range.first == range.second) return "";
+  // The token itself (Authenticate accepted exactly one "Bearer <token>"), so that spellings
+  // of the scheme do not make namespaces of their own.
+  absl::string_view value(range.first->second.data(), range.first->second.size());
+  const size_t space = value.find(' ');
+  if (space != absl::string_view::npos) value.remove_prefix(space);
+  return std::string(absl::StripLeadingAsciiWhitespace(value));
 }
 
 bool GradientService::AdmitCall() {

@@ -55,6 +55,7 @@
 #include "gradengine/engine.h"
 #include "server/auth.h"
 #include "server/compute_pool.h"
+#include "server/shared_memory.h"
 
 namespace gradserver {
 
@@ -88,13 +89,17 @@ struct GradientServiceOptions {
 
 using GradientServiceBase = grad::v1::GradientService::WithRawCallbackMethod_Forward<
     grad::v1::GradientService::WithRawCallbackMethod_ComputeGradients<
-        grad::v1::GradientService::WithCallbackMethod_GetInfo<grad::v1::GradientService::Service>>>;
+        grad::v1::GradientService::WithCallbackMethod_GetInfo<
+            grad::v1::GradientService::WithCallbackMethod_RegisterSharedMemory<
+                grad::v1::GradientService::WithCallbackMethod_UnregisterSharedMemory<
+                    grad::v1::GradientService::WithCallbackMethod_GetSharedMemoryStatus<
+                        grad::v1::GradientService::Service>>>>>>;
 
 class GradientService final : public GradientServiceBase {
  public:
-  // `engine` and `pool` are borrowed; see the lifetime rule above.
+  // `engine`, `pool` and `shared_memory` are borrowed; see the lifetime rule above.
   GradientService(const GradientServiceOptions& options, gradengine::Engine* engine,
-                  ComputePool* pool);
+                  ComputePool* pool, SharedMemoryRegistry* shared_memory);
 
   grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
                                     const grpc::ByteBuffer* request,
@@ -105,6 +110,15 @@ class GradientService final : public GradientServiceBase {
   grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* context,
                                     const grad::v1::GetInfoRequest* request,
                                     grad::v1::GetInfoResponse* response) override;
+  grpc::ServerUnaryReactor* RegisterSharedMemory(
+      grpc::CallbackServerContext* context, const grad::v1::RegisterSharedMemoryRequest* request,
+      grad::v1::RegisterSharedMemoryResponse* response) override;
+  grpc::ServerUnaryReactor* UnregisterSharedMemory(
+      grpc::CallbackServerContext* context, const grad::v1::UnregisterSharedMemoryRequest* request,
+      grad::v1::UnregisterSharedMemoryResponse* response) override;
+  grpc::ServerUnaryReactor* GetSharedMemoryStatus(
+      grpc::CallbackServerContext* context, const grad::v1::GetSharedMemoryStatusRequest* request,
+      grad::v1::GetSharedMemoryStatusResponse* response) override;
 
   // Refuses every new call from now on with UNAVAILABLE, and waits until each Forward and
   // ComputeGradients call in progress has been answered or `deadline` has passed. Returns
@@ -114,6 +128,10 @@ class GradientService final : public GradientServiceBase {
   // Used by the per-call code in gradient_service.cc.
   const GradientServiceOptions& options() const { return options_; }
   gradengine::Engine& engine() const { return *engine_; }
+  SharedMemoryRegistry& shared_memory() const { return *shared_memory_; }
+  // The namespace of the caller's shared memory regions: its credentials (the authorization
+  // metadata with tokens, else one namespace for every caller).
+  std::string SharedMemoryOwner(const grpc::ServerContextBase& context) const;
   // For GetInfo's counters; called just before a call is answered.
   void CountCall(bool ok);
   // A call admitted by AdmitCall() has been answered.
@@ -130,6 +148,11 @@ class GradientService final : public GradientServiceBase {
                                  absl::Span<const absl::string_view> authorization_values);
 
  private:
+  // Answers a shared memory call: authenticates, runs `body` unless draining, logs it.
+  grpc::ServerUnaryReactor* HandleSharedMemory(grpc::CallbackServerContext* context,
+                                               absl::string_view method, absl::string_view name,
+                                               const std::function<absl::Status()>& body);
+
   template <typename Method>
   grpc::ServerUnaryReactor* HandleCompute(grpc::CallbackServerContext* context,
                                           const grpc::ByteBuffer* request,
@@ -138,6 +161,7 @@ class GradientService final : public GradientServiceBase {
   const GradientServiceOptions options_;
   gradengine::Engine* const engine_;
   ComputePool* const pool_;
+  SharedMemoryRegistry* const shared_memory_;
   const gradengine::EngineInfo engine_info_;
   const absl::Time start_time_;
   std::atomic<int64_t> requests_total_{0};

@@ -24,7 +24,8 @@
 #include "server/server.h"
 
 ABSL_FLAG(std::string, address, gradserver::ServerOptions().address,
-          "Address to listen on, host:port; port 0 picks a free one");
+          "Address to listen on: host:port (port 0 picks a free one), or unix:/path (or "
+          "unix:///path) for a unix domain socket");
 ABSL_FLAG(int, threads_per_request, gradserver::ServerOptions().threads_per_request,
           "OpenMP threads one call computes with; 0 = every core");
 ABSL_FLAG(int, max_concurrent_requests, gradserver::ServerOptions().max_concurrent_requests,
@@ -58,6 +59,13 @@ ABSL_FLAG(double, max_connection_age_seconds,
 ABSL_FLAG(double, max_connection_age_grace_seconds,
           absl::ToDoubleSeconds(gradserver::ServerOptions().max_connection_age_grace),
           "How long calls on such a connection may still take before it closes; 0 = unlimited");
+ABSL_FLAG(bool, allow_shared_memory, gradserver::SharedMemoryOptions().allowed,
+          "Let clients on this host register POSIX shared memory regions and pass tensors in "
+          "them (see the README's trust model)");
+ABSL_FLAG(int, max_shared_memory_regions, gradserver::SharedMemoryOptions().max_regions,
+          "Shared memory regions registered at once, over all clients");
+ABSL_FLAG(int64_t, max_shared_memory_mb, gradserver::SharedMemoryOptions().max_mapped_bytes >> 20,
+          "Shared memory mapped at once, over all regions, in MiB");
 
 namespace {
 
@@ -111,6 +119,15 @@ int main(int argc, char** argv) {
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
   options.health_address = absl::GetFlag(FLAGS_health_address);
+  options.shared_memory.allowed = absl::GetFlag(FLAGS_allow_shared_memory);
+  options.shared_memory.max_regions = absl::GetFlag(FLAGS_max_shared_memory_regions);
+  const int64_t max_shared_mb = absl::GetFlag(FLAGS_max_shared_memory_mb);
+  if (max_shared_mb < 1 || max_shared_mb > (int64_t{1} << 40)) {
+    std::fprintf(stderr, "gradserver: --max_shared_memory_mb=%lld is out of range 1..2^40\n",
+                 static_cast<long long>(max_shared_mb));
+    return 2;
+  }
+  options.shared_memory.max_mapped_bytes = max_shared_mb << 20;
 
   absl::StatusOr<std::unique_ptr<gradserver::Server>> server = gradserver::Server::Create(options);
   if (!server.ok()) {

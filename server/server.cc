@@ -28,6 +28,7 @@
 #include "server/auth.h"
 #include "server/compute_pool.h"
 #include "server/gradient_service.h"
+#include "server/shared_memory.h"
 #include "server/status_conversion.h"
 
 #ifndef GRADSERVER_VERSION
@@ -238,11 +239,13 @@ class Server::Impl {
  public:
   Impl(const ServerOptions& options, SecurityMaterial security,
        std::unique_ptr<gradengine::Engine> engine, std::unique_ptr<ComputePool> pool,
+       std::unique_ptr<SharedMemoryRegistry> shared_memory,
        std::unique_ptr<GradientService> service)
       : options_(options),
         security_(std::move(security)),
         engine_(std::move(engine)),
         pool_(std::move(pool)),
+        shared_memory_(std::move(shared_memory)),
         service_(std::move(service)) {}
 
   ~Impl() { Shutdown(); }
@@ -377,6 +380,8 @@ class Server::Impl {
   // before the pool and the engine it borrows.
   std::unique_ptr<gradengine::Engine> engine_;
   std::unique_ptr<ComputePool> pool_;
+  // Unmaps every region left once the service and its calls are gone.
+  std::unique_ptr<SharedMemoryRegistry> shared_memory_;
   std::unique_ptr<GradientService> service_;
   std::unique_ptr<grpc::Server> grpc_server_;
   int port_ = 0;
@@ -423,10 +428,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   service_options.bearer_tokens = security->bearer_tokens;
   service_options.tls = security->tls();
   service_options.client_certificates_required = !security->client_ca.empty();
-  auto service = std::make_unique<GradientService>(service_options, engine->get(), pool->get());
+  absl::StatusOr<std::unique_ptr<SharedMemoryRegistry>> shared_memory =
+      SharedMemoryRegistry::Create(options.shared_memory);
+  if (!shared_memory.ok()) return shared_memory.status();
+  auto service = std::make_unique<GradientService>(service_options, engine->get(), pool->get(),
+                                                   shared_memory->get());
 
   auto impl = std::make_unique<Impl>(options, *std::move(security), *std::move(engine),
-                                     *std::move(pool), std::move(service));
+                                     *std::move(pool), *std::move(shared_memory),
+                                     std::move(service));
   if (absl::Status status = impl->Start(); !status.ok()) return status;
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }

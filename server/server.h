@@ -24,6 +24,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "server/shared_memory.h"
 
 namespace gradserver {
 
@@ -85,6 +86,10 @@ struct ServerOptions {
   // How long calls in progress on such a connection may still take before it is closed.
   // 0 = as long as they need. Default: 30 s, like shutdown_grace.
   absl::Duration max_connection_age_grace = absl::Seconds(30);
+
+  // Shared memory for clients on the same host (server/shared_memory.h): off unless
+  // shared_memory.allowed. Default: off, 64 regions, 4 GiB mapped.
+  SharedMemoryOptions shared_memory;
 };
 
 class Server {

@@ -31,6 +31,7 @@
 #include "absl/time/time.h"
 #include "gradengine/network.h"
 #include "gradengine/tensor.h"
+#include "gradclient/shared_memory.h"
 
 namespace gradclient {
 
@@ -114,6 +115,17 @@ struct CallOptions {
   // another batch size) is sent whole, for the server to report. Range 1..kMaxShards.
   // Default: 1.
   int shards = 1;
+  // Forward and ComputeGradients: a region registered with this Client (RegisterSharedMemory)
+  // that the server writes the results into: the output (unless skip_output), the input
+  // gradient and the parameter gradients, in that order (parameters by name), each at the next
+  // SharedMemoryRegion::kAlignment boundary from result_offset. The reply's tensors then live
+  // in the region, with no copy; they hold the region alive and stay valid until its bytes are
+  // written again (by the next call that places results at the same offset). Not with
+  // shards > 1. Default: null, results come back as bytes.
+  std::shared_ptr<SharedMemoryRegion> result_region;
+  // Where in result_region the first result goes, in bytes. Default: unset, the region's
+  // allocated_bytes() when the call starts (just after what the caller has allocated).
+  std::optional<int64_t> result_offset;
 };
 
 // Server-side durations of one call (grad.v1.Timing).
@@ -172,6 +184,18 @@ struct ServerInfo {
   bool tls = false;
   bool client_certificates_required = false;
   bool bearer_token_required = false;
+  // Shared memory (grad.v1.SharedMemoryLimits).
+  bool shared_memory_allowed = false;
+  int max_shared_memory_regions = 0;
+  int64_t max_shared_memory_bytes = 0;
+};
+
+// What GetSharedMemoryStatus reports of one registered region.
+struct SharedMemoryStatus {
+  std::string name;
+  int64_t offset = 0;
+  int64_t byte_size = 0;
+  int64_t calls_in_progress = 0;
 };
 
 // grpc.health.v1.HealthCheckResponse.ServingStatus.
@@ -224,9 +248,28 @@ class Client {
   absl::StatusOr<ServingStatus> Health(const std::string& service = "",
                                        const CallOptions& options = {});
 
+  // Registers `region` with the server, which maps it (grad.v1 RegisterSharedMemory); from
+  // then on request tensors that lie inside it are sent as references, and calls may place
+  // their results in it (CallOptions::result_region). Errors are the server's:
+  // FailedPrecondition from a server without --allow_shared_memory, AlreadyExists for a name
+  // this caller registered, PermissionDenied when the server may not open the object.
+  absl::Status RegisterSharedMemory(const std::shared_ptr<SharedMemoryRegion>& region,
+                                    const CallOptions& options = {});
+  // Unregisters the region named `name` (empty: every region of this caller on the server);
+  // returns how many the server removed.
+  absl::StatusOr<int> UnregisterSharedMemory(const std::string& name,
+                                             const CallOptions& options = {});
+  // The server's view of this caller's regions (empty name: all of them).
+  absl::StatusOr<std::vector<SharedMemoryStatus>> GetSharedMemoryStatus(
+      const std::string& name = "", const CallOptions& options = {});
+
   const std::string& target() const;
 
  private:
+  friend class SharedMemoryRegion;
+  // From the region's destructor: forget it, and unregister it from the server (best effort).
+  void ForgetSharedMemory(SharedMemoryRegion* region);
+
   class Impl;
   explicit Client(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
