@@ -211,16 +211,33 @@ absl::Status RunBench(const BenchOptions& options) {
     return UsageError(
         absl::StrCat("--shards=", options.shards, " is out of range 1..", gradclient::kMaxShards));
   }
-  const gradengine::GradientRequest request = workload->Request();
-  const gradengine::ForwardRequest forward_request = workload->ForwardOnly();
+  gradengine::GradientRequest request = workload->Request();
+  gradengine::ForwardRequest forward_request = workload->ForwardOnly();
   gradclient::CallOptions call;
   call.skip_output = options.skip_output;
   call.shards = options.shards;
+  // With --shared_memory, each thread's results go to a place of their own in the region
+  // (thread -1 is the warm-up).
+  StagedRequest staged;
+  if (options.shared_memory) {
+    if (options.shards > 1) return UsageError("--shared_memory does not go with --shards");
+    // Forward workloads share the gradient request's network, parameters and input.
+    absl::StatusOr<StagedRequest> made =
+        StageInSharedMemory(**client, &request, options.concurrency + 1);
+    if (!made.ok()) return made.status();
+    staged = *std::move(made);
+    forward_request.parameters = request.parameters;
+    forward_request.input = request.input;
+    call.result_region = staged.region;
+  }
   // The warm-up reply, which --verify compares every later one with.
   gradengine::ForwardResult forward_expected;
   gradengine::GradientResult gradient_expected;
   bool warm = false;
-  auto send = [&]() -> absl::Status {
+  auto send = [&](int thread) -> absl::Status {
+    gradclient::CallOptions call_here = call;
+    if (options.shared_memory) call_here.result_offset = staged.ResultOffset(thread + 1);
+    const gradclient::CallOptions& call = call_here;
     if (options.forward) {
       absl::StatusOr<gradclient::ForwardReply> reply = (*client)->Forward(forward_request, call);
       if (!reply.ok()) return reply.status();
@@ -235,7 +252,7 @@ absl::Status RunBench(const BenchOptions& options) {
     return CompareResults(reply->result, gradient_expected);
   };
 
-  if (absl::Status s = send(); !s.ok()) {
+  if (absl::Status s = send(-1); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat("warm-up request: ", s.message()));
   }
   warm = true;
@@ -251,7 +268,7 @@ absl::Status RunBench(const BenchOptions& options) {
   const auto start = std::chrono::steady_clock::now();
   const auto end = start + absl::ToChronoNanoseconds(options.duration.value_or(kDefaultDuration));
 
-  auto issue_requests = [&] {
+  auto issue_requests = [&](int thread) {
     std::vector<double> latencies_ms;
     std::map<absl::StatusCode, int64_t> errors;
     absl::Status first_error;
@@ -262,7 +279,7 @@ absl::Status RunBench(const BenchOptions& options) {
         break;
       }
       const auto call_start = std::chrono::steady_clock::now();
-      absl::Status status = send();
+      absl::Status status = send(thread);
       const auto call_end = std::chrono::steady_clock::now();
       completed.fetch_add(1, std::memory_order_relaxed);
       if (status.ok()) {
@@ -289,7 +306,7 @@ absl::Status RunBench(const BenchOptions& options) {
 
   std::vector<std::thread> threads;
   threads.reserve(static_cast<size_t>(options.concurrency));
-  for (int i = 0; i < options.concurrency; ++i) threads.emplace_back(issue_requests);
+  for (int i = 0; i < options.concurrency; ++i) threads.emplace_back(issue_requests, i);
   while (running.load() > 0) {
     absl::SleepFor(kProgressInterval);
     if (!options.progress) continue;

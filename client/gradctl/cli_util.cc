@@ -3,7 +3,10 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <algorithm>
 #include <fstream>
+#include <limits>
+#include <vector>
 #include <string>
 #include <utility>
 
@@ -36,6 +39,49 @@ absl::StatusOr<std::string> ReadFirstToken(const std::string& path) {
 }
 
 }  // namespace
+
+absl::StatusOr<StagedRequest> StageInSharedMemory(gradclient::Client& client,
+                                                  gradengine::GradientRequest* request,
+                                                  int result_copies) {
+  constexpr int64_t kAlign = gradclient::SharedMemoryRegion::kAlignment;
+  auto aligned = [](int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; };
+  auto tensor_bytes = [](absl::Span<const int64_t> shape) {
+    int64_t bytes = sizeof(float);
+    for (int64_t d : shape) bytes *= d;
+    return bytes;
+  };
+  std::vector<gradengine::TensorView*> inputs = {&request->input};
+  for (auto& [name, view] : request->parameters) inputs.push_back(&view);
+  if (request->objective.kind != gradengine::ObjectiveKind::kSum) {
+    inputs.push_back(&request->objective.tensor);
+  }
+  StagedRequest staged;
+  for (const gradengine::TensorView* view : inputs) staged.inputs_bytes += aligned(view->size * 4);
+  // Room for every result the request could ask for; the server checks the network itself.
+  absl::StatusOr<gradengine::ValidatedNetwork> shapes = gradengine::ValidateNetwork(
+      request->network, request->input.shape, std::numeric_limits<int64_t>::max());
+  if (!shapes.ok()) return shapes.status();
+  staged.results_bytes = aligned(tensor_bytes(shapes->output_shapes.back())) +
+                         aligned(tensor_bytes(request->input.shape));
+  for (const auto& [name, shape] : shapes->parameter_shapes) {
+    staged.results_bytes += aligned(tensor_bytes(shape));
+  }
+  absl::StatusOr<std::shared_ptr<gradclient::SharedMemoryRegion>> region =
+      gradclient::SharedMemoryRegion::Create(
+          "gradctl", static_cast<size_t>(staged.inputs_bytes + result_copies * staged.results_bytes));
+  if (!region.ok()) return region.status();
+  for (gradengine::TensorView* view : inputs) {
+    absl::StatusOr<absl::Span<float>> copy = (*region)->Allocate(static_cast<size_t>(view->size));
+    if (!copy.ok()) return copy.status();
+    std::copy(view->data, view->data + view->size, copy->begin());
+    view->data = copy->data();
+  }
+  if (absl::Status s = client.RegisterSharedMemory(*region); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("--shared_memory: ", s.message()));
+  }
+  staged.region = *std::move(region);
+  return staged;
+}
 
 absl::Status UsageError(absl::string_view message) {
   absl::Status status = absl::InvalidArgumentError(message);

@@ -3,6 +3,7 @@
 #ifndef CLIENT_GRADCTL_CLI_UTIL_H_
 #define CLIENT_GRADCTL_CLI_UTIL_H_
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -11,6 +12,8 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "gradclient/client.h"
+#include "gradclient/shared_memory.h"
+#include "gradengine/network.h"
 
 namespace gradctl {
 
@@ -43,6 +46,21 @@ bool IsUsageError(const absl::Status& status);
 // the token of `options`. Errors name the flag: an unreadable or tokenless --auth_token_file is
 // InvalidArgument, as are TLS files the client library cannot read.
 absl::StatusOr<std::unique_ptr<gradclient::Client>> Connect(const ConnectionOptions& options);
+
+// --shared_memory for grad, forward and bench: copies the request's tensors (input,
+// parameters, objective tensor) into a new shared memory region with room after them for
+// `result_copies` sets of the request's results, registers it with `client`, and points
+// `request`'s views at the copies. Each set of results starts at ResultOffset(i). The region
+// is unregistered and removed when the returned object is destroyed.
+struct StagedRequest {
+  std::shared_ptr<gradclient::SharedMemoryRegion> region;
+  int64_t inputs_bytes = 0;
+  int64_t results_bytes = 0;  // one set of results, alignment included
+  int64_t ResultOffset(int i) const { return inputs_bytes + i * results_bytes; }
+};
+absl::StatusOr<StagedRequest> StageInSharedMemory(gradclient::Client& client,
+                                                  gradengine::GradientRequest* request,
+                                                  int result_copies);
 
 // `text` as a JSON string literal, quotes included.
 std::string JsonString(absl::string_view text);

@@ -55,6 +55,9 @@ struct GradOptions {
   // Parts the batch is cut into, computed at once (gradclient::CallOptions::shards).
   // Default: 1.
   int shards = 1;
+  // Pass the tensors and results through a shared memory region (StageInSharedMemory) instead
+  // of the socket; the server must run on this host with --allow_shared_memory. Default: false.
+  bool shared_memory = false;
 };
 
 // Reads the network, input, parameters and objective tensor, calls the server and writes
@@ -94,6 +97,8 @@ struct BenchOptions {
   bool json = false;
   // Refresh a progress line on stderr while running. Default: false.
   bool progress = false;
+  // As GradOptions::shared_memory, with one set of results per concurrent thread.
+  bool shared_memory = false;
 };
 
 // gradctl bench: a closed-loop load generator; see bench_command.cc.

@@ -220,22 +220,6 @@ absl::Status RunGrad(const GradOptions& options) {
   for (const auto& [name, tensor] : data->parameters) parameters[name] = tensor.view();
   std::vector<std::string> written;
 
-  if (!options.gradients) {
-    gradengine::ForwardRequest request;
-    request.network = data->network;
-    request.parameters = parameters;
-    request.input = data->input.view();
-    absl::StatusOr<gradclient::ForwardReply> reply = (*client)->Forward(request, call);
-    if (!reply.ok()) return reply.status();
-    if (absl::Status s = WriteResult(options.out_dir, "output.npy", reply->result.output, &written);
-        !s.ok()) {
-      return s;
-    }
-    std::cout << "{\"output_shape\":[" << absl::StrJoin(reply->result.output.shape, ",") << "],"
-              << TimingJson(reply->call) << ",\"files\":" << FilesJson(written) << "}\n";
-    return absl::OkStatus();
-  }
-
   gradengine::GradientRequest request;
   request.network = data->network;
   request.parameters = parameters;
@@ -248,6 +232,33 @@ absl::Status RunGrad(const GradOptions& options) {
     request.objective = {gradengine::ObjectiveKind::kSum, {}};
   }
   request.gradients = Selection(options);
+  // Declared after `client`, so destroyed (unregistered) before it.
+  StagedRequest staged;
+  if (options.shared_memory) {
+    if (options.shards > 1) return UsageError("--shared_memory does not go with --shards");
+    absl::StatusOr<StagedRequest> made = StageInSharedMemory(**client, &request, 1);
+    if (!made.ok()) return made.status();
+    staged = *std::move(made);
+    call.result_region = staged.region;
+    call.result_offset = staged.ResultOffset(0);
+  }
+
+  if (!options.gradients) {
+    gradengine::ForwardRequest forward;
+    forward.network = request.network;
+    forward.parameters = request.parameters;
+    forward.input = request.input;
+    absl::StatusOr<gradclient::ForwardReply> reply = (*client)->Forward(forward, call);
+    if (!reply.ok()) return reply.status();
+    if (absl::Status s = WriteResult(options.out_dir, "output.npy", reply->result.output, &written);
+        !s.ok()) {
+      return s;
+    }
+    std::cout << "{\"output_shape\":[" << absl::StrJoin(reply->result.output.shape, ",") << "],"
+              << TimingJson(reply->call) << ",\"files\":" << FilesJson(written) << "}\n";
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<gradclient::GradientReply> reply = (*client)->ComputeGradients(request, call);
   if (!reply.ok()) return reply.status();
 

@@ -67,6 +67,9 @@ void PrintInfoJson(const std::string& server, const gradclient::ServerInfo& info
             << ",\"security\":{\"tls\":" << JsonBool(info.tls)
             << ",\"client_certificates_required\":" << JsonBool(info.client_certificates_required)
             << ",\"bearer_token_required\":" << JsonBool(info.bearer_token_required) << "}"
+            << ",\"shared_memory\":{\"allowed\":" << JsonBool(info.shared_memory_allowed)
+            << ",\"max_regions\":" << info.max_shared_memory_regions
+            << ",\"max_mapped_bytes\":" << info.max_shared_memory_bytes << "}"
             << ",\"uptime_s\":" << JsonNumber(absl::ToDoubleSeconds(info.uptime)) << "}\n";
 }
 
@@ -90,6 +93,11 @@ void PrintInfoText(const std::string& server, const gradclient::ServerInfo& info
                                 info.requests_unauthenticated, " unauthenticated, up ",
                                 absl::FormatDuration(absl::Trunc(info.uptime, absl::Seconds(1)))));
   line("security", SecuritySummary(info));
+  line("shared mem", info.shared_memory_allowed
+                         ? absl::StrCat("allowed, up to ", info.max_shared_memory_regions,
+                                        " regions and ", Bytes(info.max_shared_memory_bytes),
+                                        " mapped")
+                         : "not allowed (--allow_shared_memory)");
 }
 
 }  // namespace

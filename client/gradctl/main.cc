@@ -84,6 +84,9 @@ ABSL_FLAG(int64_t, requests, 0, "bench: how many requests to send in all");
 ABSL_FLAG(int, shards, 1,
           "grad, forward, bench: cut the batch into this many parts computed at once on the "
           "servers --server lists, and combine the results");
+ABSL_FLAG(bool, shared_memory, false,
+          "grad, forward, bench: pass the tensors and results through a shared memory region "
+          "(the server must be on this host and run with --allow_shared_memory)");
 ABSL_FLAG(bool, verify, false,
           "bench: check every reply against the warm-up reply; a mismatch counts as failed");
 
@@ -99,19 +102,23 @@ usage: gradctl COMMAND [flags]
               --net=NET.json --input=X.npy --params=DIR --out=OUT, and one objective:
               --target=T.npy (MSE) | --grad_output=G.npy | --objective=sum
               [--no_input_grad] [--param_grads=all|none|NAME,...] [--skip_output]
-              [--request_id=ID] [--shards=K]
+              [--request_id=ID] [--shards=K] [--shared_memory]
             writes OUT/output.npy, input.grad.npy, <layer>.weight.grad.npy and
             <layer>.bias.grad.npy, and prints one JSON line: loss, server timings, round trip
   forward   the network's output only: --net --input --params --out [--request_id] [--shards=K]
+            [--shared_memory]
             writes OUT/output.npy and prints one JSON line
   demo      [conv1|conv4|layer|all] the seed notebook's demos through the server, checked
             against PyTorch                                       [--data=DIR]
   bench     closed-loop load: --workload=seed1|seed4|seed4_b32|resblock|io64 --concurrency=C
             (--duration=10s | --requests=N) [--method=gradients|forward] [--skip_output]
-            [--shards=K] [--verify] [--json]
+            [--shards=K] [--verify] [--json] [--shared_memory]
 
 every command takes --server=TARGET (default localhost:50051): HOST:PORT, a list of IP
-addresses A:PORT,B:PORT, or a gRPC target such as dns:///NAME:PORT. Calls are spread over
+addresses A:PORT,B:PORT, unix:/PATH (a unix domain socket), or a gRPC target such as
+dns:///NAME:PORT. --shared_memory passes tensors and results through a POSIX shared memory
+region instead of the socket, for a server on the same host started with
+--allow_shared_memory. Calls are spread over
 every server the target names or resolves to (round robin), and a call a server cannot take
 (UNAVAILABLE) is retried, landing on another. --shards=K (at most 64) cuts each call's batch
 into K parts sent at once (data-parallel), so K servers compute one call together.
@@ -151,13 +158,13 @@ const std::vector<Command>& Commands() {
       {"grad",
        0,
        {"net", "input", "params", "target", "grad_output", "objective", "no_input_grad",
-        "param_grads", "skip_output", "out", "request_id", "shards"}},
-      {"forward", 0, {"net", "input", "params", "out", "request_id", "shards"}},
+        "param_grads", "skip_output", "out", "request_id", "shards", "shared_memory"}},
+      {"forward", 0, {"net", "input", "params", "out", "request_id", "shards", "shared_memory"}},
       {"demo", 1, {"data"}},
       {"bench",
        0,
        {"workload", "method", "concurrency", "duration", "requests", "skip_output", "shards",
-        "verify", "json"}},
+        "verify", "json", "shared_memory"}},
   };
   return *commands;
 }
@@ -248,6 +255,7 @@ absl::Status Run(const Command& command, const std::vector<std::string>& positio
     options.out_dir = absl::GetFlag(FLAGS_out);
     options.request_id = absl::GetFlag(FLAGS_request_id);
     options.shards = absl::GetFlag(FLAGS_shards);
+    options.shared_memory = absl::GetFlag(FLAGS_shared_memory);
     return gradctl::RunGrad(options);
   }
   if (name == "demo") {
@@ -276,6 +284,7 @@ absl::Status Run(const Command& command, const std::vector<std::string>& positio
   options.forward = method == "forward";
   options.shards = absl::GetFlag(FLAGS_shards);
   options.verify = absl::GetFlag(FLAGS_verify);
+  options.shared_memory = absl::GetFlag(FLAGS_shared_memory);
   options.json = absl::GetFlag(FLAGS_json);
   options.progress = isatty(STDERR_FILENO) != 0;
   return gradctl::RunBench(options);
