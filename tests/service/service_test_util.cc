@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "proto/wire.h"
@@ -29,15 +30,19 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, bool own_c
   return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), arguments);
 }
 
-std::unique_ptr<TestServer> StartTestServer(gradserver::ServerOptions options, bool log_requests) {
-  options.address = "127.0.0.1:0";
+std::unique_ptr<TestServer> StartTestServer(gradserver::ServerOptions options, bool log_requests,
+                                            const std::string& address) {
+  options.address = address;
   options.log_requests = log_requests;
   absl::StatusOr<std::unique_ptr<gradserver::Server>> server = gradserver::Server::Create(options);
   EXPECT_TRUE(server.ok()) << server.status();
   if (!server.ok()) return nullptr;
   auto test_server = std::make_unique<TestServer>();
   test_server->server = *std::move(server);
-  test_server->channel = MakeChannel(absl::StrCat("127.0.0.1:", test_server->server->port()));
+  test_server->target = absl::StartsWith(address, "unix:")
+                            ? address
+                            : absl::StrCat("127.0.0.1:", test_server->server->port());
+  test_server->channel = MakeChannel(test_server->target);
   test_server->stub = grad::v1::GradientService::NewStub(test_server->channel);
   return test_server;
 }

@@ -33,14 +33,18 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, bool own_c
 // A Server listening on 127.0.0.1 with a stub connected to it.
 struct TestServer {
   std::unique_ptr<gradserver::Server> server;
+  // What a client connects to: 127.0.0.1:PORT, or the unix: address.
+  std::string target;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<grad::v1::GradientService::Stub> stub;
 };
 
-// Starts a server with `options`, except that the address is 127.0.0.1:0 and request logging
-// is off unless `log_requests`. Fails the current test (and returns null) if it cannot start.
+// Starts a server with `options`, except that the address is `address` (127.0.0.1:0, or a
+// unix:PATH) and request logging is off unless `log_requests`. Fails the current test (and
+// returns null) if it cannot start.
 std::unique_ptr<TestServer> StartTestServer(gradserver::ServerOptions options,
-                                            bool log_requests = false);
+                                            bool log_requests = false,
+                                            const std::string& address = "127.0.0.1:0");
 
 // An engine configured like a server started with `threads_per_request`, so that its results
 // are bit-for-bit the server's.
