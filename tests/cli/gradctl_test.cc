@@ -64,15 +64,28 @@ class GradctlTest : public ::testing::Test {
         gradserver::Server::Create(options);
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = server->release();
+    // The same on a unix socket, with shared memory allowed.
+    unix_address_ = new std::string(
+        absl::StrCat("unix:", ::testing::TempDir(), "/gradctl_test.", getpid(), ".sock"));
+    options.address = *unix_address_;
+    options.shared_memory.allowed = true;
+    server = gradserver::Server::Create(options);
+    ASSERT_TRUE(server.ok()) << server.status();
+    unix_server_ = server->release();
   }
 
   static void TearDownTestSuite() {
     delete server_;
     server_ = nullptr;
+    delete unix_server_;
+    unix_server_ = nullptr;
+    std::remove(unix_address_->substr(5).c_str());
+    delete unix_address_;
   }
 
   void SetUp() override {
     ASSERT_NE(server_, nullptr);
+    ASSERT_NE(unix_server_, nullptr);
     const ::testing::TestInfo* test = ::testing::UnitTest::GetInstance()->current_test_info();
     dir_ = absl::StrCat(::testing::TempDir(), "/gradctl_test_", getpid(), "/", test->name());
     fs::remove_all(dir_);
@@ -131,10 +144,14 @@ class GradctlTest : public ::testing::Test {
   }
 
   static gradserver::Server* server_;
+  static gradserver::Server* unix_server_;
+  static std::string* unix_address_;
   std::string dir_;
 };
 
 gradserver::Server* GradctlTest::server_ = nullptr;
+gradserver::Server* GradctlTest::unix_server_ = nullptr;
+std::string* GradctlTest::unix_address_ = nullptr;
 
 // The number after "key": in a one-line JSON object.
 absl::StatusOr<double> JsonNumberField(const std::string& json, const std::string& key) {
@@ -169,21 +186,29 @@ std::vector<std::string> FileNames(const std::string& dir) {
   return names;
 }
 
-// Every fixture whole, and with its batch cut into 3 parts (--shards=3; fixtures with a batch
-// of 1 or 2 are sent whole or in 2), combined by the client.
+// Every fixture whole, with its batch cut into 3 parts (--shards=3; fixtures with a batch of 1
+// or 2 are sent whole or in 2, combined by the client), over a unix socket, and through shared
+// memory.
 TEST_F(GradctlTest, GradMatchesPyTorchOnEveryFixture) {
   absl::StatusOr<std::vector<std::string>> cases = gradtest::FindFixtureCases(FixturesDir());
   ASSERT_TRUE(cases.ok()) << cases.status();
   ASSERT_GE(cases->size(), 20u);
+  const std::vector<std::vector<std::string>> variants = {
+      {},
+      {"--shards=3"},
+      {"--server=" + *unix_address_},
+      {"--server=" + *unix_address_, "--shared_memory"},
+  };
   for (const std::string& case_dir : *cases) {
-    for (const int shards : {1, 3}) {
-      SCOPED_TRACE(absl::StrCat(case_dir, " --shards=", shards));
+    for (size_t variant = 0; variant < variants.size(); ++variant) {
+      SCOPED_TRACE(absl::StrCat(case_dir, " ", absl::StrJoin(variants[variant], " ")));
       absl::StatusOr<std::unique_ptr<gradtest::FixtureCase>> fixture =
           gradtest::LoadFixtureCase(case_dir);
       ASSERT_TRUE(fixture.ok()) << fixture.status();
-      const std::string out = absl::StrCat(dir_, "/", (*fixture)->name, "_", shards);
+      const std::string out = absl::StrCat(dir_, "/", (*fixture)->name, "_", variant);
       std::vector<std::string> args = GradArgs(**fixture, out);
-      args.push_back(absl::StrCat("--shards=", shards));
+      // A later --server wins over GradArgs' own.
+      args.insert(args.end(), variants[variant].begin(), variants[variant].end());
       const GradctlRun run = Gradctl(args);
       ASSERT_EQ(run.exit_code, 0) << run;
       EXPECT_EQ(std::count(run.out.begin(), run.out.end(), '\n'), 1) << run;
