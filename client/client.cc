@@ -398,6 +398,16 @@ class Client::Impl {
         stub_(grad::v1::GradientService::NewStub(channel_)),
         generic_stub_(channel_) {}
 
+  // Regions still alive no longer have a client to unregister from.
+  ~Impl() {
+    absl::MutexLock lock(&regions_mu_);
+    for (const auto& [name, entry] : regions_) {
+      if (std::shared_ptr<SharedMemoryRegion> region = entry.region.lock()) {
+        region->registered_with_ = nullptr;
+      }
+    }
+  }
+
   const std::string& target() const { return target_; }
 
   absl::StatusOr<ForwardReply> Forward(const gradengine::ForwardRequest& request,

@@ -139,6 +139,11 @@ int main(int argc, char** argv) {
                  (*server)->health_listening_address().c_str());
   }
   std::fprintf(stderr, "gradserver listening on %s\n", (*server)->listening_address().c_str());
+  if (options.shared_memory.allowed) {
+    std::fprintf(stderr, "gradserver: shared memory allowed: up to %d regions, %lld MiB mapped\n",
+                 options.shared_memory.max_regions,
+                 static_cast<long long>(options.shared_memory.max_mapped_bytes >> 20));
+  }
 
   siginfo_t signal_info;
   while (sigwaitinfo(&stop_signals, &signal_info) < 0) {

@@ -1,22 +1,26 @@
-// Times the benchmark workloads' training steps for tests/bench/vs_torch, which drives it
-// through a line protocol on stdin and stdout:
+// Times the benchmark workloads' training steps for tests/bench/vs_torch and vs_engine, which
+// drive it through a line protocol on stdin and stdout:
 //
 //   build/tests/bench/step_timer --threads=N
 //
 //   warmup <workload>                      runs one untimed step       -> "ok"
 //   run <workload> <iterations> [<max_ms>] times that many steps       -> "times <ms> <ms> ..."
+//   forward <workload> <iterations> [<max_ms>]  as run, Forward calls  -> "times <ms> <ms> ..."
 //   loss <workload>                        the last step's loss        -> "loss <value>"
 //   dump <workload> <dir>                  writes the step's data      -> "ok" (<dir>: no spaces)
 //   quit                                   exits (so does the end of the input)
 //
-// `run` stops early, after at least one step, once the batch has taken max_ms of wall time,
-// so that a batch sized on a quiet machine stays short when the machine gets busy.
+// `run` and `forward` stop early, after at least one step, once the batch has taken max_ms of
+// wall time, so that a batch sized on a quiet machine stays short when the machine gets busy.
+// A `run` step is the workload's training step (ComputeGradients); a `forward` step is
+// Engine::Forward on the same network, parameters and input (what `gradctl bench
+// --method=forward` sends). `warmup` and `loss` concern the training step.
 //
-// Every command answers with exactly one line on stdout, flushed. A workload's first step
-// compiles its plan, so the first command that needs a step runs one untimed: `run` never
-// times compilation. `dump` writes raw float32 little-endian files <dir>/input.bin,
-// <dir>/<parameter>.bin (e.g. conv1.weight.bin) and <dir>/target.bin, and <dir>/shapes.txt
-// with one "<name> <dim> <dim> ..." line per file.
+// Every command answers with exactly one line on stdout, flushed. A workload's first step of
+// each kind compiles its plan, so the first command that needs one runs one untimed: `run` and
+// `forward` never time compilation. `dump` writes raw float32 little-endian files
+// <dir>/input.bin, <dir>/<parameter>.bin (e.g. conv1.weight.bin) and <dir>/target.bin, and
+// <dir>/shapes.txt with one "<name> <dim> <dim> ..." line per file.
 //
 // With ONEDNN_VERBOSE=1 in the environment, oneDNN's own "onednn_verbose,..." lines for the
 // primitives a command executes appear on stdout before that command's reply.
@@ -48,15 +52,23 @@
 
 namespace {
 
-// A workload with the request that points into it; neither moves once created.
+// The two kinds of step `run` and `forward` time.
+enum class StepKind { kGradients, kForward };
+
+// A workload with the requests that point into it; none moves once created.
 struct LoadedWorkload {
   explicit LoadedWorkload(gradclient::Workload workload_in)
-      : workload(std::move(workload_in)), request(workload.Request()) {}
+      : workload(std::move(workload_in)),
+        request(workload.Request()),
+        forward_request(workload.ForwardOnly()) {}
 
   const gradclient::Workload workload;
   const gradengine::GradientRequest request;
-  // Loss of the most recent step; empty until the first (compiling) step has run.
+  const gradengine::ForwardRequest forward_request;
+  // Loss of the most recent training step; empty until the first (compiling) one has run.
   std::optional<double> last_loss;
+  // Whether a (compiling) Forward step has run.
+  bool forward_compiled = false;
 };
 
 // Writes `values` as float32 little-endian, independent of the host's byte order.
@@ -102,28 +114,29 @@ class StepTimer {
     if (command == "warmup" && args.size() == 2) {
       absl::StatusOr<LoadedWorkload*> loaded = Load(args[1]);
       if (!loaded.ok()) return loaded.status();
-      absl::StatusOr<double> ms = Step(**loaded);
+      absl::StatusOr<double> ms = Step(**loaded, StepKind::kGradients);
       if (!ms.ok()) return ms.status();
       return std::optional<std::string>("ok");
     }
-    if (command == "run" && (args.size() == 3 || args.size() == 4)) {
+    if ((command == "run" || command == "forward") && (args.size() == 3 || args.size() == 4)) {
+      const StepKind kind = command == "run" ? StepKind::kGradients : StepKind::kForward;
       int iterations = 0;
       if (!absl::SimpleAtoi(args[2], &iterations) || iterations < 1) {
         return absl::InvalidArgumentError(
-            absl::StrCat("run: iterations=", args[2], " is not a positive integer"));
+            absl::StrCat(command, ": iterations=", args[2], " is not a positive integer"));
       }
       double max_ms = std::numeric_limits<double>::infinity();
       if (args.size() == 4 && (!absl::SimpleAtod(args[3], &max_ms) || !(max_ms > 0))) {
         return absl::InvalidArgumentError(
-            absl::StrCat("run: max_ms=", args[3], " is not a positive number"));
+            absl::StrCat(command, ": max_ms=", args[3], " is not a positive number"));
       }
-      absl::StatusOr<LoadedWorkload*> loaded = WarmedUp(args[1]);
+      absl::StatusOr<LoadedWorkload*> loaded = WarmedUp(args[1], kind);
       if (!loaded.ok()) return loaded.status();
       std::vector<double> times_ms;
       times_ms.reserve(static_cast<size_t>(iterations));
       const auto start = std::chrono::steady_clock::now();
       for (int i = 0; i < iterations; ++i) {
-        absl::StatusOr<double> ms = Step(**loaded);
+        absl::StatusOr<double> ms = Step(**loaded, kind);
         if (!ms.ok()) return ms.status();
         times_ms.push_back(*ms);
         if (std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
@@ -134,7 +147,7 @@ class StepTimer {
       return std::optional<std::string>(absl::StrCat("times ", absl::StrJoin(times_ms, " ")));
     }
     if (command == "loss" && args.size() == 2) {
-      absl::StatusOr<LoadedWorkload*> loaded = WarmedUp(args[1]);
+      absl::StatusOr<LoadedWorkload*> loaded = WarmedUp(args[1], StepKind::kGradients);
       if (!loaded.ok()) return loaded.status();
       std::ostringstream reply;
       reply.precision(17);
@@ -150,7 +163,7 @@ class StepTimer {
     return absl::InvalidArgumentError(
         absl::StrCat("unknown command '", line,
                      "'; expected warmup <workload> | run <workload> <iterations> [<max_ms>] | "
-                     "loss <workload> | "
+                     "forward <workload> <iterations> [<max_ms>] | loss <workload> | "
                      "dump <workload> <dir> | quit"));
   }
 
@@ -169,21 +182,51 @@ class StepTimer {
     return result;
   }
 
-  // The named workload after at least one (untimed) step, so its plan is compiled.
-  absl::StatusOr<LoadedWorkload*> WarmedUp(const std::string& name) {
+  // The named workload after at least one (untimed) step of `kind`, so its plan is compiled.
+  absl::StatusOr<LoadedWorkload*> WarmedUp(const std::string& name, StepKind kind) {
     absl::StatusOr<LoadedWorkload*> loaded = Load(name);
     if (!loaded.ok()) return loaded;
-    if (!(*loaded)->last_loss.has_value()) {
-      absl::StatusOr<double> ms = Step(**loaded);
+    bool compiled = false;
+    switch (kind) {
+      case StepKind::kGradients:
+        compiled = (*loaded)->last_loss.has_value();
+        break;
+      case StepKind::kForward:
+        compiled = (*loaded)->forward_compiled;
+        break;
+    }
+    if (!compiled) {
+      absl::StatusOr<double> ms = Step(**loaded, kind);
       if (!ms.ok()) return ms.status();
     }
     return loaded;
   }
 
+  absl::StatusOr<double> Step(LoadedWorkload& loaded, StepKind kind) {
+    switch (kind) {
+      case StepKind::kGradients:
+        return GradientStep(loaded);
+      case StepKind::kForward:
+        return ForwardStep(loaded);
+    }
+    return absl::InternalError("unknown step kind");
+  }
+
+  // Runs one Forward call and returns its wall time in milliseconds; the output is freed
+  // after the clock stops, as in GradientStep.
+  absl::StatusOr<double> ForwardStep(LoadedWorkload& loaded) {
+    const auto start = std::chrono::steady_clock::now();
+    absl::StatusOr<gradengine::ForwardResult> result = engine_->Forward(loaded.forward_request);
+    const auto stop = std::chrono::steady_clock::now();
+    if (!result.ok()) return result.status();
+    loaded.forward_compiled = true;
+    return std::chrono::duration<double, std::milli>(stop - start).count();
+  }
+
   // Runs one training step, records its loss and returns its wall time in milliseconds.
   // The result is freed after the clock stops, as the PyTorch side frees its gradients
   // outside its timed region.
-  absl::StatusOr<double> Step(LoadedWorkload& loaded) {
+  absl::StatusOr<double> GradientStep(LoadedWorkload& loaded) {
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<gradengine::GradientResult> result = engine_->ComputeGradients(loaded.request);
     const auto stop = std::chrono::steady_clock::now();

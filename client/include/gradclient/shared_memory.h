@@ -16,8 +16,10 @@
 // containers, in Docker `--ipc=container:...` or `--ipc=host`).
 //
 // The object is unlinked, and the region unregistered from the server, when the last
-// shared_ptr to it goes away (result tensors that live in it hold one). A Client it was
-// registered with must outlive it.
+// shared_ptr to it goes away (result tensors that live in it hold one). If the Client it was
+// registered with is destroyed first, the server unmaps the region when it shuts down or the
+// caller unregisters it. Shared memory is for a Client whose target is one server on this
+// host: RegisterSharedMemory reaches only one of several.
 //
 // Thread safety: Allocate and Reset are thread-safe; the memory itself is the caller's to
 // synchronize. The server writes results while a call runs.
