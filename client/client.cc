@@ -791,14 +791,22 @@ class Client::Impl {
           deadline,
           [&](grpc::ClientContext* context) {
             response_buffer.Clear();
+            // The calling thread drives the call's own completion queue, as gRPC's blocking
+            // stubs do: no hop to a callback thread and back.
+            grpc::CompletionQueue queue;
+            std::unique_ptr<grpc::GenericClientAsyncResponseReader> call =
+                generic_stub_.PrepareUnaryCall(context, method, request_buffer, &queue);
+            call->StartCall();
             grpc::Status result;
-            absl::Notification done;
-            generic_stub_.UnaryCall(context, method, grpc::StubOptions(), &request_buffer,
-                                    &response_buffer, [&](grpc::Status call_status) {
-                                      result = std::move(call_status);
-                                      done.Notify();
-                                    });
-            done.WaitForNotification();
+            call->Finish(&response_buffer, &result, &queue);
+            void* tag = nullptr;
+            bool ok = false;
+            if (!queue.Next(&tag, &ok) || !ok) {
+              result = grpc::Status(grpc::StatusCode::INTERNAL, "the call's completion failed");
+            }
+            queue.Shutdown();
+            while (queue.Next(&tag, &ok)) {
+            }
             return result;
           },
           attempts);
