@@ -345,33 +345,51 @@ void UseSharedMemoryForInputs(const CallRegions& regions, const EngineRequest& r
   UseSharedMemory(regions, request.input, skeleton->mutable_input());
 }
 
-// Lays the results out in `region` from `offset`, each at the next alignment boundary.
-class ResultLayout {
- public:
-  ResultLayout(const SharedMemoryRegion& region, int64_t offset) : region_(region), next_(offset) {}
-
-  absl::Status Place(absl::Span<const int64_t> shape, grad::v1::SharedMemoryRef* ref) {
-    int64_t bytes = sizeof(float);
-    for (int64_t d : shape) bytes *= d;
-    constexpr int64_t kAlign = SharedMemoryRegion::kAlignment;
-    const int64_t begin = (next_ + kAlign - 1) / kAlign * kAlign;
-    const int64_t size = static_cast<int64_t>(region_.byte_size());
-    if (begin > size || bytes > size - begin) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "result_region \"", region_.name(), "\" (", size, " bytes) has no room for a result of ",
-          bytes, " bytes at offset ", begin));
-    }
-    ref->set_region(region_.name());
-    ref->set_offset(begin);
-    ref->set_byte_size(bytes);
-    next_ = begin + bytes;
-    return absl::OkStatus();
-  }
-
- private:
-  const SharedMemoryRegion& region_;
-  int64_t next_;
+// One result to place: its shape and the reference that names its place.
+struct PlacedResult {
+  std::vector<int64_t> shape;
+  grad::v1::SharedMemoryRef* ref;
 };
+
+// Lays `results` out in `region`, one after the other, each at an alignment boundary: from
+// `offset` if given, else in space allocated from the region for them (so that neither later
+// allocations nor concurrent calls reuse it).
+absl::Status LayOutResults(SharedMemoryRegion& region, std::optional<int64_t> offset,
+                           const std::vector<PlacedResult>& results) {
+  constexpr int64_t kAlign = SharedMemoryRegion::kAlignment;
+  auto aligned = [](int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; };
+  int64_t total = 0;
+  for (const PlacedResult& result : results) {
+    int64_t bytes = sizeof(float);
+    for (int64_t d : result.shape) bytes *= d;
+    result.ref->set_byte_size(bytes);
+    total += aligned(bytes);
+  }
+  int64_t next = 0;
+  if (offset.has_value()) {
+    next = aligned(*offset);
+    const int64_t size = static_cast<int64_t>(region.byte_size());
+    if (next > size || total > size - next) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("result_region \"", region.name(), "\" (", size, " bytes) has no room for ",
+                       total, " bytes of results at result_offset ", *offset));
+    }
+  } else {
+    absl::StatusOr<absl::Span<float>> space =
+        region.Allocate(static_cast<size_t>(total) / sizeof(float));
+    if (!space.ok()) {
+      return absl::Status(space.status().code(),
+                          absl::StrCat("result_region: ", space.status().message()));
+    }
+    next = region.OffsetOf(space->data(), 0).value_or(0);
+  }
+  for (const PlacedResult& result : results) {
+    result.ref->set_region(region.name());
+    result.ref->set_offset(next);
+    next += aligned(result.ref->byte_size());
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -396,16 +414,17 @@ class Client::Impl {
         options_(options),
         channel_(std::move(channel)),
         stub_(grad::v1::GradientService::NewStub(channel_)),
-        generic_stub_(channel_) {}
+        generic_stub_(channel_),
+        registration_(std::make_shared<SharedMemoryRegion::Registration>()) {
+    absl::MutexLock lock(&registration_->mu);
+    registration_->forget = [this](SharedMemoryRegion* region) { ForgetSharedMemory(region); };
+  }
 
-  // Regions still alive no longer have a client to unregister from.
+  // Regions still alive no longer have a client to unregister from; one that is unregistering
+  // right now finishes first.
   ~Impl() {
-    absl::MutexLock lock(&regions_mu_);
-    for (const auto& [name, entry] : regions_) {
-      if (std::shared_ptr<SharedMemoryRegion> region = entry.region.lock()) {
-        region->registered_with_ = nullptr;
-      }
-    }
+    absl::MutexLock lock(&registration_->mu);
+    registration_->forget = nullptr;
   }
 
   const std::string& target() const { return target_; }
@@ -524,9 +543,9 @@ class Client::Impl {
       absl::StatusOr<gradengine::ValidatedNetwork> shapes =
           gradengine::ValidateNetwork(request.network, request.input.shape, kNoElementLimit);
       if (!shapes.ok()) return shapes.status();
-      ResultLayout layout(*call.result_region, ResultOffset(call));
-      if (absl::Status s = layout.Place(shapes->output_shapes.back(),
-                                        skeleton.mutable_placement()->mutable_output());
+      if (absl::Status s = LayOutResults(
+              *call.result_region, call.result_offset,
+              {{shapes->output_shapes.back(), skeleton.mutable_placement()->mutable_output()}});
           !s.ok()) {
         return s;
       }
@@ -559,11 +578,17 @@ class Client::Impl {
     skeleton.set_skip_output(call.skip_output);
     CallRegions regions(RegionsFor());
     UseSharedMemoryForInputs(regions, request, &skeleton);
-    if (request.objective.kind != gradengine::ObjectiveKind::kSum) {
-      grad::v1::Objective* objective = skeleton.mutable_objective();
-      UseSharedMemory(regions, request.objective.tensor,
-                      objective->has_mse_target() ? objective->mutable_mse_target()
-                                                  : objective->mutable_grad_output());
+    switch (request.objective.kind) {
+      case gradengine::ObjectiveKind::kMse:
+        UseSharedMemory(regions, request.objective.tensor,
+                        skeleton.mutable_objective()->mutable_mse_target());
+        break;
+      case gradengine::ObjectiveKind::kGradOutput:
+        UseSharedMemory(regions, request.objective.tensor,
+                        skeleton.mutable_objective()->mutable_grad_output());
+        break;
+      case gradengine::ObjectiveKind::kSum:
+        break;
     }
     if (call.result_region != nullptr) {
       if (absl::Status s = PlaceGradientResults(request, call, skeleton.mutable_placement());
@@ -603,12 +628,6 @@ class Client::Impl {
     return regions;
   }
 
-  static int64_t ResultOffset(const CallOptions& call) {
-    return call.result_offset.has_value()
-               ? *call.result_offset
-               : static_cast<int64_t>(call.result_region->allocated_bytes());
-  }
-
   absl::Status CheckResultRegion(const CallOptions& call) {
     if (call.result_region == nullptr) return absl::OkStatus();
     if (call.shards > 1) {
@@ -623,9 +642,9 @@ class Client::Impl {
     absl::MutexLock lock(&regions_mu_);
     const auto it = regions_.find(call.result_region->name());
     if (it == regions_.end() || it->second.pointer != call.result_region.get()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "result_region \"", call.result_region->name(),
-          "\" is not registered with this client; call RegisterSharedMemory first"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("result_region \"", call.result_region->name(),
+                       "\" is not registered with this client; call RegisterSharedMemory first"));
     }
     return absl::OkStatus();
   }
@@ -638,18 +657,12 @@ class Client::Impl {
     absl::StatusOr<gradengine::ValidatedNetwork> shapes =
         gradengine::ValidateNetwork(request.network, request.input.shape, kNoElementLimit);
     if (!shapes.ok()) return shapes.status();
-    ResultLayout layout(*call.result_region, ResultOffset(call));
+    std::vector<PlacedResult> results;
     if (!call.skip_output) {
-      if (absl::Status s = layout.Place(shapes->output_shapes.back(), placement->mutable_output());
-          !s.ok()) {
-        return s;
-      }
+      results.push_back({shapes->output_shapes.back(), placement->mutable_output()});
     }
     if (request.gradients.input) {
-      if (absl::Status s = layout.Place(request.input.shape, placement->mutable_input_grad());
-          !s.ok()) {
-        return s;
-      }
+      results.push_back({request.input.shape, placement->mutable_input_grad()});
     }
     std::vector<std::pair<std::string, std::vector<int64_t>>> wanted;
     for (const auto& [name, shape] : shapes->parameter_shapes) {
@@ -660,12 +673,13 @@ class Client::Impl {
       }
     }
     std::sort(wanted.begin(), wanted.end());
+    placement->mutable_parameter_grads()->Reserve(static_cast<int>(wanted.size()));
     for (const auto& [name, shape] : wanted) {
       grad::v1::NamedSharedMemoryRef* named = placement->add_parameter_grads();
       named->set_name(name);
-      if (absl::Status s = layout.Place(shape, named->mutable_ref()); !s.ok()) return s;
+      results.push_back({shape, named->mutable_ref()});
     }
-    return absl::OkStatus();
+    return LayOutResults(*call.result_region, call.result_offset, results);
   }
 
  public:
@@ -675,10 +689,17 @@ class Client::Impl {
     absl::StatusOr<absl::Time> deadline = CallDeadline(call, options_, absl::Now());
     if (!deadline.ok()) return deadline.status();
     {
+      absl::MutexLock lock(&region->mu_);
+      if (region->registration_ != nullptr) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("region \"", region->name(), "\" is registered with a client already"));
+      }
+    }
+    {
       absl::MutexLock lock(&regions_mu_);
       if (regions_.count(region->name()) > 0) {
-        return absl::AlreadyExistsError(absl::StrCat(
-            "a region named \"", region->name(), "\" is already registered with this client"));
+        return absl::AlreadyExistsError(absl::StrCat("a region named \"", region->name(),
+                                                     "\" is already registered with this client"));
       }
     }
     grad::v1::RegisterSharedMemoryRequest request;
@@ -697,6 +718,8 @@ class Client::Impl {
     if (!status.ok()) return status;
     absl::MutexLock lock(&regions_mu_);
     regions_[region->name()] = RegionEntry{region, region.get()};
+    absl::MutexLock region_lock(&region->mu_);
+    region->registration_ = registration_;
     return absl::OkStatus();
   }
 
@@ -718,7 +741,8 @@ class Client::Impl {
       for (auto it = regions_.begin(); it != regions_.end();) {
         if (name.empty() || it->first == name) {
           if (std::shared_ptr<SharedMemoryRegion> region = it->second.region.lock()) {
-            region->registered_with_ = nullptr;
+            absl::MutexLock region_lock(&region->mu_);
+            region->registration_ = nullptr;
           }
           it = regions_.erase(it);
         } else {
@@ -753,6 +777,8 @@ class Client::Impl {
     return regions;
   }
 
+  // From a registered region's destructor: forget it, and unregister it from the server (best
+  // effort).
   void ForgetSharedMemory(SharedMemoryRegion* region) {
     {
       absl::MutexLock lock(&regions_mu_);
@@ -774,10 +800,10 @@ class Client::Impl {
   // caller's memory is free again even when the call ended (deadline, cancellation) while gRPC
   // was still writing.
   template <typename Response>
-  absl::Status SendFramed(const char* method, absl::Time deadline,
-                          const std::function<gradwire::Frame(const std::shared_ptr<const void>&)>&
-                              frame,
-                          Response* response, int* attempts) {
+  absl::Status SendFramed(
+      const char* method, absl::Time deadline,
+      const std::function<gradwire::Frame(const std::shared_ptr<const void>&)>& frame,
+      Response* response, int* attempts) {
     absl::Notification released;
     std::shared_ptr<const void> owner(&released, [](const void* notification) {
       static_cast<absl::Notification*>(const_cast<void*>(notification))->Notify();
@@ -815,8 +841,7 @@ class Client::Impl {
         if (!response->ParseFromZeroCopyStream(&reader)) {
           status = absl::InternalError(absl::StrCat("malformed ", method, " response from ",
                                                     target_, ": ", response_buffer.Length(),
-                                                    " bytes are not a ",
-                                                    response->GetTypeName()));
+                                                    " bytes are not a ", response->GetTypeName()));
         }
       }
     }
@@ -926,8 +951,10 @@ class Client::Impl {
     std::weak_ptr<SharedMemoryRegion> region;
     const SharedMemoryRegion* pointer = nullptr;  // identifies the entry once `region` expired
   };
+  // Lock order: a Registration's mu, then regions_mu_, then a region's mu_.
   absl::Mutex regions_mu_;
   std::map<std::string, RegionEntry> regions_ ABSL_GUARDED_BY(regions_mu_);
+  const std::shared_ptr<SharedMemoryRegion::Registration> registration_;
 };
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Create(const std::string& target,
@@ -988,9 +1015,7 @@ absl::StatusOr<ServingStatus> Client::Health(const std::string& service,
 
 absl::Status Client::RegisterSharedMemory(const std::shared_ptr<SharedMemoryRegion>& region,
                                           const CallOptions& options) {
-  absl::Status status = impl_->RegisterSharedMemory(region, options);
-  if (status.ok()) region->registered_with_ = this;
-  return status;
+  return impl_->RegisterSharedMemory(region, options);
 }
 
 absl::StatusOr<int> Client::UnregisterSharedMemory(const std::string& name,
@@ -1002,8 +1027,6 @@ absl::StatusOr<std::vector<SharedMemoryStatus>> Client::GetSharedMemoryStatus(
     const std::string& name, const CallOptions& options) {
   return impl_->GetSharedMemoryStatus(name, options);
 }
-
-void Client::ForgetSharedMemory(SharedMemoryRegion* region) { impl_->ForgetSharedMemory(region); }
 
 const std::string& Client::target() const { return impl_->target(); }
 

@@ -11,7 +11,6 @@
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "gradclient/client.h"
 
 namespace gradclient {
 
@@ -41,17 +40,17 @@ absl::StatusOr<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegion::Create(
   if (error != 0) {
     close(fd);
     shm_unlink(path.c_str());
-    return absl::ResourceExhaustedError(absl::StrCat("shared memory region \"", name, "\": ",
-                                                     byte_size, " bytes are not available: ",
-                                                     std::strerror(error)));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("shared memory region \"", name, "\": ", byte_size,
+                     " bytes are not available: ", std::strerror(error)));
   }
   void* data = mmap(nullptr, byte_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   const int map_error = errno;
   close(fd);
   if (data == MAP_FAILED) {
     shm_unlink(path.c_str());
-    return absl::ResourceExhaustedError(absl::StrCat("shared memory region \"", name,
-                                                     "\": mmap failed: ", std::strerror(map_error)));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "shared memory region \"", name, "\": mmap failed: ", std::strerror(map_error)));
   }
   return std::shared_ptr<SharedMemoryRegion>(
       new SharedMemoryRegion(name, key, static_cast<char*>(data), byte_size));
@@ -62,7 +61,16 @@ SharedMemoryRegion::SharedMemoryRegion(std::string name, std::string key, char* 
     : name_(std::move(name)), key_(std::move(key)), data_(data), byte_size_(byte_size) {}
 
 SharedMemoryRegion::~SharedMemoryRegion() {
-  if (registered_with_ != nullptr) registered_with_->ForgetSharedMemory(this);
+  std::shared_ptr<Registration> registration;
+  {
+    absl::MutexLock lock(&mu_);
+    registration = std::move(registration_);
+  }
+  if (registration != nullptr) {
+    // Held while unregistering, so that the Client cannot go away meanwhile.
+    absl::MutexLock lock(&registration->mu);
+    if (registration->forget) registration->forget(this);
+  }
   munmap(data_, byte_size_);
   shm_unlink(("/" + key_).c_str());
 }
@@ -71,12 +79,13 @@ absl::StatusOr<absl::Span<float>> SharedMemoryRegion::Allocate(size_t elements) 
   absl::MutexLock lock(&mu_);
   const size_t bytes = elements * sizeof(float);
   if (elements > byte_size_ / sizeof(float) || bytes > byte_size_ - allocated_) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "shared memory region \"", name_, "\" has ", byte_size_ - allocated_,
-        " bytes free; ", bytes, " were asked for"));
+    return absl::ResourceExhaustedError(absl::StrCat("shared memory region \"", name_, "\" has ",
+                                                     byte_size_ - allocated_, " bytes free; ",
+                                                     bytes, " were asked for"));
   }
   float* span = reinterpret_cast<float*>(data_ + allocated_);
-  allocated_ = std::min(byte_size_, (allocated_ + bytes + kAlignment - 1) / kAlignment * kAlignment);
+  allocated_ =
+      std::min(byte_size_, (allocated_ + bytes + kAlignment - 1) / kAlignment * kAlignment);
   return absl::Span<float>(span, elements);
 }
 

@@ -20,6 +20,7 @@
 #include "absl/synchronization/mutex.h"
 #include "engine/plan.h"
 #include "engine/request_validation.h"
+#include "gradengine/quote.h"
 #include "oneapi/dnnl/dnnl.hpp"
 
 namespace gradengine {
@@ -66,12 +67,12 @@ absl::StatusOr<Tensor> ResultTensor(const std::vector<int64_t>& shape,
   for (int64_t d : shape) elements *= d;
   if (memory->size != elements || (elements > 0 && memory->data == nullptr)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("placement.", what, " has ", memory->size, " elements", 
+        absl::StrCat("placement.", what, " has ", memory->size, " elements",
                      memory->data == nullptr ? " and no memory" : "", "; the result ",
                      ShapeToString(shape), " has ", elements));
   }
-  return Tensor(shape, TensorBuffer::Wrap(memory->data, static_cast<size_t>(elements),
-                                          memory->owner));
+  return Tensor(shape,
+                TensorBuffer::Wrap(memory->data, static_cast<size_t>(elements), memory->owner));
 }
 
 }  // namespace
@@ -146,19 +147,18 @@ class Engine::Impl {
     for (const auto& [name, memory] : request.placement.parameter_grads) {
       if (needs.parameter_grads.count(name) == 0) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "placement.parameter_grads names \"", name.substr(0, 128),
-            "\", whose gradient is not requested"));
+            "placement.parameter_grads names ", Quote(name), ", whose gradient is not requested"));
       }
     }
     for (const auto& [name, shape] : validated->parameter_shapes) {
       if (needs.parameter_grads.count(name) == 0) continue;
       const auto placed = request.placement.parameter_grads.find(name);
-      absl::StatusOr<Tensor> grad = ResultTensor(
-          shape,
-          placed == request.placement.parameter_grads.end()
-              ? std::nullopt
-              : std::optional<ResultMemory>(placed->second),
-          absl::StrCat("parameter_grads[\"", name, "\"]"));
+      absl::StatusOr<Tensor> grad =
+          ResultTensor(shape,
+                       placed == request.placement.parameter_grads.end()
+                           ? std::nullopt
+                           : std::optional<ResultMemory>(placed->second),
+                       absl::StrCat("parameter_grads[", Quote(name), "]"));
       if (!grad.ok()) return grad.status();
       result.parameter_grads.emplace(name, *std::move(grad));
     }

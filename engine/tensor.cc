@@ -1,7 +1,9 @@
 #include "gradengine/tensor.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 
 #include "absl/strings/str_join.h"
@@ -17,8 +19,9 @@ std::pair<float*, std::shared_ptr<const void>> Allocate(size_t size) {
                        TensorBuffer::kAlignment * TensorBuffer::kAlignment;
   void* memory = std::aligned_alloc(TensorBuffer::kAlignment, bytes);
   if (memory == nullptr) throw std::bad_alloc();
-  return {static_cast<float*>(memory),
-          std::shared_ptr<const void>(memory, [](const void* p) { std::free(const_cast<void*>(p)); })};
+  return {static_cast<float*>(memory), std::shared_ptr<const void>(memory, [](const void* p) {
+            std::free(const_cast<void*>(p));
+          })};
 }
 
 int64_t NumElements(absl::Span<const int64_t> shape) {
@@ -42,6 +45,11 @@ TensorBuffer::TensorBuffer(std::initializer_list<float> values)
 
 TensorBuffer TensorBuffer::Uninitialized(size_t size) {
   auto [data, owner] = Allocate(size);
+#ifndef NDEBUG
+  // Debug builds (the sanitizer tests) fill "uninitialised" memory with NaN, so that a result
+  // element nobody wrote fails every comparison instead of passing as a fresh page's zero.
+  std::fill_n(data, size, std::numeric_limits<float>::quiet_NaN());
+#endif
   return TensorBuffer(data, size, std::move(owner));
 }
 

@@ -38,8 +38,8 @@ void AddNamedTensor(Frame* frame, int field, const grad::v1::NamedTensor& skelet
     named.AddString(grad::v1::NamedTensor::kNameFieldNumber, skeleton.name());
   }
   if (skeleton.has_tensor()) {
-    AddTensor(&named, grad::v1::NamedTensor::kTensorFieldNumber, skeleton.tensor(), data,
-              elements, owner);
+    AddTensor(&named, grad::v1::NamedTensor::kTensorFieldNumber, skeleton.tensor(), data, elements,
+              owner);
   }
   frame->AddFrame(field, std::move(named));
 }
@@ -53,7 +53,8 @@ void AddResult(Frame* frame, int field, const grad::v1::Tensor& header,
 template <typename WireRequest, typename EngineRequest>
 void FrameNetworkParametersInput(const WireRequest& skeleton, const EngineRequest& request,
                                  const std::shared_ptr<const void>& owner, Frame* frame) {
-  if (skeleton.has_network()) frame->AddMessage(WireRequest::kNetworkFieldNumber, skeleton.network());
+  if (skeleton.has_network())
+    frame->AddMessage(WireRequest::kNetworkFieldNumber, skeleton.network());
   // The skeleton lists the parameters in the order EncodeParameters walked the map.
   auto view = request.parameters.begin();
   for (const grad::v1::NamedTensor& named : skeleton.parameters()) {
@@ -218,7 +219,8 @@ Frame FrameGradientRequest(const grad::v1::ComputeGradientsRequest& skeleton,
       AddTensor(&child, grad::v1::Objective::kMseTargetFieldNumber, objective.mse_target(), data,
                 elements, owner);
     }
-    if (objective.has_sum()) child.AddMessage(grad::v1::Objective::kSumFieldNumber, objective.sum());
+    if (objective.has_sum())
+      child.AddMessage(grad::v1::Objective::kSumFieldNumber, objective.sum());
     if (objective.has_grad_output()) {
       AddTensor(&child, grad::v1::Objective::kGradOutputFieldNumber, objective.grad_output(), data,
                 elements, owner);
@@ -238,7 +240,8 @@ Frame FrameForwardResponse(const grad::v1::ForwardResponse& skeleton,
                            const gradengine::ForwardResult& result) {
   using Wire = grad::v1::ForwardResponse;
   Frame frame;
-  if (skeleton.has_output()) AddResult(&frame, Wire::kOutputFieldNumber, skeleton.output(), result.output);
+  if (skeleton.has_output())
+    AddResult(&frame, Wire::kOutputFieldNumber, skeleton.output(), result.output);
   if (!skeleton.request_id().empty()) {
     frame.AddString(Wire::kRequestIdFieldNumber, skeleton.request_id());
   }
@@ -250,7 +253,8 @@ Frame FrameGradientResponse(const grad::v1::ComputeGradientsResponse& skeleton,
                             const gradengine::GradientResult& result) {
   using Wire = grad::v1::ComputeGradientsResponse;
   Frame frame;
-  if (skeleton.has_output()) AddResult(&frame, Wire::kOutputFieldNumber, skeleton.output(), result.output);
+  if (skeleton.has_output())
+    AddResult(&frame, Wire::kOutputFieldNumber, skeleton.output(), result.output);
   if (skeleton.has_loss()) frame.AddDouble(Wire::kLossFieldNumber, skeleton.loss());
   if (skeleton.has_input_grad()) {
     AddResult(&frame, Wire::kInputGradFieldNumber, skeleton.input_grad(), *result.input_grad);

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -151,7 +152,8 @@ TEST_P(FramingTest, ResponsesAreWhatTheSerializerWrites) {
   result.loss = 0.125;
   result.input_grad = Tensor({0}, TensorBuffer());
   result.parameter_grads["a.weight"] = Tensor({3, 2}, Filled(6, 2.0f));
-  result.parameter_grads["b.bias"] = Tensor({static_cast<int64_t>(elements)}, Filled(elements, 3.0f));
+  result.parameter_grads["b.bias"] =
+      Tensor({static_cast<int64_t>(elements)}, Filled(elements, 3.0f));
   grad::v1::Timing timing;
   timing.set_decode_ns(5);
   timing.set_backward_ns(7);
@@ -242,6 +244,62 @@ TEST(FramingTest, SharedMemoryTensorsCarryNoBytes) {
   full.mutable_input()->clear_data();
   *full.mutable_input()->mutable_shared_memory() = *ref;
   ExpectSameAsSerializer(frame, full);
+}
+
+TEST(FramingTest, SharedMemoryReferencesOnParametersTheObjectiveAndResults) {
+  const Sample sample = MakeSample(3000);
+  gradengine::GradientRequest request;
+  request.network = sample.network;
+  request.parameters = sample.Views();
+  request.input = sample.input.view();
+  request.objective = {ObjectiveKind::kGradOutput, sample.target.view()};
+  grad::v1::ComputeGradientsRequest full;
+  EncodeGradientRequest(request, &full);
+  grad::v1::ComputeGradientsRequest skeleton;
+  EncodeGradientRequest(request, &skeleton, /*tensor_data=*/false);
+  // conv1.weight and the objective's tensor in shared memory; results placed there too.
+  for (auto* message : {&full, &skeleton}) {
+    for (grad::v1::NamedTensor& named : *message->mutable_parameters()) {
+      if (named.name() != "conv1.weight") continue;
+      named.mutable_tensor()->clear_data();
+      named.mutable_tensor()->mutable_shared_memory()->set_region("p");
+      named.mutable_tensor()->mutable_shared_memory()->set_byte_size(8 * 27 * 4);
+    }
+    grad::v1::Tensor* grad_output = message->mutable_objective()->mutable_grad_output();
+    grad_output->clear_data();
+    grad_output->mutable_shared_memory()->set_region("o");
+    grad_output->mutable_shared_memory()->set_byte_size(8);
+    message->mutable_placement()->mutable_output()->set_region("r");
+    grad::v1::NamedSharedMemoryRef* placed = message->mutable_placement()->add_parameter_grads();
+    placed->set_name("conv1.bias");
+    placed->mutable_ref()->set_offset(4096);
+  }
+  ExpectSameAsSerializer(FrameGradientRequest(skeleton, request, nullptr), full);
+
+  // A response whose output and one gradient were placed, without a loss, and with a loss
+  // of exactly 0 (present, so written).
+  gradengine::GradientResult result;
+  result.output = Tensor({2, 1}, Filled(2, 1.0f));
+  result.parameter_grads["conv1.bias"] = Tensor({8}, Filled(8, 2.0f));
+  result.parameter_grads["conv1.weight"] = Tensor({8, 3, 3, 3}, Filled(216, 3.0f));
+  for (std::optional<double> loss : {std::optional<double>(), std::optional<double>(0.0)}) {
+    result.loss = loss;
+    grad::v1::ComputeGradientsResponse response_skeleton;
+    EncodeGradientResponseSkeleton(result, /*include_output=*/true, full.placement(),
+                                   &response_skeleton);
+    EXPECT_TRUE(response_skeleton.output().has_shared_memory());
+    EXPECT_EQ(response_skeleton.has_loss(), loss.has_value());
+    grad::v1::ComputeGradientsResponse response_full;
+    EncodeGradientResult(result, /*include_output=*/true, &response_full);
+    response_full.mutable_output()->clear_data();
+    *response_full.mutable_output()->mutable_shared_memory() = full.placement().output();
+    for (grad::v1::NamedTensor& named : *response_full.mutable_parameter_grads()) {
+      if (named.name() != "conv1.bias") continue;
+      named.mutable_tensor()->clear_data();
+      *named.mutable_tensor()->mutable_shared_memory() = full.placement().parameter_grads(0).ref();
+    }
+    ExpectSameAsSerializer(FrameGradientResponse(response_skeleton, result), response_full);
+  }
 }
 
 }  // namespace

@@ -1,15 +1,17 @@
 #include "proto/wire.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
-#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "gradengine/quote.h"
 
 namespace gradwire {
 namespace {
@@ -37,13 +39,6 @@ constexpr std::pair<ActivationKind, grad::v1::ActivationKind> kActivations[] = {
     {ActivationKind::kGeluErf, grad::v1::GELU},
     {ActivationKind::kGeluTanh, grad::v1::GELU_TANH},
 };
-
-// At most the first 64 bytes of a client-supplied string, escaped, for messages.
-std::string QuotedPrefix(absl::string_view value) {
-  constexpr size_t kMaxQuoted = 64;
-  if (value.size() <= kMaxQuoted) return absl::CEscape(value);
-  return absl::StrCat(absl::CEscape(value.substr(0, kMaxQuoted)), "...");
-}
 
 std::string DataTypeText(int dtype) {
   if (grad::v1::DataType_IsValid(dtype)) {
@@ -117,9 +112,8 @@ absl::StatusOr<SharedMemorySpan> ResolveShared(const grad::v1::SharedMemoryRef& 
                                                const std::string& field, bool written,
                                                DecodeStorage* storage) {
   if (storage->shared_memory == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        field, " names shared memory, but shared memory is not enabled here (the server's "
-               "--allow_shared_memory)"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(field, " names shared memory, but ", storage->shared_memory_refusal));
   }
   absl::StatusOr<SharedMemorySpan> span = storage->shared_memory->Resolve(ref, field);
   if (!span.ok()) return span.status();
@@ -128,21 +122,40 @@ absl::StatusOr<SharedMemorySpan> ResolveShared(const grad::v1::SharedMemoryRef& 
   return span;
 }
 
-// No memory a result is written to may overlap any other tensor of the call.
+// No memory a result is written to may overlap any other tensor of the call. Sorted by
+// (file, begin) and swept, so that a request with many references costs O(n log n).
 absl::Status CheckSharedOverlaps(const DecodeStorage& storage) {
-  const auto& ranges = storage.shared_ranges;
-  for (size_t i = 0; i < ranges.size(); ++i) {
-    for (size_t j = i + 1; j < ranges.size(); ++j) {
-      const auto& a = ranges[i];
-      const auto& b = ranges[j];
-      if (!(a.written || b.written) || a.file_id != b.file_id) continue;
-      if (a.begin < b.end && b.begin < a.end) {
-        const auto& written = a.written ? a : b;
-        const auto& other = a.written ? b : a;
-        return absl::InvalidArgumentError(
-            absl::StrCat(written.field, " overlaps ", other.field,
-                         " in shared memory; a result must not share bytes with another tensor"));
-      }
+  std::vector<const DecodeStorage::UsedRange*> ranges;
+  ranges.reserve(storage.shared_ranges.size());
+  for (const DecodeStorage::UsedRange& range : storage.shared_ranges) {
+    if (range.end > range.begin) ranges.push_back(&range);  // empty tensors hold no bytes
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const auto* a, const auto* b) {
+    return std::tie(a->file_id, a->begin) < std::tie(b->file_id, b->begin);
+  });
+  // Among the ranges seen so far in this file: the one reaching furthest, and the written one
+  // reaching furthest. A range overlaps an earlier one iff it begins before that one's end.
+  const DecodeStorage::UsedRange* furthest = nullptr;
+  const DecodeStorage::UsedRange* furthest_written = nullptr;
+  for (const DecodeStorage::UsedRange* range : ranges) {
+    if (furthest != nullptr && furthest->file_id != range->file_id) {
+      furthest = furthest_written = nullptr;
+    }
+    const DecodeStorage::UsedRange* other = nullptr;
+    if (range->written && furthest != nullptr && range->begin < furthest->end) other = furthest;
+    if (!range->written && furthest_written != nullptr && range->begin < furthest_written->end) {
+      other = furthest_written;
+    }
+    if (other != nullptr) {
+      const auto& written = range->written ? *range : *other;
+      const auto& rest = range->written ? *other : *range;
+      return absl::InvalidArgumentError(
+          absl::StrCat(written.field, " overlaps ", rest.field,
+                       " in shared memory; a result must not share bytes with another tensor"));
+    }
+    if (furthest == nullptr || range->end > furthest->end) furthest = range;
+    if (range->written && (furthest_written == nullptr || range->end > furthest_written->end)) {
+      furthest_written = range;
     }
   }
   return absl::OkStatus();
@@ -185,8 +198,8 @@ absl::Status DecodePlacement(const grad::v1::ResultPlacement& placement, bool gr
     const std::string field = absl::StrCat("placement.parameter_grads[", i, "]");
     if (named.name().empty()) return absl::InvalidArgumentError(absl::StrCat(field, ".name is empty"));
     if (out->parameter_grads.count(named.name()) > 0) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ".name=\"", QuotedPrefix(named.name()),
-                                                     "\" repeats an earlier entry"));
+      return absl::InvalidArgumentError(absl::StrCat(field, ".name=", gradengine::Quote(named.name()),
+                                                     " repeats an earlier entry"));
     }
     absl::StatusOr<gradengine::ResultMemory> memory =
         DecodeResultMemory(named.ref(), field + ".ref", storage);
@@ -325,8 +338,8 @@ absl::StatusOr<gradengine::ParameterViews> DecodeParameters(
     }
     auto [it, inserted] = first_index.emplace(named.name(), i);
     if (!inserted) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ".name=\"", QuotedPrefix(named.name()),
-                                                     "\" repeats parameters[", it->second, "]"));
+      return absl::InvalidArgumentError(absl::StrCat(field, ".name=", gradengine::Quote(named.name()),
+                                                     " repeats parameters[", it->second, "]"));
     }
     if (!named.has_tensor()) {
       return absl::InvalidArgumentError(
@@ -358,7 +371,7 @@ absl::StatusOr<gradengine::ParameterTensors> TakeNamedTensors(
     if (!tensor.ok()) return tensor.status();
     if (!out.emplace(named->name(), *std::move(tensor)).second) {
       return absl::InvalidArgumentError(absl::StrCat(
-          path, ".name=\"", QuotedPrefix(named->name()), "\" repeats an earlier entry"));
+          path, ".name=", gradengine::Quote(named->name()), " repeats an earlier entry"));
     }
   }
   return out;

@@ -53,6 +53,10 @@ struct SharedMemorySpan {
   int64_t file_offset = 0;
 };
 
+// Every key of a shared memory object for this service starts with this (the client library
+// makes such keys; the server refuses others).
+inline constexpr char kSharedMemoryKeyPrefix[] = "gradclient-";
+
 // Resolves SharedMemoryRefs; implemented by the server's region registry.
 class SharedMemoryResolver {
  public:
@@ -61,14 +65,20 @@ class SharedMemoryResolver {
   // registered. `field` is the ref's path for messages ("input.shared_memory").
   virtual absl::StatusOr<SharedMemorySpan> Resolve(const grad::v1::SharedMemoryRef& ref,
                                                    absl::string_view field) = 0;
+  // Checks again that every region resolved so far is still as large as registered, right
+  // before the memory is used (FailedPrecondition otherwise).
+  virtual absl::Status Revalidate() { return absl::OkStatus(); }
 };
 
 // What one decoded request holds besides the message: copies made for misaligned tensor bytes,
 // and the shared memory its tensors use. See above.
 struct DecodeStorage {
   std::deque<std::vector<float>> copies;
-  // Null: tensors that name shared memory are refused (FAILED_PRECONDITION).
+  // Null: tensors that name shared memory are refused (FAILED_PRECONDITION) with
+  // `shared_memory_refusal` as the reason.
   SharedMemoryResolver* shared_memory = nullptr;
+  std::string shared_memory_refusal =
+      "shared memory is not enabled here (the server's --allow_shared_memory)";
 
   // Every shared memory range the request uses, for the overlap check.
   struct UsedRange {

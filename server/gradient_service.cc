@@ -15,7 +15,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "gradengine/quote.h"
 #include "proto/framing.h"
 #include "proto/wire.h"
 #include "server/status_conversion.h"
@@ -26,6 +28,19 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 constexpr char kShuttingDown[] = "the server is shutting down; retry on another server";
+constexpr char kSharedMemoryNotSameHost[] =
+    "shared memory is only for clients on the server's host (a unix socket or loopback), and "
+    "this call came from another address";
+
+// Whether gRPC's peer string names a unix socket or a loopback address.
+bool IsSameHostPeer(absl::string_view peer) {
+  if (absl::StartsWith(peer, "unix:") || absl::StartsWith(peer, "ipv4:127.")) return true;
+  for (absl::string_view loopback :
+       {"ipv6:[::1]:", "ipv6:%5B::1%5D:", "ipv6:[::ffff:127.", "ipv6:%5B::ffff:127."}) {
+    if (absl::StartsWith(peer, loopback)) return true;
+  }
+  return false;
+}
 
 int64_t NanosBetween(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(to - from).count();
@@ -108,8 +123,12 @@ class ComputeCall {
         arrived_(Clock::now()) {
     request_ = google::protobuf::Arena::CreateMessage<typename Method::WireRequest>(&arena_);
     if (service->shared_memory().options().allowed) {
-      resolver_ = service->shared_memory().NewCallResolver(service->SharedMemoryOwner(*context));
-      storage_.shared_memory = resolver_.get();
+      if (IsSameHostPeer(peer_)) {
+        resolver_ = service->shared_memory().NewCallResolver(service->SharedMemoryOwner(*context));
+        storage_.shared_memory = resolver_.get();
+      } else {
+        storage_.shared_memory_refusal = kSharedMemoryNotSameHost;
+      }
     }
   }
 
@@ -130,6 +149,8 @@ class ComputeCall {
     const Clock::time_point started = Clock::now();
     timing_.set_queue_ns(NanosBetween(decoded_, started));
     absl::Status status = ShouldContinue();
+    // The regions were checked when the request was decoded; the queue may have been long.
+    if (status.ok() && resolver_ != nullptr) status = resolver_->Revalidate();
     std::optional<absl::StatusOr<typename Method::EngineResult>> result;
     if (status.ok()) {
       engine_request_->should_continue = [this] { return ShouldContinue(); };
@@ -370,22 +391,26 @@ grpc::ServerUnaryReactor* GradientService::HandleSharedMemory(
     const std::function<absl::Status()>& body) {
   const Clock::time_point arrived = Clock::now();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const std::string peer = context->peer();
+  // The region's name, cut to a bounded prefix (never its key), copied now: the request is
+  // gone once the call is finished.
+  const std::string logged_name = gradengine::Quote(name);
   absl::Status status;
   {
     absl::MutexLock lock(&mu_);
     if (draining_) status = absl::UnavailableError(kShuttingDown);
   }
   if (status.ok()) status = Authenticate(*context);
+  if (status.ok() && shared_memory_->options().allowed && !IsSameHostPeer(peer)) {
+    status = absl::PermissionDeniedError(kSharedMemoryNotSameHost);
+  }
   if (status.ok()) status = body();
-  const std::string peer = context->peer();
   reactor->Finish(ToGrpcStatus(status));
   if (options_.log_requests) {
-    // The region's name, cut to a bounded prefix; never its key.
-    std::string line = absl::StrCat(
-        "method=", method, " name=\"", absl::CEscape(name.substr(0, 64)),
-        name.size() > 64 ? "\"..." : "\"", " code=", absl::StatusCodeToString(status.code()),
-        " total_us=", NanosBetween(arrived, Clock::now()) / 1000, " peer=\"", absl::CEscape(peer),
-        "\"");
+    std::string line = absl::StrCat("method=", method, " name=", logged_name,
+                                    " code=", absl::StatusCodeToString(status.code()),
+                                    " total_us=", NanosBetween(arrived, Clock::now()) / 1000,
+                                    " peer=\"", absl::CEscape(peer), "\"");
     if (!status.ok()) absl::StrAppend(&line, " error=\"", absl::CEscape(status.message()), "\"");
     Log(line);
   }

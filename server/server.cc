@@ -434,9 +434,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   auto service = std::make_unique<GradientService>(service_options, engine->get(), pool->get(),
                                                    shared_memory->get());
 
-  auto impl = std::make_unique<Impl>(options, *std::move(security), *std::move(engine),
-                                     *std::move(pool), *std::move(shared_memory),
-                                     std::move(service));
+  auto impl =
+      std::make_unique<Impl>(options, *std::move(security), *std::move(engine), *std::move(pool),
+                             *std::move(shared_memory), std::move(service));
   if (absl::Status status = impl->Start(); !status.ok()) return status;
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }

@@ -11,25 +11,15 @@
 #include <utility>
 
 #include "absl/strings/ascii.h"
-#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "gradengine/quote.h"
 
 namespace gradserver {
 namespace {
 
 constexpr size_t kMaxNameBytes = 128;
 constexpr size_t kMaxKeyBytes = 200;
-// glibc keeps named semaphores as /dev/shm/sem.NAME; they are not tensors.
-constexpr char kReservedKeyPrefix[] = "sem.";
-// Names in messages: at most this many bytes of them.
-constexpr size_t kMaxQuotedName = 64;
-
-std::string QuotedName(const std::string& name) {
-  if (name.size() <= kMaxQuotedName) return absl::StrCat("\"", absl::CEscape(name), "\"");
-  return absl::StrCat("\"", absl::CEscape(name.substr(0, kMaxQuotedName)), "\"...");
-}
-
 absl::Status CheckName(const std::string& name) {
   if (name.empty()) return absl::InvalidArgumentError("name is empty");
   if (name.size() > kMaxNameBytes) {
@@ -39,7 +29,7 @@ absl::Status CheckName(const std::string& name) {
   for (const char c : name) {
     if (c < 0x20 || c > 0x7e) {
       return absl::InvalidArgumentError(
-          absl::StrCat("name=", QuotedName(name), " may hold only printable ASCII"));
+          absl::StrCat("name=", gradengine::Quote(name), " may hold only printable ASCII"));
     }
   }
   return absl::OkStatus();
@@ -59,11 +49,11 @@ absl::Status CheckKey(const std::string& key) {
           "the leading '/' shm_open takes)");
     }
   }
-  if (key.front() == '.') return absl::InvalidArgumentError("key must not start with '.'");
-  if (absl::StartsWith(key, kReservedKeyPrefix)) {
+  // Only objects made for this service: never another program's (a database's segments,
+  // glibc's sem.* semaphores), which the server's user may be able to open too.
+  if (!absl::StartsWith(key, gradwire::kSharedMemoryKeyPrefix)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("key must not start with \"", kReservedKeyPrefix,
-                     "\", which names semaphores, not shared memory"));
+        absl::StrCat("key must start with \"", gradwire::kSharedMemoryKeyPrefix, "\""));
   }
   return absl::OkStatus();
 }
@@ -73,10 +63,11 @@ absl::Status CheckKey(const std::string& key) {
 // One registered mapping. Immutable after creation but for the call counter.
 class SharedMemoryRegistry::Region {
  public:
-  Region(std::string name, int fd, void* map_base, size_t map_length, int64_t map_delta,
-         int64_t offset, int64_t byte_size, uint64_t file_id,
+  Region(std::string owner, std::string name, int fd, void* map_base, size_t map_length,
+         int64_t map_delta, int64_t offset, int64_t byte_size, uint64_t file_id,
          std::shared_ptr<std::atomic<int64_t>> mapped_bytes)
-      : name_(std::move(name)),
+      : owner_(std::move(owner)),
+        name_(std::move(name)),
         fd_(fd),
         map_base_(map_base),
         map_length_(map_length),
@@ -92,6 +83,7 @@ class SharedMemoryRegistry::Region {
     mapped_bytes_->fetch_sub(byte_size_, std::memory_order_relaxed);
   }
 
+  const std::string& owner() const { return owner_; }
   const std::string& name() const { return name_; }
   int64_t offset() const { return offset_; }
   int64_t byte_size() const { return byte_size_; }
@@ -104,19 +96,20 @@ class SharedMemoryRegistry::Region {
     struct stat st;
     if (fstat(fd_, &st) != 0) {
       return absl::FailedPreconditionError(
-          absl::StrCat("shared memory region ", QuotedName(name_),
+          absl::StrCat("shared memory region ", gradengine::Quote(name_),
                        " can no longer be checked: ", std::strerror(errno)));
     }
     if (st.st_size < offset_ + byte_size_) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "shared memory region ", QuotedName(name_), " has shrunk to ", st.st_size,
-          " bytes since it was registered with offset ", offset_, " and byte_size ", byte_size_,
-          "; unregister it and register it again"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("shared memory region ", gradengine::Quote(name_), " has shrunk to ",
+                       st.st_size, " bytes since it was registered with offset ", offset_,
+                       " and byte_size ", byte_size_, "; unregister it and register it again"));
     }
     return absl::OkStatus();
   }
 
  private:
+  const std::string owner_;
   const std::string name_;
   const int fd_;
   void* const map_base_;
@@ -150,28 +143,29 @@ class CallResolver final : public gradwire::SharedMemoryResolver {
     } else {
       region = registry_->Find(owner_, ref.region());
       if (region == nullptr) {
-        return absl::NotFoundError(absl::StrCat(field, ".region=", QuotedName(ref.region()),
+        return absl::NotFoundError(absl::StrCat(field, ".region=", gradengine::Quote(ref.region()),
                                                 " is not a registered shared memory region"));
       }
     }
     const int64_t offset = ref.offset();
     const int64_t size = ref.byte_size();
     if (offset < 0 || size < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ".offset=", offset, " and byte_size=",
-                                                     size, " must both be >= 0"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".offset=", offset, " and byte_size=", size, " must both be >= 0"));
     }
     if (offset > region->byte_size() || size > region->byte_size() - offset) {
       return absl::InvalidArgumentError(absl::StrCat(
           field, ".offset=", offset, " + byte_size=", size, " is past the end of region ",
-          QuotedName(ref.region()), " (", region->byte_size(), " bytes)"));
+          gradengine::Quote(ref.region()), " (", region->byte_size(), " bytes)"));
     }
     if (reinterpret_cast<uintptr_t>(region->data() + offset) % alignof(float) != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          field, ".offset=", offset, " is not aligned for FLOAT32; use a multiple of 4 (with a "
-          "registered offset that is one too)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".offset=", offset,
+                       " is not aligned for FLOAT32; use a multiple of 4 (with a "
+                       "registered offset that is one too)"));
     }
-    if (absl::Status status = region->CheckStillMapped(); !status.ok()) return status;
     if (used == used_.end()) {
+      if (absl::Status status = region->CheckStillMapped(); !status.ok()) return status;
       region->calls_in_progress().fetch_add(1, std::memory_order_relaxed);
       used_.emplace(ref.region(), region);
     }
@@ -181,6 +175,13 @@ class CallResolver final : public gradwire::SharedMemoryResolver {
     span.file_id = region->file_id();
     span.file_offset = region->offset() + offset;
     return span;
+  }
+
+  absl::Status Revalidate() override {
+    for (const auto& [name, region] : used_) {
+      if (absl::Status status = region->CheckStillMapped(); !status.ok()) return status;
+    }
+    return absl::OkStatus();
   }
 
  private:
@@ -213,10 +214,7 @@ SharedMemoryRegistry::~SharedMemoryRegistry() {
 absl::Status SharedMemoryRegistry::Register(const std::string& owner, const std::string& name,
                                             const std::string& key, int64_t offset,
                                             int64_t byte_size) {
-  if (!options_.allowed) {
-    return absl::FailedPreconditionError(
-        "shared memory is disabled on this server; start it with --allow_shared_memory");
-  }
+  if (absl::Status status = CheckAllowed(); !status.ok()) return status;
   if (absl::Status status = CheckName(name); !status.ok()) return status;
   if (absl::Status status = CheckKey(key); !status.ok()) return status;
   if (offset < 0) {
@@ -237,20 +235,21 @@ absl::Status SharedMemoryRegistry::Register(const std::string& owner, const std:
 
   absl::MutexLock lock(&mu_);
   if (regions_.count({owner, name}) > 0) {
-    return absl::AlreadyExistsError(absl::StrCat("shared memory region ", QuotedName(name),
+    return absl::AlreadyExistsError(absl::StrCat("shared memory region ", gradengine::Quote(name),
                                                  " is already registered; unregister it first"));
   }
   if (static_cast<int>(regions_.size()) >= options_.max_regions) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("the server has ", regions_.size(), " shared memory regions registered, its "
+        absl::StrCat("the server has ", regions_.size(),
+                     " shared memory regions registered, its "
                      "limit (max_shared_memory_regions); unregister some first"));
   }
   const int64_t mapped = mapped_bytes_->load(std::memory_order_relaxed);
   if (byte_size > options_.max_mapped_bytes - mapped) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "registering byte_size=", byte_size, " would map ", mapped + byte_size,
-        " bytes, over the server's limit of ", options_.max_mapped_bytes,
-        " (max_shared_memory_mb)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("registering byte_size=", byte_size, " would map ", mapped + byte_size,
+                     " bytes, over the server's limit of ", options_.max_mapped_bytes,
+                     " (max_shared_memory_mb)"));
   }
 
   // glibc's shm_open adds O_NOFOLLOW and O_CLOEXEC.
@@ -265,6 +264,10 @@ absl::Status SharedMemoryRegistry::Register(const std::string& owner, const std:
           "the server may not open the shared memory object with the given key for reading and "
           "writing; give the server's user access");
     }
+    if (error == ELOOP) {
+      return absl::InvalidArgumentError(
+          "the given key names a symbolic link, not a shared memory object");
+    }
     return absl::FailedPreconditionError(absl::StrCat(
         "the shared memory object with the given key cannot be opened: ", std::strerror(error)));
   }
@@ -276,8 +279,29 @@ absl::Status SharedMemoryRegistry::Register(const std::string& owner, const std:
   if (st.st_size < offset + byte_size) {
     close(fd);
     return absl::InvalidArgumentError(absl::StrCat("offset=", offset, " + byte_size=", byte_size,
-                                                   " is past the end of the object (", st.st_size,
-                                                   " bytes)"));
+                                                   " is past the end of the object"));
+  }
+  const uint64_t file_id =
+      (static_cast<uint64_t>(st.st_dev) << 40) ^ static_cast<uint64_t>(st.st_ino);
+  // One caller per object: another token cannot map memory a caller registered (it may still
+  // register the same object under other names itself).
+  for (const auto& [owner_and_name, region] : regions_) {
+    if (region->file_id() == file_id && region->owner() != owner) {
+      close(fd);
+      return absl::PermissionDeniedError(
+          "the shared memory object with the given key is registered by another caller");
+    }
+  }
+  // A sparse object (ftruncate alone makes one) would fault in pages when the engine first
+  // touches them, and a full /dev/shm turns that fault into SIGBUS: reserve them now.
+  if (const int error = posix_fallocate(fd, offset, byte_size); error != 0) {
+    close(fd);
+    if (error == ENOSPC) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "byte_size=", byte_size, " cannot be backed: the shared memory filesystem is full"));
+    }
+    return absl::FailedPreconditionError(
+        absl::StrCat("the object's pages cannot be reserved: ", std::strerror(error)));
   }
   const int64_t page = sysconf(_SC_PAGESIZE);
   const int64_t map_start = offset / page * page;
@@ -290,24 +314,29 @@ absl::Status SharedMemoryRegistry::Register(const std::string& owner, const std:
     return absl::ResourceExhaustedError(
         absl::StrCat("could not map byte_size=", byte_size, ": ", std::strerror(error)));
   }
-  const uint64_t file_id =
-      (static_cast<uint64_t>(st.st_dev) << 40) ^ static_cast<uint64_t>(st.st_ino);
   mapped_bytes_->fetch_add(byte_size, std::memory_order_relaxed);
   regions_.emplace(std::make_pair(owner, name),
-                   std::make_shared<Region>(name, fd, base, map_length, map_delta, offset,
+                   std::make_shared<Region>(owner, name, fd, base, map_length, map_delta, offset,
                                             byte_size, file_id, mapped_bytes_));
   return absl::OkStatus();
 }
 
+absl::Status SharedMemoryRegistry::CheckAllowed() const {
+  if (options_.allowed) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      "shared memory is disabled on this server; start it with --allow_shared_memory");
+}
+
 absl::StatusOr<int> SharedMemoryRegistry::Unregister(const std::string& owner,
                                                      const std::string& name) {
+  if (absl::Status status = CheckAllowed(); !status.ok()) return status;
   std::vector<std::shared_ptr<Region>> removed;  // unmapped outside the lock
   absl::MutexLock lock(&mu_);
   if (!name.empty()) {
     const auto it = regions_.find({owner, name});
     if (it == regions_.end()) {
       return absl::NotFoundError(
-          absl::StrCat("shared memory region ", QuotedName(name), " is not registered"));
+          absl::StrCat("shared memory region ", gradengine::Quote(name), " is not registered"));
     }
     removed.push_back(std::move(it->second));
     regions_.erase(it);
@@ -323,6 +352,7 @@ absl::StatusOr<int> SharedMemoryRegistry::Unregister(const std::string& owner,
 
 absl::StatusOr<std::vector<SharedMemoryRegionInfo>> SharedMemoryRegistry::Status(
     const std::string& owner, const std::string& name) const {
+  if (absl::Status status = CheckAllowed(); !status.ok()) return status;
   std::vector<SharedMemoryRegionInfo> infos;
   absl::MutexLock lock(&mu_);
   for (auto it = regions_.lower_bound({owner, name});
@@ -334,7 +364,7 @@ absl::StatusOr<std::vector<SharedMemoryRegionInfo>> SharedMemoryRegistry::Status
   }
   if (!name.empty() && infos.empty()) {
     return absl::NotFoundError(
-        absl::StrCat("shared memory region ", QuotedName(name), " is not registered"));
+        absl::StrCat("shared memory region ", gradengine::Quote(name), " is not registered"));
   }
   return infos;
 }

@@ -12,14 +12,18 @@
 // raise SIGBUS in the server; only clients that can already open the server's shared memory
 // objects (same host, same user or group, see the README) can do that.
 //
-// Keys name objects under /dev/shm as shm_open does (no '/', no leading '.', a safe character
-// set, no "sem." prefix, which glibc's named semaphores use); glibc's shm_open refuses symbolic
-// links and the object must be a regular file. Keys are never echoed in messages or logs;
-// region names are, cut to a bounded prefix.
+// Keys name objects under /dev/shm as shm_open does: a safe character set, no '/', and the
+// prefix gradwire::kSharedMemoryKeyPrefix, so that only objects made for this service can be
+// mapped, never another program's that the server's user could open too. glibc's shm_open
+// refuses symbolic links, and the object must be a regular file. Its pages are reserved
+// (posix_fallocate) at registration, so a sparse object cannot fault later. Keys are never
+// echoed in messages or logs; region names are, cut to a bounded prefix.
 //
 // Regions are per caller: `owner` is an opaque string the service derives from the call's
 // credentials (the bearer token, or "" without tokens), so one token's regions cannot be used
-// or removed with another.
+// or removed with another, and an object one caller registered cannot be registered by
+// another (PermissionDenied) while it stays registered. The service lets only callers on this
+// host (a unix socket or loopback) use shared memory at all.
 //
 // Thread safety: all methods may be called concurrently. A mapping lives as long as its
 // registration or the last call using it, whichever ends later; the registry unmaps
@@ -74,14 +78,15 @@ class SharedMemoryRegistry {
 
   // Maps [offset, offset + byte_size) of object `key` as `name` for `owner`. Errors:
   // FailedPrecondition when shared memory is not allowed; InvalidArgument for a bad name, key,
-  // offset or size (the key never quoted); AlreadyExists for a name the owner has registered;
-  // ResourceExhausted past max_regions or max_mapped_bytes; NotFound for no such object;
-  // PermissionDenied when the server may not open it.
-  absl::Status Register(const std::string& owner, const std::string& name,
-                        const std::string& key, int64_t offset, int64_t byte_size)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  // offset or size, or a key naming a symbolic link (the key never quoted); AlreadyExists for a
+  // name the owner has registered; ResourceExhausted past max_regions or max_mapped_bytes, or
+  // when the object's pages cannot be reserved; NotFound for no such object; PermissionDenied
+  // when the server may not open it, or another owner registered it.
+  absl::Status Register(const std::string& owner, const std::string& name, const std::string& key,
+                        int64_t offset, int64_t byte_size) ABSL_LOCKS_EXCLUDED(mu_);
   // Removes `name` (empty: every region of `owner`); returns how many were removed. NotFound
-  // for a name the owner has not registered. Calls using a region keep its mapping until they
+  // for a name the owner has not registered; FailedPrecondition when shared memory is not
+  // allowed (as for Status). Calls using a region keep its mapping until they
   // end.
   absl::StatusOr<int> Unregister(const std::string& owner, const std::string& name)
       ABSL_LOCKS_EXCLUDED(mu_);
@@ -101,6 +106,7 @@ class SharedMemoryRegistry {
 
  private:
   explicit SharedMemoryRegistry(const SharedMemoryOptions& options);
+  absl::Status CheckAllowed() const;
   std::shared_ptr<Region> Find(const std::string& owner, const std::string& name) const
       ABSL_LOCKS_EXCLUDED(mu_);
   friend class CallResolver;

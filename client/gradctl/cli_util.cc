@@ -1,14 +1,16 @@
 #include "client/gradctl/cli_util.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <algorithm>
 #include <fstream>
 #include <limits>
-#include <vector>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/cord.h"
@@ -52,8 +54,13 @@ absl::StatusOr<StagedRequest> StageInSharedMemory(gradclient::Client& client,
   };
   std::vector<gradengine::TensorView*> inputs = {&request->input};
   for (auto& [name, view] : request->parameters) inputs.push_back(&view);
-  if (request->objective.kind != gradengine::ObjectiveKind::kSum) {
-    inputs.push_back(&request->objective.tensor);
+  switch (request->objective.kind) {
+    case gradengine::ObjectiveKind::kMse:
+    case gradengine::ObjectiveKind::kGradOutput:
+      inputs.push_back(&request->objective.tensor);
+      break;
+    case gradengine::ObjectiveKind::kSum:
+      break;
   }
   StagedRequest staged;
   for (const gradengine::TensorView* view : inputs) staged.inputs_bytes += aligned(view->size * 4);
@@ -68,7 +75,8 @@ absl::StatusOr<StagedRequest> StageInSharedMemory(gradclient::Client& client,
   }
   absl::StatusOr<std::shared_ptr<gradclient::SharedMemoryRegion>> region =
       gradclient::SharedMemoryRegion::Create(
-          "gradctl", static_cast<size_t>(staged.inputs_bytes + result_copies * staged.results_bytes));
+          absl::StrCat("gradctl-", getpid()),
+          static_cast<size_t>(staged.inputs_bytes + result_copies * staged.results_bytes));
   if (!region.ok()) return region.status();
   for (gradengine::TensorView* view : inputs) {
     absl::StatusOr<absl::Span<float>> copy = (*region)->Allocate(static_cast<size_t>(view->size));

@@ -93,11 +93,11 @@ void PrintInfoText(const std::string& server, const gradclient::ServerInfo& info
                                 info.requests_unauthenticated, " unauthenticated, up ",
                                 absl::FormatDuration(absl::Trunc(info.uptime, absl::Seconds(1)))));
   line("security", SecuritySummary(info));
-  line("shared mem", info.shared_memory_allowed
-                         ? absl::StrCat("allowed, up to ", info.max_shared_memory_regions,
-                                        " regions and ", Bytes(info.max_shared_memory_bytes),
-                                        " mapped")
-                         : "not allowed (--allow_shared_memory)");
+  line("shared mem",
+       info.shared_memory_allowed
+           ? absl::StrCat("allowed, up to ", info.max_shared_memory_regions, " regions and ",
+                          Bytes(info.max_shared_memory_bytes), " mapped")
+           : "not allowed (--allow_shared_memory)");
 }
 
 }  // namespace

@@ -5,10 +5,17 @@
 // unregistered region stays mapped for the call using it, and nothing stays mapped after
 // unregistering or shutting down.
 
+#include "gradclient/shared_memory.h"
+
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -23,7 +30,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "gradclient/client.h"
-#include "gradclient/shared_memory.h"
 #include "gtest/gtest.h"
 #include "proto/wire.h"
 #include "tests/service/service_test_util.h"
@@ -37,7 +43,8 @@ using gradengine::ObjectiveKind;
 // replaced; unlinked on destruction.
 class TestObject {
  public:
-  explicit TestObject(size_t bytes) : key_(absl::StrCat("shm-test-", getpid(), "-", next_++)) {
+  explicit TestObject(size_t bytes)
+      : key_(absl::StrCat(gradwire::kSharedMemoryKeyPrefix, "test-", getpid(), "-", next_++)) {
     const int fd = shm_open(("/" + key_).c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
     EXPECT_GE(fd, 0) << std::strerror(errno);
     EXPECT_EQ(ftruncate(fd, static_cast<off_t>(bytes)), 0);
@@ -164,8 +171,7 @@ class SharedMemoryTest : public ::testing::Test {
   // The case's request with the input in region "main" at `offset` (the bytes copied there).
   grad::v1::ComputeGradientsRequest RequestWithSharedInput(int64_t offset = 0) {
     const gradengine::GradientRequest request = case_.GradientRequest(ObjectiveKind::kMse);
-    std::copy(request.input.data, request.input.data + request.input.size,
-              object_->floats(offset));
+    std::copy(request.input.data, request.input.data + request.input.size, object_->floats(offset));
     grad::v1::ComputeGradientsRequest wire;
     gradwire::EncodeGradientRequest(request, &wire);
     wire.mutable_input()->clear_data();
@@ -173,6 +179,10 @@ class SharedMemoryTest : public ::testing::Test {
     return wire;
   }
   int64_t InputBytes() const { return case_.input.num_elements() * 4; }
+  // Every key the bad-input table sends.
+  std::vector<std::string> SentKeys() const {
+    return {object_->key(), "a/../etc", "sem.lock", ".hidden", "gradclient-test-never-made"};
+  }
   int64_t OutputBytes() const { return case_.output_like.num_elements() * 4; }
 
   LogLines log_;
@@ -243,19 +253,29 @@ TEST_F(SharedMemoryTest, EveryBadRegistrationAndReferenceGetsItsCodeAndNamesTheF
   };
   auto own_key = [](SharedMemoryTest* t) { return t->object_->key(); };
   const std::vector<BadCase> cases = {
-      {"unknown region",
-       with_request([](auto* w) { w->mutable_input()->mutable_shared_memory()->set_region("nope"); }),
+      {"unknown region", with_request([](auto* w) {
+         w->mutable_input()->mutable_shared_memory()->set_region("nope");
+       }),
        grpc::StatusCode::NOT_FOUND, "input.shared_memory.region=\"nope\" is not a registered"},
-      {"key with a slash", registering("k1", [](auto*) { return std::string("a/../etc"); }, 0, 64),
+      {"key with a slash",
+       registering(
+           "k1", [](auto*) { return std::string("a/../etc"); }, 0, 64),
        grpc::StatusCode::INVALID_ARGUMENT, "key may hold only letters"},
-      {"empty key", registering("k2", [](auto*) { return std::string(); }, 0, 64),
+      {"empty key",
+       registering(
+           "k2", [](auto*) { return std::string(); }, 0, 64),
        grpc::StatusCode::INVALID_ARGUMENT, "key is empty"},
-      {"reserved key prefix", registering("k3", [](auto*) { return std::string("sem.lock"); }, 0, 64),
-       grpc::StatusCode::INVALID_ARGUMENT, "names semaphores"},
-      {"key starting with a dot", registering("k4", [](auto*) { return std::string(".hidden"); }, 0, 64),
-       grpc::StatusCode::INVALID_ARGUMENT, "must not start with '.'"},
+      {"key without the prefix",
+       registering(
+           "k3", [](auto*) { return std::string("sem.lock"); }, 0, 64),
+       grpc::StatusCode::INVALID_ARGUMENT, "key must start with \"gradclient-\""},
+      {"key starting with a dot",
+       registering(
+           "k4", [](auto*) { return std::string(".hidden"); }, 0, 64),
+       grpc::StatusCode::INVALID_ARGUMENT, "key must start with \"gradclient-\""},
       {"no such object",
-       registering("k5", [](auto*) { return std::string("shm-test-never-made"); }, 0, 64),
+       registering(
+           "k5", [](auto*) { return std::string("gradclient-test-never-made"); }, 0, 64),
        grpc::StatusCode::NOT_FOUND, "no shared memory object has the given key"},
       {"registration past the object's end", registering("k6", own_key, 0, kRegionBytes + 1),
        grpc::StatusCode::INVALID_ARGUMENT, "past the end of the object"},
@@ -272,12 +292,13 @@ TEST_F(SharedMemoryTest, EveryBadRegistrationAndReferenceGetsItsCodeAndNamesTheF
        grpc::StatusCode::INVALID_ARGUMENT, "printable ASCII"},
       {"name too long", registering(std::string(200, 'n'), own_key, 0, 64),
        grpc::StatusCode::INVALID_ARGUMENT, "name has 200 bytes"},
-      {"offset past the region's end",
-       with_request([](auto* w) { w->mutable_input()->mutable_shared_memory()->set_offset(kRegionBytes); }),
+      {"offset past the region's end", with_request([](auto* w) {
+         w->mutable_input()->mutable_shared_memory()->set_offset(kRegionBytes);
+       }),
        grpc::StatusCode::INVALID_ARGUMENT, "input.shared_memory.offset=1048576 + byte_size="},
-      {"offset + size overflowing",
-       with_request([](auto* w) {
-         w->mutable_input()->mutable_shared_memory()->set_offset(std::numeric_limits<int64_t>::max());
+      {"offset + size overflowing", with_request([](auto* w) {
+         w->mutable_input()->mutable_shared_memory()->set_offset(
+             std::numeric_limits<int64_t>::max());
        }),
        grpc::StatusCode::INVALID_ARGUMENT, "past the end of region \"main\""},
       {"negative reference offset",
@@ -292,35 +313,33 @@ TEST_F(SharedMemoryTest, EveryBadRegistrationAndReferenceGetsItsCodeAndNamesTheF
       {"both data and a reference",
        with_request([](auto* w) { w->mutable_input()->set_data(std::string(8, '\0')); }),
        grpc::StatusCode::INVALID_ARGUMENT, "input has both data (8 bytes) and shared_memory"},
-      {"output overlapping the input",
-       with_request([](auto* w) {
+      {"output overlapping the input", with_request([](auto* w) {
          SetRef(w->mutable_placement()->mutable_output(), "main", 64,
                 w->input().shared_memory().byte_size());
        }),
        grpc::StatusCode::INVALID_ARGUMENT, "placement.output overlaps input.shared_memory"},
-      {"two results overlapping",
-       with_request([](auto* w) {
+      {"two results overlapping", with_request([](auto* w) {
          SetRef(w->mutable_placement()->mutable_output(), "main", 262144, 4096);
          SetRef(w->mutable_placement()->mutable_input_grad(), "main", 262144 + 64, 4096);
        }),
-       grpc::StatusCode::INVALID_ARGUMENT, "placement.output overlaps placement.input_grad"},
-      {"placed output of the wrong size",
-       with_request([](auto* w) { SetRef(w->mutable_placement()->mutable_output(), "main", 262144, 64); }),
+       grpc::StatusCode::INVALID_ARGUMENT, "placement.input_grad overlaps placement.output"},
+      {"placed output of the wrong size", with_request([](auto* w) {
+         SetRef(w->mutable_placement()->mutable_output(), "main", 262144, 64);
+       }),
        grpc::StatusCode::INVALID_ARGUMENT, "placement.output has 16 elements"},
-      {"placed gradient not requested",
-       with_request([](auto* w) {
+      {"placed gradient not requested", with_request([](auto* w) {
          w->mutable_gradients()->set_skip_input(true);
          SetRef(w->mutable_placement()->mutable_input_grad(), "main", 262144, 4096);
        }),
        grpc::StatusCode::INVALID_ARGUMENT, "input gradient is not requested"},
-      {"placed output with skip_output",
-       with_request([](auto* w) {
+      {"placed output with skip_output", with_request([](auto* w) {
          w->set_skip_output(true);
          SetRef(w->mutable_placement()->mutable_output(), "main", 262144, 4096);
        }),
        grpc::StatusCode::INVALID_ARGUMENT, "skip_output is set, but placement.output"},
-      {"placement size not a float multiple",
-       with_request([](auto* w) { SetRef(w->mutable_placement()->mutable_output(), "main", 262144, 6); }),
+      {"placement size not a float multiple", with_request([](auto* w) {
+         SetRef(w->mutable_placement()->mutable_output(), "main", 262144, 6);
+       }),
        grpc::StatusCode::INVALID_ARGUMENT, "placement.output.byte_size=6 must be a positive"},
       {"another token's region",
        [](SharedMemoryTest* t) {
@@ -332,8 +351,28 @@ TEST_F(SharedMemoryTest, EveryBadRegistrationAndReferenceGetsItsCodeAndNamesTheF
       {"unregistering an unknown name",
        [](SharedMemoryTest* t) { return Unregister(*t->server_->stub, "nope", nullptr, kToken); },
        grpc::StatusCode::NOT_FOUND, "\"nope\" is not registered"},
+      {"another token registering the same object",
+       [](SharedMemoryTest* t) {
+         return Register(*t->server_->stub, "mine", t->object_->key(), 0, 64, kOtherToken);
+       },
+       grpc::StatusCode::PERMISSION_DENIED, "registered by another caller"},
+      {"a result overlapping an input through a second name for the object",
+       [](SharedMemoryTest* t) {
+         EXPECT_TRUE(
+             Register(*t->server_->stub, "alias", t->object_->key(), 4096, 65536, kToken).ok());
+         grad::v1::ComputeGradientsRequest wire = t->RequestWithSharedInput(8192);
+         // alias + 4096 is main + 8192: the input's first bytes.
+         SetRef(wire.mutable_placement()->mutable_output(), "alias", 4096, t->OutputBytes());
+         grad::v1::ComputeGradientsResponse response;
+         grpc::Status status = Call(*t->server_->stub, wire, &response, kToken);
+         EXPECT_TRUE(Unregister(*t->server_->stub, "alias", nullptr, kToken).ok());
+         return status;
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "placement.output overlaps input.shared_memory"},
       {"registering without a token",
-       [](SharedMemoryTest* t) { return Register(*t->server_->stub, "x", t->object_->key(), 0, 64); },
+       [](SharedMemoryTest* t) {
+         return Register(*t->server_->stub, "x", t->object_->key(), 0, 64);
+       },
        grpc::StatusCode::UNAUTHENTICATED, ""},
   };
   for (const BadCase& c : cases) {
@@ -341,22 +380,25 @@ TEST_F(SharedMemoryTest, EveryBadRegistrationAndReferenceGetsItsCodeAndNamesTheF
     const grpc::Status status = c.run(this);
     EXPECT_EQ(status.error_code(), c.code) << status.error_message();
     EXPECT_TRUE(absl::StrContains(status.error_message(), c.message)) << status.error_message();
-    EXPECT_FALSE(absl::StrContains(status.error_message(), object_->key()))
-        << "the key must never be echoed";
+    for (const std::string& key : SentKeys()) {
+      EXPECT_FALSE(absl::StrContains(status.error_message(), key)) << "a key was echoed: " << key;
+    }
   }
-  EXPECT_FALSE(absl::StrContains(log_.All(), object_->key())) << "the key must never be logged";
-  EXPECT_FALSE(absl::StrContains(log_.All(), "a/../etc"));
+  for (const std::string& key : SentKeys()) {
+    EXPECT_FALSE(absl::StrContains(log_.All(), key)) << "a key was logged: " << key;
+  }
   // The server still serves, with the region intact.
   grad::v1::ComputeGradientsResponse response;
   EXPECT_TRUE(Call(*server_->stub, RequestWithSharedInput(), &response, kToken).ok());
 }
 
 TEST_F(SharedMemoryTest, ASymbolicLinkIsRefused) {
-  const std::string link = absl::StrCat("shm-test-link-", getpid());
+  const std::string link = absl::StrCat(gradwire::kSharedMemoryKeyPrefix, "test-link-", getpid());
   ASSERT_EQ(symlink("/etc/hostname", ("/dev/shm/" + link).c_str()), 0);
   const grpc::Status status = Register(*server_->stub, "link", link, 0, 4, kToken);
   unlink(("/dev/shm/" + link).c_str());
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << status.error_message();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "symbolic link"));
   EXPECT_FALSE(absl::StrContains(status.error_message(), link));
 }
 
@@ -392,22 +434,29 @@ TEST_F(SharedMemoryTest, ATruncatedRegionFailsTheNextCallAndTheServerKeepsServin
 }
 
 TEST_F(SharedMemoryTest, UnregisteringWhileInUseKeepsTheMappingForThatCall) {
-  // A call long enough to unregister during it.
-  const OwnedCase deep = DeepCase(/*layers=*/24, /*batch=*/4, /*channels=*/16, /*size=*/48);
+  // A call long enough (hundreds of ms) to unregister its region while it computes.
+  const OwnedCase deep = DeepCase(/*layers=*/32, /*batch=*/8, /*channels=*/32, /*size=*/48);
   const gradengine::GradientRequest request = deep.GradientRequest(ObjectiveKind::kSum);
-  std::copy(request.input.data, request.input.data + request.input.size, object_->floats(0));
+  TestObject big(static_cast<size_t>(request.input.size) * 4);
+  ASSERT_TRUE(Register(*server_->stub, "big", big.key(), 0, request.input.size * 4, kToken).ok());
+  std::copy(request.input.data, request.input.data + request.input.size, big.floats(0));
   grad::v1::ComputeGradientsRequest wire;
   gradwire::EncodeGradientRequest(request, &wire);
   wire.mutable_input()->clear_data();
-  SetRef(wire.mutable_input()->mutable_shared_memory(), "main", 0, request.input.size * 4);
+  SetRef(wire.mutable_input()->mutable_shared_memory(), "big", 0, request.input.size * 4);
 
   grpc::Status call_status;
   grad::v1::ComputeGradientsResponse response;
-  std::thread call([&] { call_status = Call(*server_->stub, wire, &response, kToken); });
+  std::atomic<bool> finished{false};
+  std::thread call([&] {
+    call_status = Call(*server_->stub, wire, &response, kToken);
+    finished = true;
+  });
   // Unregister as soon as the server reports the call using the region.
   bool seen_in_use = false;
-  for (int i = 0; i < 2000 && !seen_in_use; ++i) {
+  for (int i = 0; i < 5000 && !seen_in_use; ++i) {
     grad::v1::GetSharedMemoryStatusRequest status_request;
+    status_request.set_name("big");
     grad::v1::GetSharedMemoryStatusResponse status_response;
     grpc::ClientContext context;
     context.AddMetadata("authorization", absl::StrCat("Bearer ", kToken));
@@ -418,7 +467,8 @@ TEST_F(SharedMemoryTest, UnregisteringWhileInUseKeepsTheMappingForThatCall) {
     if (!seen_in_use) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   EXPECT_TRUE(seen_in_use) << "the call was never seen using the region";
-  ASSERT_TRUE(Unregister(*server_->stub, "main", nullptr, kToken).ok());
+  ASSERT_TRUE(Unregister(*server_->stub, "big", nullptr, kToken).ok());
+  EXPECT_FALSE(finished) << "the call ended before the region was unregistered; make it longer";
   call.join();
   ASSERT_TRUE(call_status.ok()) << call_status.error_message();
   absl::StatusOr<gradengine::GradientResult> expected = engine_->ComputeGradients(request);
@@ -426,10 +476,10 @@ TEST_F(SharedMemoryTest, UnregisteringWhileInUseKeepsTheMappingForThatCall) {
   absl::StatusOr<gradengine::GradientResult> actual = gradwire::DecodeGradientResult(response);
   ASSERT_TRUE(actual.ok());
   EXPECT_TRUE(SameGradientResult(*actual, *expected));
-  // Gone now: the next call is refused, and the mapping is released.
+  // Gone now: the next call is refused, and the server's mapping is released.
   EXPECT_EQ(Call(*server_->stub, wire, &response, kToken).error_code(),
             grpc::StatusCode::NOT_FOUND);
-  EXPECT_EQ(Mappings(object_->key()), 1) << "only the test's own mapping is left";
+  EXPECT_EQ(Mappings(big.key()), 1) << "only the test's own mapping is left";
 }
 
 TEST_F(SharedMemoryTest, ShutdownUnmapsEverything) {
@@ -448,6 +498,15 @@ TEST(SharedMemoryDisabledTest, RegistrationAndReferencesAreFailedPrecondition) {
   grpc::Status status = Register(*server->stub, "r", object.key(), 0, 4096);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_TRUE(absl::StrContains(status.error_message(), "--allow_shared_memory"));
+  status = Unregister(*server->stub, "");
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  {
+    grad::v1::GetSharedMemoryStatusRequest request;
+    grad::v1::GetSharedMemoryStatusResponse response;
+    grpc::ClientContext context;
+    EXPECT_EQ(server->stub->GetSharedMemoryStatus(&context, request, &response).error_code(),
+              grpc::StatusCode::FAILED_PRECONDITION);
+  }
 
   const OwnedCase c = SmallCase("conv_relu_conv_tanh");
   grad::v1::ComputeGradientsRequest wire;
@@ -466,6 +525,50 @@ TEST(SharedMemoryDisabledTest, RegistrationAndReferencesAreFailedPrecondition) {
   absl::StatusOr<gradclient::ServerInfo> info = (*client)->GetInfo();
   ASSERT_TRUE(info.ok());
   EXPECT_FALSE(info->shared_memory_allowed);
+}
+
+// A non-loopback address of this host, or empty if it has none.
+std::string NonLoopbackAddress() {
+  ifaddrs* addresses = nullptr;
+  if (getifaddrs(&addresses) != 0) return "";
+  std::string found;
+  for (ifaddrs* a = addresses; a != nullptr && found.empty(); a = a->ifa_next) {
+    if (a->ifa_addr == nullptr || a->ifa_addr->sa_family != AF_INET) continue;
+    char text[INET_ADDRSTRLEN];
+    const auto* in = reinterpret_cast<const sockaddr_in*>(a->ifa_addr);
+    if (inet_ntop(AF_INET, &in->sin_addr, text, sizeof(text)) != nullptr &&
+        !absl::StartsWith(text, "127.")) {
+      found = text;
+    }
+  }
+  freeifaddrs(addresses);
+  return found;
+}
+
+TEST(SharedMemoryRemoteTest, CallersFromAnotherAddressAreRefused) {
+  const std::string address = NonLoopbackAddress();
+  if (address.empty()) GTEST_SKIP() << "this host has no non-loopback IPv4 address";
+  gradserver::ServerOptions options;
+  options.threads_per_request = 1;
+  options.shared_memory.allowed = true;
+  std::unique_ptr<TestServer> server = StartTestServer(options, false, address + ":0");
+  ASSERT_NE(server, nullptr);
+  auto stub = grad::v1::GradientService::NewStub(
+      MakeChannel(absl::StrCat(address, ":", server->server->port())));
+  TestObject object(4096);
+  grpc::Status status = Register(*stub, "r", object.key(), 0, 4096);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "only for clients on the server's host"));
+
+  const OwnedCase c = SmallCase("conv_relu_conv_tanh");
+  grad::v1::ComputeGradientsRequest wire;
+  gradwire::EncodeGradientRequest(c.GradientRequest(ObjectiveKind::kMse), &wire);
+  wire.mutable_input()->clear_data();
+  SetRef(wire.mutable_input()->mutable_shared_memory(), "r", 0, c.input.num_elements() * 4);
+  grad::v1::ComputeGradientsResponse response;
+  status = Call(*stub, wire, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << status.error_message();
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "only for clients on the server's host"));
 }
 
 TEST(SharedMemoryClientTest, RegionsUnregisterAndUnlinkWhenTheLastReferenceGoes) {
@@ -491,7 +594,8 @@ TEST(SharedMemoryClientTest, RegionsUnregisterAndUnlinkWhenTheLastReferenceGoes)
     ASSERT_TRUE(region.ok()) << region.status();
     key = (*region)->key();
     ASSERT_TRUE((*client)->RegisterSharedMemory(*region).ok());
-    EXPECT_EQ((*client)->RegisterSharedMemory(*region).code(), absl::StatusCode::kAlreadyExists);
+    EXPECT_EQ((*client)->RegisterSharedMemory(*region).code(),
+              absl::StatusCode::kFailedPrecondition);
     gradclient::CallOptions call;
     call.result_region = *region;
     call.shards = 2;
@@ -508,7 +612,7 @@ TEST(SharedMemoryClientTest, RegionsUnregisterAndUnlinkWhenTheLastReferenceGoes)
     ASSERT_EQ(regions->size(), 1u);
     EXPECT_EQ((*regions)[0].name, "results");
   }
-  EXPECT_GE(Mappings(key), 1) << "a result in the region keeps it";
+  EXPECT_EQ(Mappings(key), 2) << "a result in the region keeps the client's mapping";
   output_kept = gradengine::Tensor();
   EXPECT_EQ(Mappings(key), 0) << "unmapped by the client and the server";
   EXPECT_NE(access(("/dev/shm/" + key).c_str(), F_OK), 0) << "unlinked";

@@ -5,7 +5,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -45,8 +47,8 @@ class TransportTest : public ::testing::Test {
     options.threads_per_request = kThreads;
     options.shared_memory.allowed = true;
     tcp_ = StartTestServer(options).release();
-    unix_path_ = new std::string(absl::StrCat(::testing::TempDir(), "/transport_test.", getpid(),
-                                              ".sock"));
+    unix_path_ =
+        new std::string(absl::StrCat(::testing::TempDir(), "/transport_test.", getpid(), ".sock"));
     unix_ = StartTestServer(options, false, "unix:" + *unix_path_).release();
     engine_ = MakeReferenceEngine(kThreads).release();
   }
@@ -64,8 +66,8 @@ class TransportTest : public ::testing::Test {
   }
 
   static std::unique_ptr<gradclient::Client> ClientFor(Transport transport) {
-    absl::StatusOr<std::unique_ptr<gradclient::Client>> client = gradclient::Client::Create(
-        transport == Transport::kTcp ? tcp_->target : unix_->target);
+    absl::StatusOr<std::unique_ptr<gradclient::Client>> client =
+        gradclient::Client::Create(transport == Transport::kTcp ? tcp_->target : unix_->target);
     EXPECT_TRUE(client.ok()) << client.status();
     return client.ok() ? *std::move(client) : nullptr;
   }
@@ -87,6 +89,11 @@ void MoveInto(SharedMemoryRegion& region, gradengine::GradientRequest* request) 
   move(&request->input);
   for (auto& [name, view] : request->parameters) move(&view);
   if (request->objective.kind != gradengine::ObjectiveKind::kSum) move(&request->objective.tensor);
+  // The results go into the rest: NaN there, so that an element the server does not write
+  // cannot pass for a computed zero.
+  float* rest = reinterpret_cast<float*>(region.data() + region.allocated_bytes());
+  std::fill(rest, rest + (region.byte_size() - region.allocated_bytes()) / sizeof(float),
+            std::numeric_limits<float>::quiet_NaN());
 }
 
 bool InRegion(const SharedMemoryRegion& region, const gradengine::Tensor& tensor) {

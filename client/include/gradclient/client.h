@@ -29,9 +29,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "gradclient/shared_memory.h"
 #include "gradengine/network.h"
 #include "gradengine/tensor.h"
-#include "gradclient/shared_memory.h"
 
 namespace gradclient {
 
@@ -117,14 +117,14 @@ struct CallOptions {
   int shards = 1;
   // Forward and ComputeGradients: a region registered with this Client (RegisterSharedMemory)
   // that the server writes the results into: the output (unless skip_output), the input
-  // gradient and the parameter gradients, in that order (parameters by name), each at the next
-  // SharedMemoryRegion::kAlignment boundary from result_offset. The reply's tensors then live
-  // in the region, with no copy; they hold the region alive and stay valid until its bytes are
-  // written again (by the next call that places results at the same offset). Not with
-  // shards > 1. Default: null, results come back as bytes.
+  // gradient and the parameter gradients, in that order (parameters by name), each at a
+  // SharedMemoryRegion::kAlignment boundary. The reply's tensors then live in the region, with
+  // no copy, and hold it alive. Not with shards > 1. Default: null, results come back as bytes.
   std::shared_ptr<SharedMemoryRegion> result_region;
-  // Where in result_region the first result goes, in bytes. Default: unset, the region's
-  // allocated_bytes() when the call starts (just after what the caller has allocated).
+  // Where in result_region the results go, in bytes from its start; they stay valid until
+  // those bytes are written again (by the next call given the same offset), and concurrent
+  // calls need offsets of their own. Default: unset, space the call allocates from the region
+  // (SharedMemoryRegion::Allocate; Reset() reclaims it), so every call's results stay valid.
   std::optional<int64_t> result_offset;
 };
 
@@ -250,9 +250,11 @@ class Client {
 
   // Registers `region` with the server, which maps it (grad.v1 RegisterSharedMemory); from
   // then on request tensors that lie inside it are sent as references, and calls may place
-  // their results in it (CallOptions::result_region). Errors are the server's:
-  // FailedPrecondition from a server without --allow_shared_memory, AlreadyExists for a name
-  // this caller registered, PermissionDenied when the server may not open the object.
+  // their results in it (CallOptions::result_region). FailedPrecondition if the region is
+  // registered with a Client already; otherwise errors are the server's: FailedPrecondition
+  // from a server without --allow_shared_memory, AlreadyExists for a name this caller
+  // registered, PermissionDenied when the server may not open the object or the caller is not
+  // on the server's host.
   absl::Status RegisterSharedMemory(const std::shared_ptr<SharedMemoryRegion>& region,
                                     const CallOptions& options = {});
   // Unregisters the region named `name` (empty: every region of this caller on the server);
@@ -266,10 +268,6 @@ class Client {
   const std::string& target() const;
 
  private:
-  friend class SharedMemoryRegion;
-  // From the region's destructor: forget it, and unregister it from the server (best effort).
-  void ForgetSharedMemory(SharedMemoryRegion* region);
-
   class Impl;
   explicit Client(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;

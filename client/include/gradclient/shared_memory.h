@@ -16,10 +16,11 @@
 // containers, in Docker `--ipc=container:...` or `--ipc=host`).
 //
 // The object is unlinked, and the region unregistered from the server, when the last
-// shared_ptr to it goes away (result tensors that live in it hold one). If the Client it was
-// registered with is destroyed first, the server unmaps the region when it shuts down or the
-// caller unregisters it. Shared memory is for a Client whose target is one server on this
-// host: RegisterSharedMemory reaches only one of several.
+// shared_ptr to it goes away (result tensors that live in it hold one). A region is registered
+// with at most one Client at a time; if that Client is destroyed first, the region stays
+// registered on the server until the caller unregisters it (an empty name: all of them) or the
+// server shuts down. Shared memory is for a Client whose target is one server on this host:
+// RegisterSharedMemory reaches only one of several.
 //
 // Thread safety: Allocate and Reset are thread-safe; the memory itself is the caller's to
 // synchronize. The server writes results while a call runs.
@@ -31,6 +32,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -82,15 +84,22 @@ class SharedMemoryRegion {
   friend class Client;
   SharedMemoryRegion(std::string name, std::string key, char* data, size_t byte_size);
 
+  // How a registered region reaches its Client when it goes away; shared by the two, so that
+  // either may be destroyed first (the Client clears `forget` when it goes).
+  struct Registration {
+    absl::Mutex mu;
+    std::function<void(SharedMemoryRegion*)> forget ABSL_GUARDED_BY(mu);
+  };
+
   const std::string name_;
   const std::string key_;
   char* const data_;
   const size_t byte_size_;
-  // Set by Client::RegisterSharedMemory; the destructor unregisters from it.
-  Client* registered_with_ = nullptr;
 
   mutable absl::Mutex mu_;
   size_t allocated_ ABSL_GUARDED_BY(mu_) = 0;
+  // Set while registered with a Client; the destructor unregisters through it.
+  std::shared_ptr<Registration> registration_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace gradclient

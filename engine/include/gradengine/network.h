@@ -130,7 +130,7 @@ struct ResultMemory {
 // allocation that the engine fills.
 struct ResultPlacement {
   std::optional<ResultMemory> output;
-  std::optional<ResultMemory> input_grad;                 // ComputeGradients only
+  std::optional<ResultMemory> input_grad;               // ComputeGradients only
   std::map<std::string, ResultMemory> parameter_grads;  // ComputeGradients only; by name
 };
 

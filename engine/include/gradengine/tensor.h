@@ -44,7 +44,8 @@ class TensorBuffer {
   TensorBuffer(std::initializer_list<float> values);
 
   // `size` floats of fresh, uninitialised, kAlignment-aligned memory, for results that are
-  // written in full before they are read. Throws std::bad_alloc when memory runs out.
+  // written in full before they are read (debug builds fill it with NaN, so that tests catch
+  // an element left unwritten). Throws std::bad_alloc when memory runs out.
   static TensorBuffer Uninitialized(size_t size);
   // As Uninitialized, filled with zeros.
   static TensorBuffer Zeros(size_t size);
