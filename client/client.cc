@@ -459,14 +459,10 @@ class Client::Impl {
     if (!deadline.ok()) return deadline.status();
     const grad::v1::GetInfoRequest request;
     grad::v1::GetInfoResponse response;
-    int attempts = 0;
-    absl::Status status = CallWithRetry(
-        *deadline,
-        [&](grpc::ClientContext* context) {
-          response.Clear();
-          return stub_->GetInfo(context, request, &response);
-        },
-        &attempts);
+    absl::Status status = CallStub(*deadline, [&](grpc::ClientContext* context) {
+      response.Clear();
+      return stub_->GetInfo(context, request, &response);
+    });
     if (!status.ok()) return status;
 
     ServerInfo info;
@@ -708,13 +704,9 @@ class Client::Impl {
     request.set_offset(0);
     request.set_byte_size(static_cast<int64_t>(region->byte_size()));
     grad::v1::RegisterSharedMemoryResponse response;
-    int attempts = 0;
-    absl::Status status = CallWithRetry(
-        *deadline,
-        [&](grpc::ClientContext* context) {
-          return stub_->RegisterSharedMemory(context, request, &response);
-        },
-        &attempts);
+    absl::Status status = CallStub(*deadline, [&](grpc::ClientContext* context) {
+      return stub_->RegisterSharedMemory(context, request, &response);
+    });
     if (!status.ok()) return status;
     absl::MutexLock lock(&regions_mu_);
     regions_[region->name()] = RegionEntry{region, region.get()};
@@ -729,13 +721,9 @@ class Client::Impl {
     grad::v1::UnregisterSharedMemoryRequest request;
     request.set_name(name);
     grad::v1::UnregisterSharedMemoryResponse response;
-    int attempts = 0;
-    absl::Status status = CallWithRetry(
-        *deadline,
-        [&](grpc::ClientContext* context) {
-          return stub_->UnregisterSharedMemory(context, request, &response);
-        },
-        &attempts);
+    absl::Status status = CallStub(*deadline, [&](grpc::ClientContext* context) {
+      return stub_->UnregisterSharedMemory(context, request, &response);
+    });
     {
       absl::MutexLock lock(&regions_mu_);
       for (auto it = regions_.begin(); it != regions_.end();) {
@@ -761,13 +749,9 @@ class Client::Impl {
     grad::v1::GetSharedMemoryStatusRequest request;
     request.set_name(name);
     grad::v1::GetSharedMemoryStatusResponse response;
-    int attempts = 0;
-    absl::Status status = CallWithRetry(
-        *deadline,
-        [&](grpc::ClientContext* context) {
-          return stub_->GetSharedMemoryStatus(context, request, &response);
-        },
-        &attempts);
+    absl::Status status = CallStub(*deadline, [&](grpc::ClientContext* context) {
+      return stub_->GetSharedMemoryStatus(context, request, &response);
+    });
     if (!status.ok()) return status;
     std::vector<SharedMemoryStatus> regions;
     for (const grad::v1::SharedMemoryRegionStatus& region : response.regions()) {
@@ -904,6 +888,13 @@ class Client::Impl {
     whole.result = combine(slices, std::move(results));
     whole.call.round_trip = absl::Now() - start;
     return whole;
+  }
+
+  // A small unary call of the generated stub, `rpc(context)`, retried as CallWithRetry does.
+  absl::Status CallStub(absl::Time deadline,
+                        const std::function<grpc::Status(grpc::ClientContext*)>& rpc) const {
+    int attempts = 0;
+    return CallWithRetry(deadline, rpc, &attempts);
   }
 
   // Runs `attempt` with a fresh context carrying `deadline` until it succeeds, fails with a

@@ -42,6 +42,13 @@ struct Sample {
     for (const auto& [name, tensor] : parameters) views[name] = tensor.view();
     return views;
   }
+  gradengine::ForwardRequest Forward() const {
+    gradengine::ForwardRequest request;
+    request.network = network;
+    request.parameters = Views();
+    request.input = input.view();
+    return request;
+  }
 };
 
 Sample MakeSample(size_t input_elements) {
@@ -94,10 +101,7 @@ class FramingTest : public ::testing::TestWithParam<size_t> {};
 
 TEST_P(FramingTest, ForwardRequestIsWhatTheSerializerWrites) {
   const Sample sample = MakeSample(GetParam());
-  gradengine::ForwardRequest request;
-  request.network = sample.network;
-  request.parameters = sample.Views();
-  request.input = sample.input.view();
+  const gradengine::ForwardRequest request = sample.Forward();
 
   grad::v1::ForwardRequest full;
   EncodeForwardRequest(request, &full);
@@ -189,10 +193,7 @@ INSTANTIATE_TEST_SUITE_P(Sizes, FramingTest,
 
 TEST(FramingTest, LargeTensorsAreReferencedNotCopied) {
   const Sample sample = MakeSample(kLargeElements);
-  gradengine::ForwardRequest request;
-  request.network = sample.network;
-  request.parameters = sample.Views();
-  request.input = sample.input.view();
+  const gradengine::ForwardRequest request = sample.Forward();
   grad::v1::ForwardRequest skeleton;
   EncodeForwardRequest(request, &skeleton, /*tensor_data=*/false);
 
@@ -227,10 +228,7 @@ TEST(FramingTest, LargeTensorsAreReferencedNotCopied) {
 
 TEST(FramingTest, SharedMemoryTensorsCarryNoBytes) {
   const Sample sample = MakeSample(3000);
-  gradengine::ForwardRequest request;
-  request.network = sample.network;
-  request.parameters = sample.Views();
-  request.input = sample.input.view();
+  const gradengine::ForwardRequest request = sample.Forward();
   grad::v1::ForwardRequest skeleton;
   EncodeForwardRequest(request, &skeleton, /*tensor_data=*/false);
   grad::v1::SharedMemoryRef* ref = skeleton.mutable_input()->mutable_shared_memory();
