@@ -58,6 +58,9 @@ namespace {
 constexpr char kHealthCheckMethod[] = "/grpc.health.v1.Health/Check";
 constexpr char kForwardMethod[] = "/grad.v1.GradientService/Forward";
 constexpr char kComputeGradientsMethod[] = "/grad.v1.GradientService/ComputeGradients";
+// Keepalive while calls are in flight (Client::Create).
+constexpr int kKeepaliveTimeMs = 20000;
+constexpr int kKeepaliveTimeoutMs = 10000;
 // The client lays out results by the network's shapes; the server enforces the real limits.
 constexpr int64_t kNoElementLimit = std::numeric_limits<int64_t>::max();
 
@@ -357,18 +360,29 @@ struct PlacedResult {
 absl::Status LayOutResults(SharedMemoryRegion& region, std::optional<int64_t> offset,
                            const std::vector<PlacedResult>& results) {
   constexpr int64_t kAlign = SharedMemoryRegion::kAlignment;
+  const int64_t size = static_cast<int64_t>(region.byte_size());
   auto aligned = [](int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; };
+  // Every sum and product stays at most `size`, so nothing below can overflow.
+  auto no_room = [&](int64_t needed_at_least) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("result_region \"", region.name(), "\" (", size,
+                     " bytes) has no room for the results (at least ", needed_at_least, " bytes)"));
+  };
   int64_t total = 0;
   for (const PlacedResult& result : results) {
     int64_t bytes = sizeof(float);
-    for (int64_t d : result.shape) bytes *= d;
+    for (int64_t d : result.shape) {
+      if (d < 0 || (d > 0 && bytes > size / d)) return no_room(size + 1);
+      bytes *= d;
+    }
     result.ref->set_byte_size(bytes);
+    if (aligned(bytes) > size - total) return no_room(total + bytes);
     total += aligned(bytes);
   }
   int64_t next = 0;
   if (offset.has_value()) {
+    if (*offset > size) return no_room(total);
     next = aligned(*offset);
-    const int64_t size = static_cast<int64_t>(region.byte_size());
     if (next > size || total > size - next) {
       return absl::ResourceExhaustedError(
           absl::StrCat("result_region \"", region.name(), "\" (", size, " bytes) has no room for ",
@@ -703,6 +717,7 @@ class Client::Impl {
     request.set_key(region->key());
     request.set_offset(0);
     request.set_byte_size(static_cast<int64_t>(region->byte_size()));
+    request.set_proof(region->WriteProof());
     grad::v1::RegisterSharedMemoryResponse response;
     absl::Status status = CallStub(*deadline, [&](grpc::ClientContext* context) {
       return stub_->RegisterSharedMemory(context, request, &response);
@@ -770,10 +785,15 @@ class Client::Impl {
       if (it == regions_.end() || it->second.pointer != region) return;
       regions_.erase(it);
     }
-    CallOptions call;
-    call.timeout = absl::Seconds(2);
-    // Best effort: a server that is gone has unmapped it already.
-    UnregisterSharedMemory(region->name(), call).IgnoreError();
+    // Straight to the server: UnregisterSharedMemory would also forget a newer region
+    // registered under the same name meanwhile. Best effort: a server that is gone has
+    // unmapped it already.
+    grad::v1::UnregisterSharedMemoryRequest request;
+    request.set_name(region->name());
+    grad::v1::UnregisterSharedMemoryResponse response;
+    CallStub(absl::Now() + absl::Seconds(2), [&](grpc::ClientContext* context) {
+      return stub_->UnregisterSharedMemory(context, request, &response);
+    }).IgnoreError();
   }
 
  private:
@@ -782,7 +802,8 @@ class Client::Impl {
   // memory, which must stay untouched until gRPC has released every slice of it; `owner` goes
   // with those slices, and this waits for its last reference before it returns, so the
   // caller's memory is free again even when the call ended (deadline, cancellation) while gRPC
-  // was still writing.
+  // was still writing. Such a wait ends when the bytes are written or the connection closes; a
+  // server that stopped reading is found by keepalive (Client::Create) within about 30 s.
   template <typename Response>
   absl::Status SendFramed(
       const char* method, absl::Time deadline,
@@ -968,6 +989,12 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const std::string& target
                    static_cast<int>(absl::ToInt64Milliseconds(options.retry.initial_backoff)));
   arguments.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
                    static_cast<int>(absl::ToInt64Milliseconds(options.retry.max_backoff)));
+  // Keepalive pings while calls are in flight: a server that stopped answering (stopped, wedged,
+  // unplugged) gets its connection closed within about kKeepaliveTime + kKeepaliveTimeout,
+  // which also frees what gRPC still holds of a request the caller's memory backs (see
+  // SendFramed). gradserver accepts pings this often (server/server.cc).
+  arguments.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, kKeepaliveTimeMs);
+  arguments.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, kKeepaliveTimeoutMs);
   // Every address the target resolves to gets a connection and calls take turns over the
   // ready ones, so one client spreads its load over all replicas behind a name or list.
   arguments.SetServiceConfigJSON(R"({"loadBalancingConfig": [{"round_robin": {}}]})");

@@ -11,19 +11,21 @@
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "proto/wire.h"
 
 namespace gradclient {
 
 absl::StatusOr<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegion::Create(
-    const std::string& name, size_t byte_size, mode_t mode) {
+    const std::string& name, size_t usable_bytes, mode_t mode) {
   if (name.empty()) return absl::InvalidArgumentError("shared memory region name is empty");
-  if (byte_size == 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("shared memory region \"", name, "\": byte_size must be > 0"));
+  if (usable_bytes == 0 || usable_bytes > SIZE_MAX - kHeaderBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "shared memory region \"", name, "\": byte_size=", usable_bytes, " is out of range"));
   }
+  const size_t byte_size = usable_bytes + kHeaderBytes;
   absl::BitGen gen;
-  const std::string key = absl::StrFormat("gradclient-%d-%016x", static_cast<int>(getpid()),
-                                          absl::Uniform<uint64_t>(gen));
+  const std::string key = absl::StrFormat("%s%d-%016x", gradwire::kSharedMemoryKeyPrefix,
+                                          static_cast<int>(getpid()), absl::Uniform<uint64_t>(gen));
   const std::string path = "/" + key;
   const int fd = shm_open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, mode);
   if (fd < 0) {
@@ -58,7 +60,11 @@ absl::StatusOr<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegion::Create(
 
 SharedMemoryRegion::SharedMemoryRegion(std::string name, std::string key, char* data,
                                        size_t byte_size)
-    : name_(std::move(name)), key_(std::move(key)), data_(data), byte_size_(byte_size) {}
+    : name_(std::move(name)),
+      key_(std::move(key)),
+      data_(data),
+      byte_size_(byte_size),
+      allocated_(kHeaderBytes) {}
 
 SharedMemoryRegion::~SharedMemoryRegion() {
   std::shared_ptr<Registration> registration;
@@ -96,7 +102,15 @@ size_t SharedMemoryRegion::allocated_bytes() const {
 
 void SharedMemoryRegion::Reset() {
   absl::MutexLock lock(&mu_);
-  allocated_ = 0;
+  allocated_ = kHeaderBytes;
+}
+
+std::string SharedMemoryRegion::WriteProof() {
+  absl::BitGen gen;
+  std::string proof(kProofBytes, '\0');
+  for (char& c : proof) c = static_cast<char>(absl::Uniform<uint8_t>(gen));
+  std::memcpy(data_, proof.data(), proof.size());
+  return proof;
 }
 
 std::optional<int64_t> SharedMemoryRegion::OffsetOf(const void* pointer, size_t bytes) const {

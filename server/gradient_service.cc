@@ -422,7 +422,7 @@ grpc::ServerUnaryReactor* GradientService::RegisterSharedMemory(
     grad::v1::RegisterSharedMemoryResponse* /*response*/) {
   return HandleSharedMemory(context, "RegisterSharedMemory", request->name(), [&] {
     return shared_memory_->Register(SharedMemoryOwner(*context), request->name(), request->key(),
-                                    request->offset(), request->byte_size());
+                                    request->offset(), request->byte_size(), request->proof());
   });
 }
 

@@ -269,6 +269,11 @@ class Server::Impl {
       builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
                                  ChannelMilliseconds(options_.max_connection_age_grace));
     }
+    // Clients ping every 20 s while they have calls in flight (gradclient's keepalive, which
+    // finds a dead or stalled connection); accept that, and never GOAWAY a client for pinging
+    // during a long computation, when the server sends nothing.
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
     const int max_bytes = options_.max_message_mb * (1 << 20);
     builder.SetMaxReceiveMessageSize(max_bytes);
     builder.SetMaxSendMessageSize(max_bytes);

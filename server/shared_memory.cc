@@ -20,6 +20,8 @@ namespace {
 
 constexpr size_t kMaxNameBytes = 128;
 constexpr size_t kMaxKeyBytes = 200;
+constexpr size_t kMinProofBytes = 16;
+constexpr size_t kMaxProofBytes = 64;
 absl::Status CheckName(const std::string& name) {
   if (name.empty()) return absl::InvalidArgumentError("name is empty");
   if (name.size() > kMaxNameBytes) {
@@ -213,7 +215,7 @@ SharedMemoryRegistry::~SharedMemoryRegistry() {
 
 absl::Status SharedMemoryRegistry::Register(const std::string& owner, const std::string& name,
                                             const std::string& key, int64_t offset,
-                                            int64_t byte_size) {
+                                            int64_t byte_size, const std::string& proof) {
   if (absl::Status status = CheckAllowed(); !status.ok()) return status;
   if (absl::Status status = CheckName(name); !status.ok()) return status;
   if (absl::Status status = CheckKey(key); !status.ok()) return status;
@@ -227,31 +229,79 @@ absl::Status SharedMemoryRegistry::Register(const std::string& owner, const std:
     return absl::InvalidArgumentError(
         absl::StrCat("offset=", offset, " + byte_size=", byte_size, " overflows"));
   }
+  if (proof.size() < kMinProofBytes || proof.size() > kMaxProofBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("proof has ", proof.size(), " bytes; give ",
+                                                   kMinProofBytes, " to ", kMaxProofBytes,
+                                                   " random bytes written at the range's start"));
+  }
+  if (byte_size < static_cast<int64_t>(proof.size())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "byte_size=", byte_size, " is smaller than the proof's ", proof.size(), " bytes"));
+  }
   if (byte_size > options_.max_mapped_bytes) {
     return absl::ResourceExhaustedError(
         absl::StrCat("byte_size=", byte_size, " is over the server's limit of ",
                      options_.max_mapped_bytes, " mapped bytes (max_shared_memory_mb)"));
   }
 
+  // Reserve a slot and the bytes first; the system calls below (reserving up to gigabytes of
+  // pages) run without the lock, so that calls resolving other regions are not held up.
+  {
+    absl::MutexLock lock(&mu_);
+    if (static_cast<int>(regions_.size()) + pending_registrations_ >= options_.max_regions) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the server has ", regions_.size(),
+                       " shared memory regions registered, its limit "
+                       "(max_shared_memory_regions); unregister some first"));
+    }
+    const int64_t mapped = mapped_bytes_->load(std::memory_order_relaxed);
+    if (byte_size > options_.max_mapped_bytes - mapped) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("registering byte_size=", byte_size, " would map ", mapped + byte_size,
+                       " bytes, over the server's limit of ", options_.max_mapped_bytes,
+                       " (max_shared_memory_mb)"));
+    }
+    ++pending_registrations_;
+    mapped_bytes_->fetch_add(byte_size, std::memory_order_relaxed);
+  }
+  absl::StatusOr<std::shared_ptr<Region>> region = MapRegion(owner, name, key, offset, byte_size);
   absl::MutexLock lock(&mu_);
-  if (regions_.count({owner, name}) > 0) {
+  --pending_registrations_;
+  if (!region.ok()) {
+    mapped_bytes_->fetch_sub(byte_size, std::memory_order_relaxed);
+    return region.status();
+  }
+  // The region gives its bytes back when it is destroyed, whatever happens below.
+  if (!ProofMatches(**region, proof)) {
+    return absl::PermissionDeniedError(
+        "the range's first bytes do not match the proof: the caller must write the proof into "
+        "the object itself before registering it");
+  }
+  // One caller per object: another token cannot map memory a caller registered.
+  for (const auto& [owner_and_name, other] : regions_) {
+    if (other->file_id() == (*region)->file_id() && other->owner() != owner) {
+      return absl::PermissionDeniedError(
+          "the shared memory object with the given key is registered by another caller");
+    }
+  }
+  const auto existing = regions_.find({owner, name});
+  if (existing != regions_.end()) {
+    // The same registration again (a retried call whose answer was lost) is not an error.
+    const Region& same = *existing->second;
+    if (same.file_id() == (*region)->file_id() && same.offset() == offset &&
+        same.byte_size() == byte_size) {
+      return absl::OkStatus();
+    }
     return absl::AlreadyExistsError(absl::StrCat("shared memory region ", gradengine::Quote(name),
                                                  " is already registered; unregister it first"));
   }
-  if (static_cast<int>(regions_.size()) >= options_.max_regions) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("the server has ", regions_.size(),
-                     " shared memory regions registered, its "
-                     "limit (max_shared_memory_regions); unregister some first"));
-  }
-  const int64_t mapped = mapped_bytes_->load(std::memory_order_relaxed);
-  if (byte_size > options_.max_mapped_bytes - mapped) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("registering byte_size=", byte_size, " would map ", mapped + byte_size,
-                     " bytes, over the server's limit of ", options_.max_mapped_bytes,
-                     " (max_shared_memory_mb)"));
-  }
+  regions_.emplace(std::make_pair(owner, name), *std::move(region));
+  return absl::OkStatus();
+}
 
+absl::StatusOr<std::shared_ptr<SharedMemoryRegistry::Region>> SharedMemoryRegistry::MapRegion(
+    const std::string& owner, const std::string& name, const std::string& key, int64_t offset,
+    int64_t byte_size) {
   // glibc's shm_open adds O_NOFOLLOW and O_CLOEXEC.
   const int fd = shm_open(absl::StrCat("/", key).c_str(), O_RDWR, 0);
   if (fd < 0) {
@@ -281,17 +331,6 @@ absl::Status SharedMemoryRegistry::Register(const std::string& owner, const std:
     return absl::InvalidArgumentError(absl::StrCat("offset=", offset, " + byte_size=", byte_size,
                                                    " is past the end of the object"));
   }
-  const uint64_t file_id =
-      (static_cast<uint64_t>(st.st_dev) << 40) ^ static_cast<uint64_t>(st.st_ino);
-  // One caller per object: another token cannot map memory a caller registered (it may still
-  // register the same object under other names itself).
-  for (const auto& [owner_and_name, region] : regions_) {
-    if (region->file_id() == file_id && region->owner() != owner) {
-      close(fd);
-      return absl::PermissionDeniedError(
-          "the shared memory object with the given key is registered by another caller");
-    }
-  }
   // A sparse object (ftruncate alone makes one) would fault in pages when the engine first
   // touches them, and a full /dev/shm turns that fault into SIGBUS: reserve them now.
   if (const int error = posix_fallocate(fd, offset, byte_size); error != 0) {
@@ -314,11 +353,19 @@ absl::Status SharedMemoryRegistry::Register(const std::string& owner, const std:
     return absl::ResourceExhaustedError(
         absl::StrCat("could not map byte_size=", byte_size, ": ", std::strerror(error)));
   }
-  mapped_bytes_->fetch_add(byte_size, std::memory_order_relaxed);
-  regions_.emplace(std::make_pair(owner, name),
-                   std::make_shared<Region>(owner, name, fd, base, map_length, map_delta, offset,
-                                            byte_size, file_id, mapped_bytes_));
-  return absl::OkStatus();
+  const uint64_t file_id =
+      (static_cast<uint64_t>(st.st_dev) << 40) ^ static_cast<uint64_t>(st.st_ino);
+  return std::make_shared<Region>(owner, name, fd, base, map_length, map_delta, offset, byte_size,
+                                  file_id, mapped_bytes_);
+}
+
+bool SharedMemoryRegistry::ProofMatches(const Region& region, const std::string& proof) {
+  // Compared in full, without an early exit: the time does not tell how much matched.
+  unsigned char difference = 0;
+  for (size_t i = 0; i < proof.size(); ++i) {
+    difference |= static_cast<unsigned char>(region.data()[i] ^ proof[i]);
+  }
+  return difference == 0;
 }
 
 absl::Status SharedMemoryRegistry::CheckAllowed() const {

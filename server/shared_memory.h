@@ -22,7 +22,10 @@
 // Regions are per caller: `owner` is an opaque string the service derives from the call's
 // credentials (the bearer token, or "" without tokens), so one token's regions cannot be used
 // or removed with another, and an object one caller registered cannot be registered by
-// another (PermissionDenied) while it stays registered. The service lets only callers on this
+// another (PermissionDenied) while it stays registered. A registration must carry a proof: the
+// random bytes the caller wrote at the start of the range, so that a caller that cannot write
+// an object (another user's) cannot make the server map it for them, even though keys can be
+// listed in /dev/shm. The service lets only callers on this
 // host (a unix socket or loopback) use shared memory at all.
 //
 // Thread safety: all methods may be called concurrently. A mapping lives as long as its
@@ -81,9 +84,12 @@ class SharedMemoryRegistry {
   // offset or size, or a key naming a symbolic link (the key never quoted); AlreadyExists for a
   // name the owner has registered; ResourceExhausted past max_regions or max_mapped_bytes, or
   // when the object's pages cannot be reserved; NotFound for no such object; PermissionDenied
-  // when the server may not open it, or another owner registered it.
+  // when the server may not open it, another owner registered it, or the range does not begin
+  // with `proof` (16 to 64 bytes the caller wrote there: a caller that cannot write the object
+  // cannot have the server map it). Registering the same object, range and name again is OK.
   absl::Status Register(const std::string& owner, const std::string& name, const std::string& key,
-                        int64_t offset, int64_t byte_size) ABSL_LOCKS_EXCLUDED(mu_);
+                        int64_t offset, int64_t byte_size, const std::string& proof)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Removes `name` (empty: every region of `owner`); returns how many were removed. NotFound
   // for a name the owner has not registered; FailedPrecondition when shared memory is not
   // allowed (as for Status). Calls using a region keep its mapping until they
@@ -107,6 +113,11 @@ class SharedMemoryRegistry {
  private:
   explicit SharedMemoryRegistry(const SharedMemoryOptions& options);
   absl::Status CheckAllowed() const;
+  // Opens, checks, reserves and maps the range; no lock held.
+  absl::StatusOr<std::shared_ptr<Region>> MapRegion(const std::string& owner,
+                                                    const std::string& name, const std::string& key,
+                                                    int64_t offset, int64_t byte_size);
+  static bool ProofMatches(const Region& region, const std::string& proof);
   std::shared_ptr<Region> Find(const std::string& owner, const std::string& name) const
       ABSL_LOCKS_EXCLUDED(mu_);
   friend class CallResolver;
@@ -117,6 +128,8 @@ class SharedMemoryRegistry {
   mutable absl::Mutex mu_;
   std::map<std::pair<std::string, std::string>, std::shared_ptr<Region>> regions_
       ABSL_GUARDED_BY(mu_);
+  // Registrations between their reservation and their insertion.
+  int pending_registrations_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace gradserver

@@ -84,6 +84,8 @@ absl::StatusOr<StagedRequest> StageInSharedMemory(gradclient::Client& client,
     std::copy(view->data, view->data + view->size, copy->begin());
     view->data = copy->data();
   }
+  // The results go after the inputs (and the region's header).
+  staged.inputs_bytes = static_cast<int64_t>((*region)->allocated_bytes());
   if (absl::Status s = client.RegisterSharedMemory(*region); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat("--shared_memory: ", s.message()));
   }

@@ -54,7 +54,7 @@ absl::StatusOr<std::unique_ptr<gradclient::Client>> Connect(const ConnectionOpti
 // is unregistered and removed when the returned object is destroyed.
 struct StagedRequest {
   std::shared_ptr<gradclient::SharedMemoryRegion> region;
-  int64_t inputs_bytes = 0;
+  int64_t inputs_bytes = 0;   // where the inputs end in the region (its header included)
   int64_t results_bytes = 0;  // one set of results, alignment included
   int64_t ResultOffset(int i) const { return inputs_bytes + i * results_bytes; }
 };

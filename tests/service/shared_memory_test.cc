@@ -21,7 +21,9 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -52,12 +54,26 @@ class TestObject {
     EXPECT_NE(data_, MAP_FAILED);
     close(fd);
     bytes_ = bytes;
+    Live()[key_] = this;
   }
   ~TestObject() {
+    Live().erase(key_);
     munmap(data_, bytes_);
     shm_unlink(("/" + key_).c_str());
   }
   const std::string& key() const { return key_; }
+
+  // The proof a registration of the range at `offset` needs, written there as a client does
+  // (the object's owner can); junk of the right length for a key no TestObject has.
+  static std::string ProofFor(const std::string& key, int64_t offset) {
+    const std::string proof = absl::StrCat("proof-", key, "-", offset, "-0123456789").substr(0, 32);
+    const auto it = Live().find(key);
+    if (it != Live().end() && offset >= 0 &&
+        static_cast<size_t>(offset) + proof.size() <= it->second->bytes_) {
+      std::memcpy(it->second->data_ + offset, proof.data(), proof.size());
+    }
+    return proof;
+  }
   float* floats(int64_t byte_offset) { return reinterpret_cast<float*>(data_ + byte_offset); }
   void Truncate(size_t bytes) {
     const int fd = shm_open(("/" + key_).c_str(), O_RDWR, 0);
@@ -67,6 +83,11 @@ class TestObject {
   }
 
  private:
+  static std::map<std::string, TestObject*>& Live() {
+    static auto* live = new std::map<std::string, TestObject*>;
+    return *live;
+  }
+
   inline static int next_ = 0;
   std::string key_;
   char* data_ = nullptr;
@@ -91,14 +112,18 @@ class LogLines {
   std::string all_ ABSL_GUARDED_BY(mu_);
 };
 
+// Registers with the proof written into the object (TestObject::ProofFor), unless `proof` is
+// given.
 grpc::Status Register(grad::v1::GradientService::Stub& stub, const std::string& name,
                       const std::string& key, int64_t offset, int64_t byte_size,
-                      const std::string& token = "") {
+                      const std::string& token = "",
+                      std::optional<std::string> proof = std::nullopt) {
   grad::v1::RegisterSharedMemoryRequest request;
   request.set_name(name);
   request.set_key(key);
   request.set_offset(offset);
   request.set_byte_size(byte_size);
+  request.set_proof(proof.has_value() ? *proof : TestObject::ProofFor(key, offset));
   grad::v1::RegisterSharedMemoryResponse response;
   grpc::ClientContext context;
   if (!token.empty()) context.AddMetadata("authorization", "Bearer " + token);
@@ -142,6 +167,15 @@ int Mappings(const std::string& key) {
     if (absl::StrContains(line, "/dev/shm/" + key)) ++count;
   }
   return count;
+}
+
+// Mappings(key) once it reaches `expected`, or after 5 s. A call's last reference to a
+// region goes when the server deletes the call, just after the client has its answer.
+int MappingsOnceSettled(const std::string& key, int expected) {
+  for (int i = 0; i < 500 && Mappings(key) != expected; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return Mappings(key);
 }
 
 constexpr int64_t kRegionBytes = 1 << 20;
@@ -351,6 +385,17 @@ TEST_F(SharedMemoryTest, EveryBadRegistrationAndReferenceGetsItsCodeAndNamesTheF
       {"unregistering an unknown name",
        [](SharedMemoryTest* t) { return Unregister(*t->server_->stub, "nope", nullptr, kToken); },
        grpc::StatusCode::NOT_FOUND, "\"nope\" is not registered"},
+      {"no proof",
+       [](SharedMemoryTest* t) {
+         return Register(*t->server_->stub, "p1", t->object_->key(), 0, 4096, kToken, "");
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "proof has 0 bytes"},
+      {"a proof the object does not hold (a caller that cannot write it)",
+       [](SharedMemoryTest* t) {
+         return Register(*t->server_->stub, "p2", t->object_->key(), 0, 4096, kOtherToken,
+                         std::string(32, 'g'));
+       },
+       grpc::StatusCode::PERMISSION_DENIED, "do not match the proof"},
       {"another token registering the same object",
        [](SharedMemoryTest* t) {
          return Register(*t->server_->stub, "mine", t->object_->key(), 0, 64, kOtherToken);
@@ -395,7 +440,7 @@ TEST_F(SharedMemoryTest, EveryBadRegistrationAndReferenceGetsItsCodeAndNamesTheF
 TEST_F(SharedMemoryTest, ASymbolicLinkIsRefused) {
   const std::string link = absl::StrCat(gradwire::kSharedMemoryKeyPrefix, "test-link-", getpid());
   ASSERT_EQ(symlink("/etc/hostname", ("/dev/shm/" + link).c_str()), 0);
-  const grpc::Status status = Register(*server_->stub, "link", link, 0, 4, kToken);
+  const grpc::Status status = Register(*server_->stub, "link", link, 0, 64, kToken);
   unlink(("/dev/shm/" + link).c_str());
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
   EXPECT_TRUE(absl::StrContains(status.error_message(), "symbolic link"));
@@ -479,14 +524,14 @@ TEST_F(SharedMemoryTest, UnregisteringWhileInUseKeepsTheMappingForThatCall) {
   // Gone now: the next call is refused, and the server's mapping is released.
   EXPECT_EQ(Call(*server_->stub, wire, &response, kToken).error_code(),
             grpc::StatusCode::NOT_FOUND);
-  EXPECT_EQ(Mappings(big.key()), 1) << "only the test's own mapping is left";
+  EXPECT_EQ(MappingsOnceSettled(big.key(), 1), 1) << "only the test's own mapping is left";
 }
 
 TEST_F(SharedMemoryTest, ShutdownUnmapsEverything) {
   ASSERT_EQ(Mappings(object_->key()), 2);  // the test's and the server's
   server_->server->Shutdown();
   server_.reset();
-  EXPECT_EQ(Mappings(object_->key()), 1);
+  EXPECT_EQ(Mappings(object_->key()), 1);  // the server and its calls are gone
 }
 
 TEST(SharedMemoryDisabledTest, RegistrationAndReferencesAreFailedPrecondition) {
@@ -614,7 +659,7 @@ TEST(SharedMemoryClientTest, RegionsUnregisterAndUnlinkWhenTheLastReferenceGoes)
   }
   EXPECT_EQ(Mappings(key), 2) << "a result in the region keeps the client's mapping";
   output_kept = gradengine::Tensor();
-  EXPECT_EQ(Mappings(key), 0) << "unmapped by the client and the server";
+  EXPECT_EQ(MappingsOnceSettled(key, 0), 0) << "unmapped by the client and the server";
   EXPECT_NE(access(("/dev/shm/" + key).c_str(), F_OK), 0) << "unlinked";
   absl::StatusOr<std::vector<gradclient::SharedMemoryStatus>> regions =
       (*client)->GetSharedMemoryStatus();

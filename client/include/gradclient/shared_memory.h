@@ -50,13 +50,17 @@ class SharedMemoryRegion {
  public:
   // Alignment of Allocate's spans, and of the results placed in a region.
   static constexpr size_t kAlignment = 64;
+  // The region's first bytes, which Allocate never hands out: registering writes a random
+  // proof there that the server checks (the caller can write the object).
+  static constexpr size_t kHeaderBytes = kAlignment;
+  static constexpr size_t kProofBytes = 32;
 
-  // Creates and maps a new object of `byte_size` bytes under a fresh key ("gradclient-" plus
-  // the pid and a random suffix) with permissions `mode`, and names it `name` for the server.
-  // Errors: InvalidArgument for an empty name or a zero size, ResourceExhausted or Internal
-  // when the object cannot be made.
+  // Creates and maps a new object of `usable_bytes` plus kHeaderBytes bytes under a fresh key
+  // ("gradclient-" plus the pid and a random suffix) with permissions `mode`, and names it
+  // `name` for the server. Errors: InvalidArgument for an empty name or a zero size,
+  // ResourceExhausted or Internal when the object cannot be made.
   static absl::StatusOr<std::shared_ptr<SharedMemoryRegion>> Create(const std::string& name,
-                                                                    size_t byte_size,
+                                                                    size_t usable_bytes,
                                                                     mode_t mode = 0600);
 
   ~SharedMemoryRegion();
@@ -66,13 +70,15 @@ class SharedMemoryRegion {
   const std::string& name() const { return name_; }
   // The shm_open name without the leading '/'; what RegisterSharedMemory sends.
   const std::string& key() const { return key_; }
+  // The whole mapping, header included.
   char* data() const { return data_; }
   size_t byte_size() const { return byte_size_; }
 
   // `elements` floats at the next kAlignment-aligned free offset. ResourceExhausted when the
   // region is full.
   absl::StatusOr<absl::Span<float>> Allocate(size_t elements) ABSL_LOCKS_EXCLUDED(mu_);
-  // Bytes handed out by Allocate so far (rounded up to kAlignment): where results go by default.
+  // The end of what Allocate has handed out so far (the header included, rounded up to
+  // kAlignment).
   size_t allocated_bytes() const ABSL_LOCKS_EXCLUDED(mu_);
   // Forgets every allocation; the memory stays mapped.
   void Reset() ABSL_LOCKS_EXCLUDED(mu_);
@@ -83,6 +89,8 @@ class SharedMemoryRegion {
  private:
   friend class Client;
   SharedMemoryRegion(std::string name, std::string key, char* data, size_t byte_size);
+  // Writes a fresh random proof into the header and returns it (for RegisterSharedMemory).
+  std::string WriteProof();
 
   // How a registered region reaches its Client when it goes away; shared by the two, so that
   // either may be destroyed first (the Client clears `forget` when it goes).
@@ -97,7 +105,7 @@ class SharedMemoryRegion {
   const size_t byte_size_;
 
   mutable absl::Mutex mu_;
-  size_t allocated_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t allocated_ ABSL_GUARDED_BY(mu_);
   // Set while registered with a Client; the destructor unregisters through it.
   std::shared_ptr<Registration> registration_ ABSL_GUARDED_BY(mu_);
 };
