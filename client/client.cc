@@ -676,11 +676,7 @@ class Client::Impl {
     }
     std::vector<std::pair<std::string, std::vector<int64_t>>> wanted;
     for (const auto& [name, shape] : shapes->parameter_shapes) {
-      if (request.gradients.all_parameters ||
-          std::find(request.gradients.parameters.begin(), request.gradients.parameters.end(),
-                    name) != request.gradients.parameters.end()) {
-        wanted.emplace_back(name, shape);
-      }
+      if (request.gradients.WantsParameter(name)) wanted.emplace_back(name, shape);
     }
     std::sort(wanted.begin(), wanted.end());
     placement->mutable_parameter_grads()->Reserve(static_cast<int>(wanted.size()));

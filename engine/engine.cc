@@ -2,7 +2,6 @@
 
 #include <omp.h>
 
-#include <algorithm>
 #include <chrono>
 #include <exception>
 #include <list>
@@ -120,11 +119,7 @@ class Engine::Impl {
     needs.training = true;
     needs.input_grad = request.gradients.input;
     for (const auto& [name, shape] : validated->parameter_shapes) {
-      if (request.gradients.all_parameters ||
-          std::find(request.gradients.parameters.begin(), request.gradients.parameters.end(),
-                    name) != request.gradients.parameters.end()) {
-        needs.parameter_grads.insert(name);
-      }
+      if (request.gradients.WantsParameter(name)) needs.parameter_grads.insert(name);
     }
     absl::StatusOr<std::shared_ptr<Plan>> plan =
         GetPlan(request.network, *validated, request.input.shape, needs);

@@ -1,5 +1,6 @@
 #include "gradengine/network.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <set>
@@ -266,6 +267,11 @@ absl::StatusOr<ValidatedNetwork> ValidateNetwork(const NetworkSpec& network,
     result.output_shapes.push_back(shape);
   }
   return result;
+}
+
+bool GradientSelection::WantsParameter(const std::string& name) const {
+  return all_parameters ||
+         std::find(parameters.begin(), parameters.end(), name) != parameters.end();
 }
 
 }  // namespace gradengine

@@ -109,6 +109,9 @@ struct GradientSelection {
   // If true, every parameter's gradient; otherwise only those named in `parameters`.
   bool all_parameters = true;
   std::vector<std::string> parameters;
+
+  // Whether the gradient of parameter `name` is asked for.
+  bool WantsParameter(const std::string& name) const;
 };
 
 // Called between layers; a non-OK status (e.g. DeadlineExceeded, Cancelled) stops the call
