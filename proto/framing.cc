@@ -3,7 +3,6 @@
 #include <cstring>
 #include <utility>
 
-#include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/wire_format_lite.h"
 #include "proto/wire.h"
 
@@ -68,6 +67,15 @@ void FrameNetworkParametersInput(const WireRequest& skeleton, const EngineReques
   }
 }
 
+// The fields both responses end with: request_id, then timing.
+template <typename WireResponse>
+void AddRequestIdAndTiming(const WireResponse& skeleton, Frame* frame) {
+  if (!skeleton.request_id().empty()) {
+    frame->AddString(WireResponse::kRequestIdFieldNumber, skeleton.request_id());
+  }
+  if (skeleton.has_timing()) frame->AddMessage(WireResponse::kTimingFieldNumber, skeleton.timing());
+}
+
 void AddSharedRefOrHeader(const gradengine::Tensor& tensor, const grad::v1::SharedMemoryRef* ref,
                           grad::v1::Tensor* out) {
   EncodeTensorHeader(tensor.shape, out);
@@ -75,6 +83,11 @@ void AddSharedRefOrHeader(const gradengine::Tensor& tensor, const grad::v1::Shar
 }
 
 }  // namespace
+
+void Frame::FlushPending() {
+  if (!pending_.empty()) pieces_.push_back(Piece{std::move(pending_), nullptr, 0, nullptr});
+  pending_.clear();
+}
 
 void Frame::AppendRaw(absl::string_view bytes) {
   pending_.append(bytes.data(), bytes.size());
@@ -129,8 +142,7 @@ void Frame::AddFrame(int field, Frame child) {
     AppendRaw(child.pending_);
     return;
   }
-  if (!pending_.empty()) pieces_.push_back(Piece{std::move(pending_), nullptr, 0, nullptr});
-  pending_.clear();
+  FlushPending();
   for (Piece& piece : child.pieces_) pieces_.push_back(std::move(piece));
   pending_ = std::move(child.pending_);
   size_ += child.size_;
@@ -145,8 +157,7 @@ void Frame::AddExternal(int field, const void* data, size_t size,
     AppendRaw(absl::string_view(static_cast<const char*>(data), size));
     return;
   }
-  if (!pending_.empty()) pieces_.push_back(Piece{std::move(pending_), nullptr, 0, nullptr});
-  pending_.clear();
+  FlushPending();
   pieces_.push_back(Piece{std::string(), data, size, std::move(owner)});
   size_ += size;
   external_bytes_ += size;
@@ -242,10 +253,7 @@ Frame FrameForwardResponse(const grad::v1::ForwardResponse& skeleton,
   Frame frame;
   if (skeleton.has_output())
     AddResult(&frame, Wire::kOutputFieldNumber, skeleton.output(), result.output);
-  if (!skeleton.request_id().empty()) {
-    frame.AddString(Wire::kRequestIdFieldNumber, skeleton.request_id());
-  }
-  if (skeleton.has_timing()) frame.AddMessage(Wire::kTimingFieldNumber, skeleton.timing());
+  AddRequestIdAndTiming(skeleton, &frame);
   return frame;
 }
 
@@ -266,10 +274,7 @@ Frame FrameGradientResponse(const grad::v1::ComputeGradientsResponse& skeleton,
                    grad->second.data.size(), grad->second.data.owner());
     ++grad;
   }
-  if (!skeleton.request_id().empty()) {
-    frame.AddString(Wire::kRequestIdFieldNumber, skeleton.request_id());
-  }
-  if (skeleton.has_timing()) frame.AddMessage(Wire::kTimingFieldNumber, skeleton.timing());
+  AddRequestIdAndTiming(skeleton, &frame);
   return frame;
 }
 

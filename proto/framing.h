@@ -70,6 +70,8 @@ class Frame {
     std::shared_ptr<const void> owner;
   };
 
+  // Closes the owned bytes so far into a piece, before a referenced one.
+  void FlushPending();
   void AppendRaw(absl::string_view bytes);
   void AppendTag(int field, int wire_type);
   void AppendVarint(uint64_t value);
