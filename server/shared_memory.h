@@ -105,9 +105,6 @@ class SharedMemoryRegistry {
   // destroyed.
   std::unique_ptr<gradwire::SharedMemoryResolver> NewCallResolver(const std::string& owner);
 
-  int regions() const ABSL_LOCKS_EXCLUDED(mu_);
-  int64_t mapped_bytes() const { return mapped_bytes_->load(std::memory_order_relaxed); }
-
   class Region;
 
  private:

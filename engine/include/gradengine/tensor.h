@@ -72,7 +72,6 @@ class TensorBuffer {
 
   // What keeps the memory alive; null for an empty buffer or a Wrap with a null owner.
   const std::shared_ptr<const void>& owner() const { return owner_; }
-  std::vector<float> ToVector() const { return std::vector<float>(begin(), end()); }
 
   // Elementwise equality (NaN != NaN, as for std::vector<float>).
   friend bool operator==(const TensorBuffer& a, const TensorBuffer& b);
