@@ -5,8 +5,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <vector>
 
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
@@ -118,6 +120,26 @@ std::optional<int64_t> SharedMemoryRegion::OffsetOf(const void* pointer, size_t 
   const uintptr_t p = reinterpret_cast<uintptr_t>(pointer);
   if (p < begin || p - begin > byte_size_ || bytes > byte_size_ - (p - begin)) return std::nullopt;
   return static_cast<int64_t>(p - begin);
+}
+
+absl::Status CopyRequestInto(SharedMemoryRegion& region, gradengine::GradientRequest* request) {
+  std::vector<gradengine::TensorView*> views = {&request->input};
+  for (auto& [name, view] : request->parameters) views.push_back(&view);
+  switch (request->objective.kind) {
+    case gradengine::ObjectiveKind::kMse:
+    case gradengine::ObjectiveKind::kGradOutput:
+      views.push_back(&request->objective.tensor);
+      break;
+    case gradengine::ObjectiveKind::kSum:
+      break;
+  }
+  for (gradengine::TensorView* view : views) {
+    absl::StatusOr<absl::Span<float>> copy = region.Allocate(static_cast<size_t>(view->size));
+    if (!copy.ok()) return copy.status();
+    std::copy(view->data, view->data + view->size, copy->begin());
+    view->data = copy->data();
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace gradclient

@@ -52,18 +52,13 @@ absl::StatusOr<StagedRequest> StageInSharedMemory(gradclient::Client& client,
     for (int64_t d : shape) bytes *= d;
     return bytes;
   };
-  std::vector<gradengine::TensorView*> inputs = {&request->input};
-  for (auto& [name, view] : request->parameters) inputs.push_back(&view);
-  switch (request->objective.kind) {
-    case gradengine::ObjectiveKind::kMse:
-    case gradengine::ObjectiveKind::kGradOutput:
-      inputs.push_back(&request->objective.tensor);
-      break;
-    case gradengine::ObjectiveKind::kSum:
-      break;
-  }
+  // Room for the inputs (the region adds its header itself).
   StagedRequest staged;
-  for (const gradengine::TensorView* view : inputs) staged.inputs_bytes += aligned(view->size * 4);
+  staged.inputs_bytes = aligned(request->input.size * 4);
+  for (const auto& [name, view] : request->parameters) {
+    staged.inputs_bytes += aligned(view.size * 4);
+  }
+  staged.inputs_bytes += aligned(request->objective.tensor.size * 4);
   // Room for every result the request could ask for; the server checks the network itself.
   absl::StatusOr<gradengine::ValidatedNetwork> shapes = gradengine::ValidateNetwork(
       request->network, request->input.shape, std::numeric_limits<int64_t>::max());
@@ -78,12 +73,7 @@ absl::StatusOr<StagedRequest> StageInSharedMemory(gradclient::Client& client,
           absl::StrCat("gradctl-", getpid()),
           static_cast<size_t>(staged.inputs_bytes + result_copies * staged.results_bytes));
   if (!region.ok()) return region.status();
-  for (gradengine::TensorView* view : inputs) {
-    absl::StatusOr<absl::Span<float>> copy = (*region)->Allocate(static_cast<size_t>(view->size));
-    if (!copy.ok()) return copy.status();
-    std::copy(view->data, view->data + view->size, copy->begin());
-    view->data = copy->data();
-  }
+  if (absl::Status s = gradclient::CopyRequestInto(**region, request); !s.ok()) return s;
   // The results go after the inputs (and the region's header).
   staged.inputs_bytes = static_cast<int64_t>((*region)->allocated_bytes());
   if (absl::Status s = client.RegisterSharedMemory(*region); !s.ok()) {

@@ -80,15 +80,7 @@ class TransportTest : public ::testing::Test {
 
 // Copies every tensor of `request` into `region` and points the request at the copies.
 void MoveInto(SharedMemoryRegion& region, gradengine::GradientRequest* request) {
-  auto move = [&region](gradengine::TensorView* view) {
-    absl::StatusOr<absl::Span<float>> copy = region.Allocate(static_cast<size_t>(view->size));
-    ASSERT_TRUE(copy.ok()) << copy.status();
-    std::copy(view->data, view->data + view->size, copy->begin());
-    view->data = copy->data();
-  };
-  move(&request->input);
-  for (auto& [name, view] : request->parameters) move(&view);
-  if (request->objective.kind != gradengine::ObjectiveKind::kSum) move(&request->objective.tensor);
+  ASSERT_TRUE(gradclient::CopyRequestInto(region, request).ok());
   // The results go into the rest: NaN there, so that an element the server does not write
   // cannot pass for a computed zero.
   float* rest = reinterpret_cast<float*>(region.data() + region.allocated_bytes());

@@ -38,9 +38,11 @@
 #include <string>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
+#include "gradengine/network.h"
 
 namespace gradclient {
 
@@ -109,6 +111,11 @@ class SharedMemoryRegion {
   // Set while registered with a Client; the destructor unregisters through it.
   std::shared_ptr<Registration> registration_ ABSL_GUARDED_BY(mu_);
 };
+
+// Copies the tensors of `request` (input, parameters, and the objective's tensor) into space
+// allocated from `region`, and points the request's views at the copies, so that they travel as
+// references once the region is registered. ResourceExhausted when the region is too small.
+absl::Status CopyRequestInto(SharedMemoryRegion& region, gradengine::GradientRequest* request);
 
 }  // namespace gradclient
 
