@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <exception>
+#include <limits>
 #include <list>
 #include <memory>
 #include <new>
@@ -56,14 +57,37 @@ std::string IsaName(dnnl::cpu_isa isa) {
   }
 }
 
-// A result tensor of `shape`: in `memory` if the caller placed it, else freshly allocated and
-// uninitialised (the plan writes every element). `what` names the placement in errors.
-absl::StatusOr<Tensor> ResultTensor(const std::vector<int64_t>& shape,
-                                    const std::optional<ResultMemory>& memory,
-                                    absl::string_view what) {
-  if (!memory.has_value()) return Tensor::Uninitialized(shape);
+int64_t Elements(const std::vector<int64_t>& shape) {
   int64_t elements = 1;
   for (int64_t d : shape) elements *= d;
+  return elements;
+}
+
+// Bytes of the result tensors of these shapes the engine allocates (those not placed).
+int64_t ResultBytes(const std::vector<int64_t>& shape, const std::optional<ResultMemory>& memory) {
+  return memory.has_value() ? 0 : Elements(shape) * static_cast<int64_t>(sizeof(float));
+}
+
+// A result tensor of `shape`: in `memory` if the caller placed it, else freshly allocated and
+// uninitialised (the plan writes every element), its buffer holding `reservation` so that the
+// budget counts it for as long as it lives. `what` names the placement in errors.
+absl::StatusOr<Tensor> ResultTensor(const std::vector<int64_t>& shape,
+                                    const std::optional<ResultMemory>& memory,
+                                    absl::string_view what,
+                                    const std::shared_ptr<MemoryBudget::Reservation>& reservation) {
+  const int64_t elements = Elements(shape);
+  if (!memory.has_value()) {
+    Tensor tensor = Tensor::Uninitialized(shape);
+    // Members are destroyed last to first: the memory goes before its reservation.
+    struct Held {
+      std::shared_ptr<MemoryBudget::Reservation> reservation;
+      std::shared_ptr<const void> memory;
+    };
+    auto held = std::make_shared<const Held>(Held{reservation, tensor.data.owner()});
+    float* data = tensor.data.data();
+    tensor.data = TensorBuffer::Wrap(data, static_cast<size_t>(elements), std::move(held));
+    return tensor;
+  }
   if (memory->size != elements || (elements > 0 && memory->data == nullptr)) {
     return absl::InvalidArgumentError(
         absl::StrCat("placement.", what, " has ", memory->size, " elements",
@@ -76,9 +100,24 @@ absl::StatusOr<Tensor> ResultTensor(const std::vector<int64_t>& shape,
 
 }  // namespace
 
+// Freeing at least this much from the plan cache at once returns the memory to the system.
+constexpr int64_t kReturnFreedMemoryBytes = int64_t{64} << 20;
+
 class Engine::Impl {
  public:
-  Impl(const EngineOptions& options, dnnl::engine cpu) : options_(options), cpu_(std::move(cpu)) {}
+  // `own_budget` is the budget options.memory_budget points at when the caller gave none.
+  Impl(const EngineOptions& options, dnnl::engine cpu, std::unique_ptr<MemoryBudget> own_budget)
+      : own_budget_(std::move(own_budget)),
+        options_(options),
+        cpu_(std::move(cpu)),
+        budget_(*options.memory_budget),
+        reclaimer_id_(budget_.AddReclaimer([this](int64_t wanted) { return Reclaim(wanted); })) {}
+
+  ~Impl() {
+    budget_.RemoveReclaimer(reclaimer_id_);
+    absl::MutexLock lock(&mu_);
+    for (const auto& [key, entry] : plans_) budget_.Uncache(entry.plan->structure_bytes());
+  }
 
   absl::StatusOr<ForwardResult> Forward(const ForwardRequest& request) {
     const auto start = std::chrono::steady_clock::now();
@@ -92,18 +131,26 @@ class Engine::Impl {
         GetPlan(request.network, *validated, request.input.shape, needs);
     if (!plan.ok()) return plan.status();
 
+    const std::vector<int64_t>& output_shape = validated->output_shapes.back();
+    auto results = std::make_shared<MemoryBudget::Reservation>();
+    absl::StatusOr<Plan::WorkspaceLease> lease =
+        (*plan)->LeaseWorkspace(ResultBytes(output_shape, request.placement.output),
+                                request.should_continue, results.get());
+    if (!lease.ok()) return lease.status();
+
     PlanBindings bindings;
     bindings.input = request.input;
     bindings.parameters = &request.parameters;
     ForwardResult result;
     absl::StatusOr<Tensor> output =
-        ResultTensor(validated->output_shapes.back(), request.placement.output, "output");
+        ResultTensor(output_shape, request.placement.output, "output", results);
     if (!output.ok()) return output.status();
     result.output = *std::move(output);
     bindings.output = &result.output;
     std::chrono::steady_clock::time_point forward_done;
     bindings.forward_done = &forward_done;
-    absl::Status status = (*plan)->Execute(bindings, request.should_continue);
+    absl::Status status = (*plan)->Execute(bindings, request.should_continue, *std::move(lease));
+    KeepCacheWithinBytes();
     if (!status.ok()) return status;
     result.timing.forward_ns = Nanoseconds(forward_done - start);
     return result;
@@ -125,17 +172,7 @@ class Engine::Impl {
         GetPlan(request.network, *validated, request.input.shape, needs);
     if (!plan.ok()) return plan.status();
 
-    GradientResult result;
-    absl::StatusOr<Tensor> output =
-        ResultTensor(validated->output_shapes.back(), request.placement.output, "output");
-    if (!output.ok()) return output.status();
-    result.output = *std::move(output);
-    if (needs.input_grad) {
-      absl::StatusOr<Tensor> input_grad =
-          ResultTensor(request.input.shape, request.placement.input_grad, "input_grad");
-      if (!input_grad.ok()) return input_grad.status();
-      result.input_grad = *std::move(input_grad);
-    } else if (request.placement.input_grad.has_value()) {
+    if (!needs.input_grad && request.placement.input_grad.has_value()) {
       return absl::InvalidArgumentError(
           "placement.input_grad is given, but the input gradient is not requested");
     }
@@ -145,15 +182,40 @@ class Engine::Impl {
             "placement.parameter_grads names ", Quote(name), ", whose gradient is not requested"));
       }
     }
+    auto placed_grad = [&](const std::string& name) -> std::optional<ResultMemory> {
+      const auto placed = request.placement.parameter_grads.find(name);
+      if (placed == request.placement.parameter_grads.end()) return std::nullopt;
+      return placed->second;
+    };
+    const std::vector<int64_t>& output_shape = validated->output_shapes.back();
+    int64_t result_bytes = ResultBytes(output_shape, request.placement.output);
+    if (needs.input_grad) {
+      result_bytes += ResultBytes(request.input.shape, request.placement.input_grad);
+    }
+    for (const auto& [name, shape] : validated->parameter_shapes) {
+      if (needs.parameter_grads.count(name) != 0)
+        result_bytes += ResultBytes(shape, placed_grad(name));
+    }
+    auto results = std::make_shared<MemoryBudget::Reservation>();
+    absl::StatusOr<Plan::WorkspaceLease> lease =
+        (*plan)->LeaseWorkspace(result_bytes, request.should_continue, results.get());
+    if (!lease.ok()) return lease.status();
+
+    GradientResult result;
+    absl::StatusOr<Tensor> output =
+        ResultTensor(output_shape, request.placement.output, "output", results);
+    if (!output.ok()) return output.status();
+    result.output = *std::move(output);
+    if (needs.input_grad) {
+      absl::StatusOr<Tensor> input_grad =
+          ResultTensor(request.input.shape, request.placement.input_grad, "input_grad", results);
+      if (!input_grad.ok()) return input_grad.status();
+      result.input_grad = *std::move(input_grad);
+    }
     for (const auto& [name, shape] : validated->parameter_shapes) {
       if (needs.parameter_grads.count(name) == 0) continue;
-      const auto placed = request.placement.parameter_grads.find(name);
-      absl::StatusOr<Tensor> grad =
-          ResultTensor(shape,
-                       placed == request.placement.parameter_grads.end()
-                           ? std::nullopt
-                           : std::optional<ResultMemory>(placed->second),
-                       absl::StrCat("parameter_grads[", Quote(name), "]"));
+      absl::StatusOr<Tensor> grad = ResultTensor(
+          shape, placed_grad(name), absl::StrCat("parameter_grads[", Quote(name), "]"), results);
       if (!grad.ok()) return grad.status();
       result.parameter_grads.emplace(name, *std::move(grad));
     }
@@ -168,7 +230,8 @@ class Engine::Impl {
     bindings.parameter_grads = &result.parameter_grads;
     std::chrono::steady_clock::time_point forward_done;
     bindings.forward_done = &forward_done;
-    absl::Status status = (*plan)->Execute(bindings, request.should_continue);
+    absl::Status status = (*plan)->Execute(bindings, request.should_continue, *std::move(lease));
+    KeepCacheWithinBytes();
     if (!status.ok()) return status;
     result.timing.forward_ns = Nanoseconds(forward_done - start);
     result.timing.backward_ns = Nanoseconds(std::chrono::steady_clock::now() - forward_done);
@@ -189,6 +252,7 @@ class Engine::Impl {
     absl::MutexLock lock(&mu_);
     EngineStats stats = stats_;
     stats.cached_plans = static_cast<int64_t>(plans_.size());
+    stats.plan_cache_bytes = CacheBytes();
     return stats;
   }
 
@@ -219,13 +283,71 @@ class Engine::Impl {
     ++stats_.plans_created;
     auto it = plans_.find(key);
     if (it != plans_.end()) return it->second.plan;
+    // Room for the new plan: drop least recently used ones past the count and the bytes. A plan
+    // that cannot be cached alone, or whose memory the budget has no room for, serves this call
+    // only.
+    const int64_t bytes = plan->structure_bytes();
+    int64_t cached = CacheBytes();
+    while (!lru_.empty() && (static_cast<int>(plans_.size()) >= options_.max_cached_plans ||
+                             cached + bytes > options_.max_plan_cache_bytes)) {
+      cached -= EvictLeastRecentlyUsed();
+    }
+    if (cached + bytes > options_.max_plan_cache_bytes || !budget_.TryCache(bytes)) return plan;
     lru_.push_front(key);
     plans_.emplace(key, CacheEntry{plan, lru_.begin()});
-    while (static_cast<int>(plans_.size()) > options_.max_cached_plans) {
-      plans_.erase(lru_.back());
-      lru_.pop_back();
-    }
     return plan;
+  }
+
+  // A call gives its workspace back to the plan's pool, which may take the cache past
+  // max_plan_cache_bytes: idle workspaces of the least recently used plans go first, and the
+  // memory goes back to the system when that frees much.
+  void KeepCacheWithinBytes() {
+    int64_t freed = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      int64_t over = CacheBytes() - options_.max_plan_cache_bytes;
+      for (auto key = lru_.rbegin(); key != lru_.rend() && over > 0; ++key) {
+        const int64_t released = plans_.at(*key).plan->ReleaseIdleWorkspaces();
+        over -= released;
+        freed += released;
+      }
+      while (over > 0 && !lru_.empty()) over -= EvictLeastRecentlyUsed();
+    }
+    if (freed >= kReturnFreedMemoryBytes) budget_.ReturnFreedMemory();
+  }
+
+  // Estimated plan memory plus idle workspaces of every cached plan.
+  int64_t CacheBytes() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    int64_t bytes = 0;
+    for (const auto& [key, entry] : plans_) {
+      bytes += entry.plan->structure_bytes() + entry.plan->idle_bytes();
+    }
+    return bytes;
+  }
+
+  // Drops the least recently used plan (calls using it keep it until they finish); returns the
+  // cached bytes that gives up. REQUIRES: the cache is not empty.
+  int64_t EvictLeastRecentlyUsed() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = plans_.find(lru_.back());
+    std::shared_ptr<Plan> plan = std::move(it->second.plan);
+    plans_.erase(it);
+    lru_.pop_back();
+    ++stats_.plans_evicted;
+    const int64_t bytes = plan->ReleaseIdleWorkspaces() + plan->structure_bytes();
+    budget_.Uncache(plan->structure_bytes());
+    return bytes;
+  }
+
+  // The budget's reclaimer: idle workspaces first, least recently used plan first, then whole
+  // plans.
+  int64_t Reclaim(int64_t wanted) {
+    absl::MutexLock lock(&mu_);
+    int64_t freed = 0;
+    for (auto key = lru_.rbegin(); key != lru_.rend() && freed < wanted; ++key) {
+      freed += plans_.at(*key).plan->ReleaseIdleWorkspaces();
+    }
+    while (freed < wanted && !lru_.empty()) freed += EvictLeastRecentlyUsed();
+    return freed;
   }
 
   struct CacheEntry {
@@ -233,8 +355,11 @@ class Engine::Impl {
     std::list<std::string>::iterator lru_position;
   };
 
+  const std::unique_ptr<MemoryBudget> own_budget_;
   const EngineOptions options_;
   const dnnl::engine cpu_;
+  MemoryBudget& budget_;
+  const int reclaimer_id_;
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, CacheEntry> plans_ ABSL_GUARDED_BY(mu_);
   // Most recently used first.
@@ -261,9 +386,23 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     return absl::InvalidArgumentError(
         absl::StrCat("max_cached_plans=", resolved.max_cached_plans, " must be positive"));
   }
+  if (resolved.max_plan_cache_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_plan_cache_bytes=", resolved.max_plan_cache_bytes, " must be >= 0"));
+  }
+  std::unique_ptr<MemoryBudget> own_budget;
+  if (resolved.memory_budget == nullptr) {
+    MemoryBudgetOptions unlimited;
+    unlimited.limit_bytes = std::numeric_limits<int64_t>::max() / 4;
+    absl::StatusOr<std::unique_ptr<MemoryBudget>> created = MemoryBudget::Create(unlimited);
+    if (!created.ok()) return created.status();
+    own_budget = *std::move(created);
+    resolved.memory_budget = own_budget.get();
+  }
   try {
     dnnl::engine cpu(dnnl::engine::kind::cpu, 0);
-    return std::unique_ptr<Engine>(new Engine(std::make_unique<Impl>(resolved, std::move(cpu))));
+    return std::unique_ptr<Engine>(
+        new Engine(std::make_unique<Impl>(resolved, std::move(cpu), std::move(own_budget))));
   } catch (const dnnl::error& e) {
     return absl::InternalError(absl::StrCat("oneDNN could not create a CPU engine: ", e.what()));
   }

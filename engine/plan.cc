@@ -150,6 +150,52 @@ int ThreadsFor(const NetworkSpec& network, const ValidatedNetwork& validated,
   return static_cast<int>(std::min<double>(max_threads, useful));
 }
 
+// Estimated memory of a compiled plan, per primitive and per buffer descriptor: oneDNN's
+// primitive descriptors, kernels and argument maps. Chosen to lie just above what was measured:
+// chains of 1000 1x1 and 300 3x3 convolutions on small inputs grew the heap by 30 and 46 KiB
+// per layer (workspace included) and are estimated at 35 and 61 KiB. The plan cache's byte
+// bound and the memory budget count this.
+constexpr int64_t kStructureBytesPerOp = int64_t{4} << 10;
+constexpr int64_t kStructureBytesPerSlot = 512;
+
+// Whether `desc` is an NCHW activation in a layout that blocks channels by B (nChw8c, nChw16c:
+// oneDNN's aBcd8b, aBcd16b) and pads them past C, the one padded layout the plans give
+// activations.
+bool HasChannelPadding(const memory::desc& desc) {
+  const dnnl_memory_desc_t& md = desc.data;
+  if (md.ndims != 4 || md.data_type != dnnl_f32 || md.format_kind != dnnl_blocked) return false;
+  const dnnl_blocking_desc_t& blocking = md.format_desc.blocking;
+  if (blocking.inner_nblks != 1 || blocking.inner_idxs[0] != 1) return false;
+  for (int i = 0; i < 4; ++i) {
+    if ((i == 1) != (md.padded_dims[i] != md.dims[i])) return false;
+  }
+  return true;
+}
+
+// Writes zeros into the padded channels [C, padded C) of such an activation at `data`.
+// oneDNN's kernels compute the padding as sums of value x 0; an Inf makes that NaN, which the
+// next convolution's zero weights for those channels would carry into every real channel
+// (0 x NaN). PyTorch, which has no padding, gives the Inf.
+void ZeroChannelPadding(const memory::desc& desc, void* data) {
+  const dnnl_memory_desc_t& md = desc.data;
+  const dnnl_dims_t& strides = md.format_desc.blocking.strides;
+  const int64_t block = md.format_desc.blocking.inner_blks[0];
+  const int64_t channels = md.dims[1];
+  const int64_t last_block = channels / block;
+  const int64_t first_padded = channels % block;
+  float* values = static_cast<float*>(data) + md.offset0;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < md.dims[0]; ++n) {
+    for (int64_t h = 0; h < md.dims[2]; ++h) {
+      for (int64_t w = 0; w < md.dims[3]; ++w) {
+        float* at =
+            values + n * strides[0] + last_block * strides[1] + h * strides[2] + w * strides[3];
+        std::fill(at + first_padded, at + block, 0.0f);
+      }
+    }
+  }
+}
+
 dnnl::primitive_attr UserScratchpadAttr() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -212,7 +258,7 @@ class Plan::Builder {
              std::vector<std::pair<int, int>> args) {
     scratchpad_bytes_ = std::max(scratchpad_bytes_, pd.scratchpad_desc().get_size());
     args.emplace_back(DNNL_ARG_SCRATCHPAD, plan_->scratchpad_slot_);
-    ops->push_back(Op{std::move(primitive), std::move(args)});
+    ops->push_back(Op{std::move(primitive), std::move(args), false, {}});
   }
 
   // Returns a slot holding `from`'s contents in layout `want`: `from` itself when the layouts
@@ -549,6 +595,9 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
   for (const Slot& slot : plan->slots_) {
     if (slot.role == Role::kNone) workspace_bytes += slot.desc.get_size();
   }
+  if (plan->diff_output_slot_ >= 0) {
+    workspace_bytes += plan->slots_[plan->diff_output_slot_].desc.get_size();
+  }
   if (workspace_bytes > static_cast<size_t>(options.max_workspace_bytes)) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the network needs ", workspace_bytes,
@@ -556,20 +605,80 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
                      "the limit of ",
                      options.max_workspace_bytes, " (EngineOptions::max_workspace_bytes)"));
   }
+  // Padded activations that a convolution multiplies by its weights' zero padding: the source
+  // of a forward convolution and the gradient a backward-data convolution reads. (Backward
+  // weights only fill the padding of the weight gradient, which is dropped.)
+  std::set<int> multiplied;
+  for (const std::vector<Op>* ops : {&plan->forward_ops_, &plan->backward_ops_}) {
+    for (const Op& op : *ops) {
+      bool weights = false;
+      bool diff_weights = false;
+      for (const auto& [arg, slot] : op.args) {
+        weights |= arg == DNNL_ARG_WEIGHTS;
+        diff_weights |= arg == DNNL_ARG_DIFF_WEIGHTS;
+      }
+      if (!weights || diff_weights) continue;
+      for (const auto& [arg, slot] : op.args) {
+        if (arg == DNNL_ARG_SRC || arg == DNNL_ARG_DIFF_DST) multiplied.insert(slot);
+      }
+    }
+  }
+  for (std::vector<Op>* ops : {&plan->forward_ops_, &plan->backward_ops_}) {
+    for (Op& op : *ops) {
+      for (const auto& [arg, slot] : op.args) {
+        if ((arg == DNNL_ARG_DST || arg == DNNL_ARG_DIFF_SRC) && multiplied.count(slot) > 0 &&
+            plan->slots_[slot].role == Role::kNone && HasChannelPadding(plan->slots_[slot].desc)) {
+          op.zero_padding_after.push_back(slot);
+        }
+      }
+    }
+  }
+  plan->budget_ = options.memory_budget;
+  plan->workspace_bytes_ = static_cast<int64_t>(workspace_bytes);
+  plan->structure_bytes_ =
+      static_cast<int64_t>(plan->forward_ops_.size() + plan->backward_ops_.size()) *
+          kStructureBytesPerOp +
+      static_cast<int64_t>(plan->slots_.size()) * kStructureBytesPerSlot;
   return plan;
 }
 
-Plan::~Plan() = default;
+Plan::~Plan() {
+  absl::MutexLock lock(&pool_mu_);
+  budget_->Uncache(static_cast<int64_t>(pool_.size()) * workspace_bytes_);
+}
 
-std::unique_ptr<Plan::Workspace> Plan::AcquireWorkspace() {
+Plan::WorkspaceLease::WorkspaceLease() = default;
+Plan::WorkspaceLease::WorkspaceLease(WorkspaceLease&&) noexcept = default;
+Plan::WorkspaceLease& Plan::WorkspaceLease::operator=(WorkspaceLease&&) noexcept = default;
+Plan::WorkspaceLease::~WorkspaceLease() = default;
+
+absl::StatusOr<Plan::WorkspaceLease> Plan::LeaseWorkspace(int64_t extra_bytes,
+                                                          const ContinueCheck& should_continue,
+                                                          MemoryBudget::Reservation* extra) {
+  WorkspaceLease lease;
   {
     absl::MutexLock lock(&pool_mu_);
     if (!pool_.empty()) {
-      std::unique_ptr<Workspace> workspace = std::move(pool_.back());
+      lease.workspace_ = std::move(pool_.back());
       pool_.pop_back();
-      return workspace;
+      lease.reservation_ = budget_->ClaimCached(workspace_bytes_);
     }
   }
+  const int64_t new_bytes = lease.workspace_ == nullptr ? workspace_bytes_ : 0;
+  absl::StatusOr<MemoryBudget::Reservation> reserved = budget_->Reserve(
+      new_bytes + extra_bytes,
+      lease.workspace_ == nullptr ? "its intermediate buffers and results" : "its results",
+      should_continue);
+  if (!reserved.ok()) {
+    if (lease.workspace_ != nullptr) ReleaseWorkspace(std::move(lease));
+    return reserved.status();
+  }
+  *extra = reserved->Split(extra_bytes);
+  if (new_bytes > 0) lease.reservation_ = *std::move(reserved);
+  return lease;
+}
+
+std::unique_ptr<Plan::Workspace> Plan::NewWorkspace() const {
   auto workspace = std::make_unique<Workspace>();
   workspace->stream = dnnl::stream(cpu_);
   workspace->memories.reserve(slots_.size());
@@ -598,9 +707,30 @@ std::unique_ptr<Plan::Workspace> Plan::AcquireWorkspace() {
   return workspace;
 }
 
-void Plan::ReleaseWorkspace(std::unique_ptr<Workspace> workspace) {
+void Plan::ReleaseWorkspace(WorkspaceLease lease) {
+  if (lease.workspace_ == nullptr) return;
+  // Kept for the next call only if the budget has room for it; its reservation ends either way.
+  lease.reservation_.Release();
+  if (!budget_->TryCache(workspace_bytes_)) return;
   absl::MutexLock lock(&pool_mu_);
-  pool_.push_back(std::move(workspace));
+  pool_.push_back(std::move(lease.workspace_));
+}
+
+int64_t Plan::ReleaseIdleWorkspaces() {
+  std::vector<std::unique_ptr<Workspace>> idle;
+  {
+    absl::MutexLock lock(&pool_mu_);
+    idle.swap(pool_);
+  }
+  const int64_t bytes = static_cast<int64_t>(idle.size()) * workspace_bytes_;
+  idle.clear();  // frees the memory before the budget hears it is free
+  budget_->Uncache(bytes);
+  return bytes;
+}
+
+int64_t Plan::idle_bytes() const {
+  absl::MutexLock lock(&pool_mu_);
+  return static_cast<int64_t>(pool_.size()) * workspace_bytes_;
 }
 
 void Plan::Bind(const PlanBindings& bindings, Workspace& workspace) {
@@ -645,6 +775,9 @@ absl::Status Plan::RunOps(const std::vector<Op>& ops, Workspace& workspace,
       if (absl::Status status = should_continue(); !status.ok()) return status;
     }
     ops[i].primitive.execute(workspace.stream, args[i]);
+    for (int slot : ops[i].zero_padding_after) {
+      ZeroChannelPadding(slots_[slot].desc, workspace.memories[slot].get_data_handle());
+    }
   }
   workspace.stream.wait();
   return absl::OkStatus();
@@ -685,20 +818,21 @@ void Plan::ApplyObjective(const PlanBindings& bindings, Workspace& workspace) {
   }
 }
 
-absl::Status Plan::Execute(const PlanBindings& bindings, const ContinueCheck& should_continue) {
+absl::Status Plan::Execute(const PlanBindings& bindings, const ContinueCheck& should_continue,
+                           WorkspaceLease lease) {
   ScopedOmpThreads threads(threads_);
-  std::unique_ptr<Workspace> workspace;
   absl::Status status;
   try {
-    workspace = AcquireWorkspace();
-    Bind(bindings, *workspace);
-    status = RunOps(forward_ops_, *workspace, should_continue);
-    if (status.ok() && bindings.objective != nullptr) ApplyObjective(bindings, *workspace);
+    if (lease.workspace_ == nullptr) lease.workspace_ = NewWorkspace();
+    Workspace& workspace = *lease.workspace_;
+    Bind(bindings, workspace);
+    status = RunOps(forward_ops_, workspace, should_continue);
+    if (status.ok() && bindings.objective != nullptr) ApplyObjective(bindings, workspace);
     if (bindings.forward_done != nullptr) {
       *bindings.forward_done = std::chrono::steady_clock::now();
     }
     if (status.ok() && bindings.objective != nullptr) {
-      status = RunOps(backward_ops_, *workspace, should_continue);
+      status = RunOps(backward_ops_, workspace, should_continue);
     }
   } catch (const dnnl::error& e) {
     status = e.status == dnnl_out_of_memory
@@ -707,7 +841,7 @@ absl::Status Plan::Execute(const PlanBindings& bindings, const ContinueCheck& sh
   } catch (const std::bad_alloc&) {
     status = absl::ResourceExhaustedError("out of memory while executing the network");
   }
-  if (workspace != nullptr) ReleaseWorkspace(std::move(workspace));
+  ReleaseWorkspace(std::move(lease));
   return status;
 }
 

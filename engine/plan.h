@@ -14,6 +14,10 @@
 // Thread safety: a Plan is immutable after Create and Execute may be called from many threads at
 // once. Each call takes a private Workspace (activations, gradients, scratchpad) from a pool, so
 // concurrent calls never share mutable memory.
+//
+// Memory: a plan's calls hold workspace memory reserved from the engine's MemoryBudget
+// (LeaseWorkspace), and a workspace a call gives back stays in the pool only while the budget
+// has room for it as cached memory; ReleaseIdleWorkspaces frees the pool on demand.
 
 #ifndef ENGINE_PLAN_H_
 #define ENGINE_PLAN_H_
@@ -30,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "gradengine/engine.h"
+#include "gradengine/memory_budget.h"
 #include "gradengine/network.h"
 #include "gradengine/tensor.h"
 #include "oneapi/dnnl/dnnl.hpp"
@@ -78,8 +83,44 @@ class Plan {
 
   ~Plan();
 
-  // Runs the plan. `should_continue` (may be empty) is consulted before every layer.
-  absl::Status Execute(const PlanBindings& bindings, const ContinueCheck& should_continue);
+  struct Workspace;
+
+  // One call's workspace and the share of the budget that pays for it. Move-only.
+  class WorkspaceLease {
+   public:
+    WorkspaceLease();
+    WorkspaceLease(WorkspaceLease&&) noexcept;
+    WorkspaceLease& operator=(WorkspaceLease&&) noexcept;
+    ~WorkspaceLease();
+
+   private:
+    friend class Plan;
+    std::unique_ptr<Workspace> workspace_;  // null until Execute allocates one
+    MemoryBudget::Reservation reservation_;
+  };
+
+  // Takes an idle workspace from the pool, or reserves workspace_bytes() for a new one, and
+  // reserves `extra_bytes` more (the call's results), handed back in `*extra`: one wait for
+  // both, so a call never holds one while waiting for the other. Errors: the budget's
+  // ResourceExhausted, or `should_continue`'s error while waiting.
+  absl::StatusOr<WorkspaceLease> LeaseWorkspace(int64_t extra_bytes,
+                                                const ContinueCheck& should_continue,
+                                                MemoryBudget::Reservation* extra);
+
+  // Runs the plan in the leased workspace, which goes back to the pool (or is freed) after.
+  // `should_continue` (may be empty) is consulted before every layer.
+  absl::Status Execute(const PlanBindings& bindings, const ContinueCheck& should_continue,
+                       WorkspaceLease lease);
+
+  // Frees the idle workspaces; returns the bytes that frees.
+  int64_t ReleaseIdleWorkspaces() ABSL_LOCKS_EXCLUDED(pool_mu_);
+
+  // Bytes of one call's workspace (activations, gradients, scratchpad, dL/dy).
+  int64_t workspace_bytes() const { return workspace_bytes_; }
+  // Estimated bytes of the compiled plan itself (primitives, descriptors, kernels).
+  int64_t structure_bytes() const { return structure_bytes_; }
+  // Bytes held by idle workspaces right now.
+  int64_t idle_bytes() const ABSL_LOCKS_EXCLUDED(pool_mu_);
 
   // What binds a slot to the caller's tensors; kNone slots are owned by the workspace.
   enum class Role { kNone, kInput, kOutput, kDiffOutput, kInputGrad, kParameter, kParameterGrad };
@@ -95,17 +136,21 @@ class Plan {
     std::vector<std::pair<int, int>> args;  // (DNNL_ARG_*, slot index)
     // Whether the caller's ContinueCheck runs before this op: true for each layer's first.
     bool starts_layer = false;
+    // Slots this op writes in a layout padded past the tensor's channels, whose padding is set
+    // back to zero after it runs. oneDNN pads channels to its block with zeros and computes
+    // the padding too (as sum(0 x value)); a non-finite value makes that NaN, and the next
+    // convolution would carry the NaN into every real channel (NaN x 0 weights).
+    std::vector<int> zero_padding_after;
   };
 
  private:
-  struct Workspace;
   class Builder;
   friend class Builder;
 
   Plan() = default;
 
-  std::unique_ptr<Workspace> AcquireWorkspace();
-  void ReleaseWorkspace(std::unique_ptr<Workspace> workspace);
+  std::unique_ptr<Workspace> NewWorkspace() const;
+  void ReleaseWorkspace(WorkspaceLease lease) ABSL_LOCKS_EXCLUDED(pool_mu_);
   // Points the workspace's caller-bound slots at this call's tensors.
   void Bind(const PlanBindings& bindings, Workspace& workspace);
   absl::Status RunOps(const std::vector<Op>& ops, Workspace& workspace,
@@ -114,6 +159,9 @@ class Plan {
   void ApplyObjective(const PlanBindings& bindings, Workspace& workspace);
 
   dnnl::engine cpu_;
+  MemoryBudget* budget_ = nullptr;
+  int64_t workspace_bytes_ = 0;
+  int64_t structure_bytes_ = 0;
   // OpenMP threads the plan runs with: EngineOptions::threads_per_call, or fewer when the work
   // is so small that waking more threads costs more than it saves.
   int threads_ = 1;
@@ -123,7 +171,8 @@ class Plan {
   std::vector<Op> forward_ops_;
   std::vector<Op> backward_ops_;
 
-  absl::Mutex pool_mu_;
+  mutable absl::Mutex pool_mu_;
+  // Idle workspaces, each charged to the budget as cached memory.
   std::vector<std::unique_ptr<Workspace>> pool_ ABSL_GUARDED_BY(pool_mu_);
 };
 

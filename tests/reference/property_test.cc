@@ -18,6 +18,7 @@
 #include <cstring>
 #include <iostream>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -628,6 +629,59 @@ TEST(EnginePropertyTest, MatchesReferenceOnRandomCases) {
   if (!only.has_value()) {
     EXPECT_EQ(cases_run, kCases);
     coverage.ExpectComplete();
+  }
+}
+
+// An Inf passed backward (or forward) through convolutions whose channel counts are not a
+// multiple of oneDNN's block: the block's zero padding must not turn it into NaN. Positive
+// weights keep every value the Inf reaches at +Inf in exact arithmetic (as in PyTorch); the
+// reference, like the engine, skips a convolution's spatial zero padding, so where PyTorch
+// multiplies an Inf by that padding (weight gradients, NaN there) neither does.
+TEST(EnginePropertyTest, AnInfCrossingPaddedChannelsStaysInf) {
+  std::unique_ptr<gradengine::Engine> engine = MakeEngine();
+  ASSERT_NE(engine, nullptr);
+  for (const std::vector<int64_t>& channels : std::vector<std::vector<int64_t>>{
+           {3, 5, 3}, {16, 3, 16}, {1, 8, 16, 4}, {32, 24, 32}, {3, 5, 7, 5, 3}, {8, 16, 8}}) {
+    for (const bool inf_in_input : {false, true}) {
+      SCOPED_TRACE(absl::StrCat("channels ", absl::StrJoin(channels, "-"),
+                                inf_in_input ? ", Inf in the input" : ", Inf in dL/dy"));
+      gradengine::NetworkSpec network;
+      std::map<std::string, std::vector<float>> weights;
+      for (size_t i = 0; i + 1 < channels.size(); ++i) {
+        const std::string name = absl::StrCat("conv", i);
+        network.layers.push_back(
+            {name, Conv2dSpec::Square(channels[i], channels[i + 1], 3, 1, 1, /*bias=*/false)});
+        std::vector<float>& w = weights[name + ".weight"];
+        w.resize(static_cast<size_t>(channels[i + 1] * channels[i] * 9));
+        for (size_t k = 0; k < w.size(); ++k) w[k] = 0.05f + 0.1f * static_cast<float>(k % 13);
+      }
+      std::vector<float> input(static_cast<size_t>(channels.front() * 36), 1.0f);
+      std::vector<float> grad_output(static_cast<size_t>(channels.back() * 36), 0.5f);
+      (inf_in_input ? input : grad_output)[7] = std::numeric_limits<float>::infinity();
+      GradientRequest request;
+      request.network = network;
+      for (const auto& [name, values] : weights) {
+        const int64_t layer = std::stoll(name.substr(4));
+        request.parameters[name] =
+            gradengine::TensorView({channels[layer + 1], channels[layer], 3, 3}, values);
+      }
+      request.input = gradengine::TensorView({1, channels.front(), 6, 6}, input);
+      request.objective.kind = ObjectiveKind::kGradOutput;
+      request.objective.tensor = gradengine::TensorView({1, channels.back(), 6, 6}, grad_output);
+      absl::StatusOr<GradientResult> actual = engine->ComputeGradients(request);
+      ASSERT_TRUE(actual.ok()) << actual.status();
+      const ReferenceResult expected = RunReference(request);
+      EXPECT_TRUE(Close("output", actual->output.shape, actual->output.data, expected.output));
+      EXPECT_TRUE(Close("input_grad", actual->input_grad->shape, actual->input_grad->data,
+                        expected.input_grad));
+      for (const auto& [name, grad] : actual->parameter_grads) {
+        EXPECT_TRUE(
+            Close(name + " grad", grad.shape, grad.data, expected.parameter_grads.at(name)));
+      }
+      EXPECT_EQ(std::count_if(actual->input_grad->data.begin(), actual->input_grad->data.end(),
+                              [](float v) { return std::isnan(v); }),
+                0);
+    }
   }
 }
 

@@ -15,9 +15,18 @@
 // Errors: malformed specs, shapes and parameters are InvalidArgument with a message that names
 // the layer index, field and value; tensors over Options::max_elements are ResourceExhausted;
 // failures inside oneDNN are Internal. No exception leaves the engine. NaN and Inf inputs are
-// computed through, as PyTorch does, with one known difference: an Inf in a gradient that
-// passes backward through two or more convolutions whose channel counts are not multiples of
-// oneDNN's block (8 or 16) can arrive as NaN, because the block's zero padding multiplies it.
+// computed through, as PyTorch does; channel counts that are not a multiple of oneDNN's block
+// make no difference (the block's padding is kept at zero where a convolution would multiply
+// it). One difference remains: a convolution's spatial zero padding is skipped, not multiplied,
+// so where PyTorch computes Inf x 0 with it (a weight gradient next to an Inf, say) and gets
+// NaN, the engine gives the Inf.
+//
+// Memory: every call reserves its workspace and its results from EngineOptions::memory_budget
+// before it allocates them, waiting there if the budget is in use (ResourceExhausted if it
+// never fits, or if the wait runs out). A result tensor the engine allocates holds its share
+// of the reservation until the last copy of its buffer is gone, so results still being sent
+// count. Compiled plans and their idle workspaces are the budget's cached memory: bounded by
+// max_plan_cache_bytes, and given up, least recently used first, when a reservation needs room.
 
 #ifndef GRADENGINE_ENGINE_H_
 #define GRADENGINE_ENGINE_H_
@@ -27,6 +36,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "gradengine/memory_budget.h"
 #include "gradengine/network.h"
 #include "gradengine/tensor.h"
 
@@ -53,6 +63,12 @@ struct EngineOptions {
   // Compiled plans kept for reuse; least recently used ones are dropped past this.
   // Default: 64.
   int max_cached_plans = 64;
+  // Bytes the cached plans may hold, their idle workspaces included; least recently used ones
+  // are dropped past this. Default: 1 GiB.
+  int64_t max_plan_cache_bytes = int64_t{1} << 30;
+  // What every call's memory is reserved from; borrowed, and must outlive the Engine. Default:
+  // null, a budget of the engine's own without a limit.
+  MemoryBudget* memory_budget = nullptr;
 };
 
 // Counters for observability; read with Engine::stats().
@@ -60,6 +76,10 @@ struct EngineStats {
   int64_t plans_created = 0;
   int64_t plan_cache_hits = 0;
   int64_t cached_plans = 0;
+  // What the cached plans hold (estimated plan memory plus idle workspaces), and how many were
+  // dropped to keep within max_cached_plans, max_plan_cache_bytes or the memory budget.
+  int64_t plan_cache_bytes = 0;
+  int64_t plans_evicted = 0;
 };
 
 // What oneDNN is and which instruction set it runs.

@@ -1,0 +1,245 @@
+#include "gradengine/memory_budget.h"
+
+#include <malloc.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace gradengine {
+namespace {
+
+// Reservations at least this big check whether freed heap memory must go back to the system
+// first; smaller ones are too small to matter, and checking costs a walk over the heap's bins.
+constexpr int64_t kReturnCheckBytes = int64_t{1} << 20;
+
+constexpr absl::Duration kWaitSlice = absl::Milliseconds(50);
+
+std::string MiB(int64_t bytes) {
+  return absl::StrCat(bytes, " bytes (", (bytes + (1 << 19)) >> 20, " MiB)");
+}
+
+}  // namespace
+
+MemoryBudget::Reservation::Reservation(Reservation&& other) noexcept
+    : budget_(std::exchange(other.budget_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+MemoryBudget::Reservation& MemoryBudget::Reservation::operator=(Reservation&& other) noexcept {
+  if (this != &other) {
+    Release();
+    budget_ = std::exchange(other.budget_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+MemoryBudget::Reservation MemoryBudget::Reservation::Split(int64_t bytes) {
+  bytes = std::clamp<int64_t>(bytes, 0, bytes_);
+  bytes_ -= bytes;
+  return Reservation(budget_, bytes);
+}
+
+void MemoryBudget::Reservation::Release() {
+  if (budget_ != nullptr && bytes_ > 0) budget_->Give(bytes_);
+  budget_ = nullptr;
+  bytes_ = 0;
+}
+
+absl::StatusOr<std::unique_ptr<MemoryBudget>> MemoryBudget::Create(
+    const MemoryBudgetOptions& options) {
+  if (options.limit_bytes < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("memory budget limit_bytes=", options.limit_bytes, " must be positive"));
+  }
+  if (options.max_wait < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "memory budget max_wait=", absl::FormatDuration(options.max_wait), " must be >= 0"));
+  }
+  std::unique_ptr<MemoryBudget> budget(new MemoryBudget(options));
+  budget->stats_.limit_bytes = options.limit_bytes;
+  return budget;
+}
+
+bool MemoryBudget::TakeIfFits(int64_t bytes) {
+  const int64_t in_use = stats_.reserved_bytes + stats_.cached_bytes;
+  if (bytes > options_.limit_bytes - in_use) return false;
+  stats_.reserved_bytes += bytes;
+  stats_.peak_bytes = std::max(stats_.peak_bytes, in_use + bytes);
+  return true;
+}
+
+absl::Status MemoryBudget::Refusal(int64_t bytes, absl::string_view purpose,
+                                   absl::string_view why) const {
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "the call needs ", MiB(bytes), " for ", purpose, why, "; ", MiB(stats_.reserved_bytes),
+      " are reserved by calls and ", MiB(stats_.cached_bytes), " cached, of the server's ",
+      options_.limit_name, " of ", MiB(options_.limit_bytes)));
+}
+
+absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Grant(int64_t bytes, bool waited) {
+  {
+    absl::MutexLock lock(&mu_);
+    ++stats_.reservations;
+    if (waited) ++stats_.reservations_waited;
+  }
+  if (bytes >= kReturnCheckBytes) ReturnFreedMemoryIfOverLimit();
+  return Reservation(this, bytes);
+}
+
+absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::TryReserve(int64_t bytes,
+                                                                   absl::string_view purpose) {
+  return Reserve(bytes, purpose, nullptr, /*wait=*/false);
+}
+
+absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(
+    int64_t bytes, absl::string_view purpose,
+    const std::function<absl::Status()>& should_continue) {
+  return Reserve(bytes, purpose, should_continue, /*wait=*/true);
+}
+
+absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(
+    int64_t bytes, absl::string_view purpose, const std::function<absl::Status()>& should_continue,
+    bool wait) {
+  bytes = std::max<int64_t>(bytes, 0);
+  if (bytes == 0) return Reservation();
+  bool granted = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (bytes > options_.limit_bytes) {
+      ++stats_.reservations_refused;
+      return Refusal(bytes, purpose, ", more than the whole budget");
+    }
+    granted = TakeIfFits(bytes);
+  }
+  if (granted) return Grant(bytes, /*waited=*/false);
+  const absl::Time give_up = absl::Now() + options_.max_wait;
+  bool waited = false;
+  while (true) {
+    int64_t short_by = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      if (TakeIfFits(bytes)) break;
+      short_by = bytes - (options_.limit_bytes - stats_.reserved_bytes - stats_.cached_bytes);
+    }
+    // Cached memory goes first: it is only kept in case it is needed again.
+    if (Reclaim(short_by) > 0) continue;
+    absl::MutexLock lock(&mu_);
+    if (TakeIfFits(bytes)) break;
+    const absl::Time now = absl::Now();
+    if (!wait || now >= give_up) {
+      ++stats_.reservations_refused;
+      return Refusal(
+          bytes, purpose,
+          wait ? absl::StrCat(" and waited ", absl::FormatDuration(options_.max_wait), " for it")
+               : std::string(" now"));
+    }
+    waited = true;
+    // Woken when memory is given back; the slice bounds how late a cancellation is noticed.
+    given_back_.WaitWithDeadline(&mu_, std::min(give_up, now + kWaitSlice));
+    if (should_continue) {
+      mu_.Unlock();
+      absl::Status status = should_continue();
+      mu_.Lock();
+      if (!status.ok()) return status;
+    }
+  }
+  return Grant(bytes, waited);
+}
+
+void MemoryBudget::Give(int64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  stats_.reserved_bytes -= bytes;
+  given_back_.SignalAll();
+}
+
+bool MemoryBudget::TryCache(int64_t bytes) {
+  if (bytes <= 0) return true;
+  absl::MutexLock lock(&mu_);
+  if (!TakeIfFits(bytes)) return false;
+  stats_.reserved_bytes -= bytes;
+  stats_.cached_bytes += bytes;
+  return true;
+}
+
+void MemoryBudget::Uncache(int64_t bytes) {
+  if (bytes <= 0) return;
+  absl::MutexLock lock(&mu_);
+  stats_.cached_bytes -= bytes;
+  given_back_.SignalAll();
+}
+
+MemoryBudget::Reservation MemoryBudget::ClaimCached(int64_t bytes) {
+  if (bytes <= 0) return Reservation();
+  absl::MutexLock lock(&mu_);
+  stats_.cached_bytes -= bytes;
+  stats_.reserved_bytes += bytes;
+  return Reservation(this, bytes);
+}
+
+void MemoryBudget::CacheReservation(Reservation reservation) {
+  const int64_t bytes = std::exchange(reservation.bytes_, 0);
+  reservation.budget_ = nullptr;
+  if (bytes <= 0) return;
+  absl::MutexLock lock(&mu_);
+  stats_.reserved_bytes -= bytes;
+  stats_.cached_bytes += bytes;
+}
+
+int MemoryBudget::AddReclaimer(Reclaimer reclaimer) {
+  absl::MutexLock lock(&reclaim_mu_);
+  const int id = next_reclaimer_id_++;
+  reclaimers_.emplace_back(id, std::move(reclaimer));
+  return id;
+}
+
+void MemoryBudget::RemoveReclaimer(int id) {
+  absl::MutexLock lock(&reclaim_mu_);
+  reclaimers_.erase(std::remove_if(reclaimers_.begin(), reclaimers_.end(),
+                                   [id](const auto& entry) { return entry.first == id; }),
+                    reclaimers_.end());
+}
+
+int64_t MemoryBudget::Reclaim(int64_t wanted) {
+  int64_t freed = 0;
+  {
+    absl::MutexLock lock(&reclaim_mu_);
+    for (const auto& [id, reclaimer] : reclaimers_) {
+      if (freed >= wanted) break;
+      freed += reclaimer(wanted - freed);
+    }
+  }
+  if (freed > 0) {
+    {
+      absl::MutexLock lock(&mu_);
+      stats_.reclaimed_bytes += freed;
+    }
+    ReturnFreedMemoryIfOverLimit();
+  }
+  return freed;
+}
+
+void MemoryBudget::ReturnFreedMemoryIfOverLimit() {
+  int64_t accounted = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    accounted = stats_.reserved_bytes + stats_.cached_bytes;
+  }
+  // fordblks: free bytes the heap holds (with M_ARENA_MAX=1, the one heap).
+  const struct mallinfo2 heap = mallinfo2();
+  if (accounted + static_cast<int64_t>(heap.fordblks) <= options_.limit_bytes) return;
+  ReturnFreedMemory();
+}
+
+void MemoryBudget::ReturnFreedMemory() {
+  malloc_trim(0);
+  absl::MutexLock lock(&mu_);
+  ++stats_.returned_to_system;
+}
+
+MemoryBudget::Stats MemoryBudget::stats() const {
+  absl::MutexLock lock(&mu_);
+  return stats_;
+}
+
+}  // namespace gradengine
