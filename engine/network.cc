@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "gradengine/quote.h"
 
 namespace gradengine {
 namespace {
@@ -100,6 +101,15 @@ absl::Status ValidateConv(const Conv2dSpec& conv, const std::string& prefix,
     return absl::InvalidArgumentError(
         absl::StrCat(p, "in_channels=", conv.in_channels, " does not match the ", in_shape[1],
                      " channels of its input ", ShapeToString(in_shape)));
+  }
+  // The padded input must be countable: with max_elements near INT64_MAX an input side can be
+  // too, and ConvOutputSize would overflow adding the padding (at most kMaxWindow by now).
+  if (in_shape[2] > std::numeric_limits<int64_t>::max() - conv.pad_top - conv.pad_bottom ||
+      in_shape[3] > std::numeric_limits<int64_t>::max() - conv.pad_left - conv.pad_right) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        p, "padding top/bottom/left/right ", conv.pad_top, "/", conv.pad_bottom, "/",
+        conv.pad_left, "/", conv.pad_right, " makes its input ", ShapeToString(in_shape),
+        " longer than int64 can count"));
   }
   const int64_t out_h = ConvOutputSize(in_shape[2], conv.kernel_h, conv.stride_h, conv.pad_top,
                                        conv.pad_bottom, conv.dilation_h);
@@ -208,11 +218,30 @@ absl::StatusOr<int64_t> CheckedNumElements(absl::Span<const int64_t> shape,
   return count;
 }
 
+absl::Status CheckCount(absl::string_view field, int64_t count, int64_t max_count) {
+  if (count <= max_count) return absl::OkStatus();
+  return absl::ResourceExhaustedError(
+      absl::StrCat(field, " has ", count, " entries; at most ", max_count, " are allowed"));
+}
+
+absl::Status CheckName(absl::string_view field, absl::string_view name) {
+  if (name.empty()) return absl::InvalidArgumentError(absl::StrCat(field, " is empty"));
+  if (name.size() <= kMaxNameBytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(field, "=", Quote(name), " has ", name.size(),
+                                                 " bytes; at most ", kMaxNameBytes,
+                                                 " are allowed"));
+}
+
 absl::StatusOr<ValidatedNetwork> ValidateNetwork(const NetworkSpec& network,
                                                  absl::Span<const int64_t> input_shape,
                                                  int64_t max_elements) {
   if (network.layers.empty()) {
     return absl::InvalidArgumentError("layers is empty: a network needs at least one layer");
+  }
+  if (absl::Status s =
+          CheckCount("layers", static_cast<int64_t>(network.layers.size()), kMaxLayers);
+      !s.ok()) {
+    return s;
   }
   if (input_shape.size() != 4) {
     return absl::InvalidArgumentError(
@@ -232,12 +261,12 @@ absl::StatusOr<ValidatedNetwork> ValidateNetwork(const NetworkSpec& network,
   for (size_t i = 0; i < network.layers.size(); ++i) {
     const LayerSpec& layer = network.layers[i];
     const std::string prefix = absl::StrCat("layers[", i, "]");
-    if (layer.name.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(prefix, ".name is empty"));
+    if (absl::Status s = CheckName(absl::StrCat(prefix, ".name"), layer.name); !s.ok()) {
+      return s;
     }
     if (!names.insert(layer.name).second) {
       return absl::InvalidArgumentError(
-          absl::StrCat(prefix, ".name=\"", layer.name, "\" is used by an earlier layer"));
+          absl::StrCat(prefix, ".name=", Quote(layer.name), " is used by an earlier layer"));
     }
     if (const auto* conv = std::get_if<Conv2dSpec>(&layer.op)) {
       std::vector<int64_t> out_shape;

@@ -168,5 +168,22 @@ TEST(ValidateNetworkTest, ElementLimitIsResourceExhausted) {
   EXPECT_THAT(v.status().message(), HasSubstr("input has 10000 elements"));
 }
 
+// Found by tests/fuzz/validate_network_fuzzer: without a limit an input side can be INT64_MAX,
+// and padding it must be refused rather than overflow.
+TEST(ValidateNetworkTest, PaddingASideBeyondInt64IsRejected) {
+  NetworkSpec net;
+  net.layers = {Conv("c", Conv2dSpec::Square(1, 1, 1, 1, 1, false))};
+  absl::StatusOr<ValidatedNetwork> v = ValidateNetwork(net, {1, 1, kNoLimit, 1}, kNoLimit);
+  EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(v.status().message(),
+              HasSubstr("layers[0].conv2d.padding top/bottom/left/right 1/1/1/1 makes its input "
+                        "[1, 1, 9223372036854775807, 1] longer than int64 can count"));
+  // The same side without padding fits.
+  net.layers = {Conv("c", Conv2dSpec::Square(1, 1, 1, 1, 0, false))};
+  v = ValidateNetwork(net, {1, 1, kNoLimit, 1}, kNoLimit);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->output_shapes[0], (std::vector<int64_t>{1, 1, kNoLimit, 1}));
+}
+
 }  // namespace
 }  // namespace gradengine

@@ -8,6 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "gradengine/quote.h"
 
 namespace gradengine {
 namespace {
@@ -32,7 +33,7 @@ std::string OwnerOf(const NetworkSpec& network, const std::string& parameter) {
   for (size_t i = 0; i < network.layers.size(); ++i) {
     const std::string& name = network.layers[i].name;
     if (parameter == name + ".weight" || parameter == name + ".bias") {
-      return absl::StrCat("layers[", i, "] (\"", name, "\")");
+      return absl::StrCat("layers[", i, "] (", Quote(name), ")");
     }
   }
   return "no layer";
@@ -40,16 +41,21 @@ std::string OwnerOf(const NetworkSpec& network, const std::string& parameter) {
 
 absl::Status ValidateParameters(const NetworkSpec& network, const ValidatedNetwork& validated,
                                 const ParameterViews& parameters) {
+  if (absl::Status s =
+          CheckCount("parameters", static_cast<int64_t>(parameters.size()), kMaxParameters);
+      !s.ok()) {
+    return s;
+  }
   std::map<std::string, const std::vector<int64_t>*> expected;
   for (const auto& [name, shape] : validated.parameter_shapes) {
     expected.emplace(name, &shape);
     auto it = parameters.find(name);
     if (it == parameters.end()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("parameters[\"", name, "\"] is missing: ", OwnerOf(network, name),
+          absl::StrCat("parameters[", Quote(name), "] is missing: ", OwnerOf(network, name),
                        " needs a tensor of shape ", ShapeToString(shape)));
     }
-    const std::string what = absl::StrCat("parameters[\"", name, "\"]");
+    const std::string what = absl::StrCat("parameters[", Quote(name), "]");
     if (it->second.shape != shape) {
       return absl::InvalidArgumentError(
           absl::StrCat(what, ".shape=", ShapeToString(it->second.shape), " must be ",
@@ -63,18 +69,18 @@ absl::Status ValidateParameters(const NetworkSpec& network, const ValidatedNetwo
       const LayerSpec& layer = network.layers[i];
       if (name == layer.name + ".bias" && std::holds_alternative<Conv2dSpec>(layer.op)) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "parameters[\"", name, "\"] is given but layers[", i, "].conv2d.bias is false"));
+            "parameters[", Quote(name), "] is given but layers[", i, "].conv2d.bias is false"));
       }
       if (absl::StartsWith(name, layer.name + ".") &&
           std::holds_alternative<ActivationSpec>(layer.op)) {
         return absl::InvalidArgumentError(
-            absl::StrCat("parameters[\"", name, "\"] is given but layers[", i, "] (\"", layer.name,
-                         "\") is an activation without parameters"));
+            absl::StrCat("parameters[", Quote(name), "] is given but layers[", i, "] (",
+                         Quote(layer.name), ") is an activation without parameters"));
       }
     }
     return absl::InvalidArgumentError(absl::StrCat(
-        "parameters[\"", name,
-        "\"] does not belong to any layer (expected \"<layer>.weight\" or \"<layer>.bias\")"));
+        "parameters[", Quote(name),
+        "] does not belong to any layer (expected \"<layer>.weight\" or \"<layer>.bias\")"));
   }
   return absl::OkStatus();
 }
@@ -137,8 +143,9 @@ absl::StatusOr<ValidatedNetwork> ValidateGradientRequest(const GradientRequest& 
           std::any_of(validated->parameter_shapes.begin(), validated->parameter_shapes.end(),
                       [&](const auto& entry) { return entry.first == names[i]; });
       if (!known) {
-        return absl::InvalidArgumentError(absl::StrCat("gradients.parameters[", i, "]=\"", names[i],
-                                                       "\" is not a parameter of the network"));
+        return absl::InvalidArgumentError(absl::StrCat("gradients.parameters[", i,
+                                                       "]=", Quote(names[i]),
+                                                       " is not a parameter of the network"));
       }
     }
   }

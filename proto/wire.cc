@@ -9,8 +9,12 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/wire_format_lite.h"
 #include "gradengine/quote.h"
 
 namespace gradwire {
@@ -328,14 +332,17 @@ void EncodeParameters(const gradengine::ParameterViews& parameters, bool data,
 absl::StatusOr<gradengine::ParameterViews> DecodeParameters(
     const google::protobuf::RepeatedPtrField<grad::v1::NamedTensor>& parameters,
     DecodeStorage* storage) {
+  if (absl::Status s = gradengine::CheckCount("parameters", parameters.size(),
+                                              gradengine::kMaxParameters);
+      !s.ok()) {
+    return s;
+  }
   gradengine::ParameterViews views;
   absl::flat_hash_map<absl::string_view, int> first_index;
   for (int i = 0; i < parameters.size(); ++i) {
     const grad::v1::NamedTensor& named = parameters[i];
     const std::string field = absl::StrCat("parameters[", i, "]");
-    if (named.name().empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ".name is empty"));
-    }
+    if (absl::Status s = gradengine::CheckName(field + ".name", named.name()); !s.ok()) return s;
     auto [it, inserted] = first_index.emplace(named.name(), i);
     if (!inserted) {
       return absl::InvalidArgumentError(absl::StrCat(field, ".name=", gradengine::Quote(named.name()),
@@ -343,7 +350,7 @@ absl::StatusOr<gradengine::ParameterViews> DecodeParameters(
     }
     if (!named.has_tensor()) {
       return absl::InvalidArgumentError(
-          absl::StrCat(field, ".tensor (\"", named.name(), "\") is not set"));
+          absl::StrCat(field, ".tensor (", gradengine::Quote(named.name()), ") is not set"));
     }
     absl::StatusOr<TensorView> view =
         DecodeTensorView(named.tensor(), absl::StrCat(field, ".tensor"), storage);
@@ -502,6 +509,15 @@ void EncodeNetwork(const NetworkSpec& network, grad::v1::Network* out) {
 }
 
 absl::StatusOr<NetworkSpec> DecodeNetwork(const grad::v1::Network& network) {
+  if (absl::Status s =
+          gradengine::CheckCount("layers", network.layers_size(), gradengine::kMaxLayers);
+      !s.ok()) {
+    return s;
+  }
+  if (const size_t bytes = network.ByteSizeLong(); bytes > kMaxNetworkSpecBytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("network has ", bytes, " bytes; at most ",
+                                                     kMaxNetworkSpecBytes, " are allowed"));
+  }
   NetworkSpec spec;
   spec.layers.reserve(network.layers_size());
   for (int i = 0; i < network.layers_size(); ++i) {
@@ -528,11 +544,11 @@ absl::StatusOr<NetworkSpec> DecodeNetwork(const grad::v1::Network& network) {
             layer.GetReflection()->GetUnknownFields(layer);
         if (unknown.field_count() > 0) {
           return absl::UnimplementedError(absl::StrCat(
-              prefix, " (\"", layer.name(), "\") has an op this server does not know (field ",
+              prefix, " (", gradengine::Quote(layer.name()), ") has an op this server does not know (field ",
               unknown.field(0).number(), "); it supports conv2d and activation"));
         }
         return absl::InvalidArgumentError(absl::StrCat(
-            prefix, ".op (\"", layer.name(), "\") is not set; set conv2d or activation"));
+            prefix, ".op (", gradengine::Quote(layer.name()), ") is not set; set conv2d or activation"));
       }
     }
     spec.layers.push_back(std::move(out));
@@ -623,11 +639,16 @@ absl::StatusOr<gradengine::GradientRequest> DecodeGradientRequest(
   }
 
   const grad::v1::GradientSelection& selection = request.gradients();
+  if (absl::Status s = gradengine::CheckCount("gradients.parameters", selection.parameters_size(),
+                                              gradengine::kMaxParameters);
+      !s.ok()) {
+    return s;
+  }
   out.gradients.input = !selection.skip_input();
   if (selection.no_parameters() && !selection.parameters().empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "gradients.no_parameters is set, but gradients.parameters names ",
-        selection.parameters_size(), " (\"", selection.parameters(0), "\", ...); set one"));
+        selection.parameters_size(), " (", gradengine::Quote(selection.parameters(0)), ", ...); set one"));
   }
   out.gradients.all_parameters = !selection.no_parameters() && selection.parameters().empty();
   out.gradients.parameters.assign(selection.parameters().begin(), selection.parameters().end());
@@ -722,6 +743,95 @@ std::vector<std::string> SupportedObjectiveNames() {
   return {gradengine::ObjectiveName(ObjectiveKind::kMse),
           gradengine::ObjectiveName(ObjectiveKind::kSum),
           gradengine::ObjectiveName(ObjectiveKind::kGradOutput)};
+}
+
+namespace {
+
+// Whether `bytes` are well-formed UTF-8 (no overlong forms, surrogates or code points past
+// U+10FFFF), as protobuf checks proto3 strings.
+bool IsUtf8(absl::string_view bytes) {
+  size_t i = 0;
+  while (i < bytes.size()) {
+    const unsigned char c = static_cast<unsigned char>(bytes[i]);
+    int extra = 0;
+    uint32_t code = 0;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if (c >= 0xC2 && c <= 0xDF) {
+      extra = 1;
+      code = c & 0x1F;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      extra = 2;
+      code = c & 0x0F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      extra = 3;
+      code = c & 0x07;
+    } else {
+      return false;
+    }
+    if (i + extra >= bytes.size()) return false;  // cut short
+    for (int k = 1; k <= extra; ++k) {
+      const unsigned char next = static_cast<unsigned char>(bytes[i + k]);
+      if ((next & 0xC0) != 0x80) return false;
+      code = (code << 6) | (next & 0x3F);
+    }
+    if ((extra == 2 && (code < 0x800 || (code >= 0xD800 && code <= 0xDFFF))) ||
+        (extra == 3 && (code < 0x10000 || code > 0x10FFFF))) {
+      return false;
+    }
+    i += extra + 1;
+  }
+  return true;
+}
+
+// Nesting beyond this is not followed (protobuf's own parser stops at 100).
+constexpr int kMaxUtf8SearchDepth = 100;
+
+std::string FindInvalidUtf8In(const google::protobuf::Descriptor& type,
+                              google::protobuf::io::CodedInputStream* in,
+                              const std::string& prefix, int depth) {
+  using google::protobuf::FieldDescriptor;
+  using google::protobuf::internal::WireFormatLite;
+  absl::flat_hash_map<int, int> seen;  // field number -> occurrences, for repeated indices
+  while (const uint32_t tag = in->ReadTag()) {
+    const int number = static_cast<int>(WireFormatLite::GetTagFieldNumber(tag));
+    const FieldDescriptor* field = type.FindFieldByNumber(number);
+    if (field == nullptr ||
+        WireFormatLite::GetTagWireType(tag) != WireFormatLite::WIRETYPE_LENGTH_DELIMITED ||
+        (field->type() != FieldDescriptor::TYPE_STRING &&
+         field->type() != FieldDescriptor::TYPE_MESSAGE)) {
+      if (!WireFormatLite::SkipField(in, tag)) return "";
+      continue;
+    }
+    const int index = seen[number]++;
+    const std::string path = absl::StrCat(prefix, field->name(),
+                                          field->is_repeated() ? absl::StrCat("[", index, "]") : "");
+    uint32_t length = 0;
+    if (!in->ReadVarint32(&length)) return "";
+    if (field->type() == FieldDescriptor::TYPE_STRING) {
+      std::string value;
+      if (!in->ReadString(&value, static_cast<int>(length))) return "";
+      if (!IsUtf8(value)) return path;
+      continue;
+    }
+    if (depth >= kMaxUtf8SearchDepth) return "";
+    const google::protobuf::io::CodedInputStream::Limit limit =
+        in->PushLimit(static_cast<int>(length));
+    std::string found = FindInvalidUtf8In(*field->message_type(), in, path + ".", depth + 1);
+    if (!found.empty()) return found;
+    if (!in->ConsumedEntireMessage()) return "";
+    in->PopLimit(limit);
+  }
+  return "";
+}
+
+}  // namespace
+
+std::string FindInvalidUtf8Field(const google::protobuf::Descriptor& type,
+                                 google::protobuf::io::ZeroCopyInputStream* in) {
+  google::protobuf::io::CodedInputStream coded(in);
+  return FindInvalidUtf8In(type, &coded, "", 0);
 }
 
 }  // namespace gradwire

@@ -36,6 +36,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "google/protobuf/io/zero_copy_stream.h"
 #include "grad/v1/gradient_service.pb.h"
 #include "gradengine/network.h"
 #include "gradengine/tensor.h"
@@ -56,6 +57,10 @@ struct SharedMemorySpan {
 // Every key of a shared memory object for this service starts with this (the client library
 // makes such keys; the server refuses others).
 inline constexpr char kSharedMemoryKeyPrefix[] = "gradclient-";
+
+// Most bytes of a request's network spec (its serialized grad.v1.Network): 1 MiB, room for
+// gradengine::kMaxLayers layers with the longest names. Over it: ResourceExhausted.
+inline constexpr size_t kMaxNetworkSpecBytes = size_t{1} << 20;
 
 // Resolves SharedMemoryRefs; implemented by the server's region registry.
 class SharedMemoryResolver {
@@ -177,6 +182,13 @@ absl::StatusOr<gradengine::GradientResult> DecodeGradientResult(
 
 std::vector<std::string> SupportedActivationNames();
 std::vector<std::string> SupportedObjectiveNames();
+
+// The path of the first string field (proto3 requires UTF-8 there) whose bytes are not UTF-8
+// in the serialized message of `type` that `in` reads, e.g. "network.layers[3].name"; "" if
+// there is none or the bytes are not a message. For explaining a parse failure: protobuf
+// refuses such a message without saying where.
+std::string FindInvalidUtf8Field(const google::protobuf::Descriptor& type,
+                                 google::protobuf::io::ZeroCopyInputStream* in);
 
 }  // namespace gradwire
 

@@ -187,6 +187,19 @@ struct ValidatedNetwork {
   std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes;
 };
 
+// Bounds on any network, whatever the server's other limits, so that a spec compiles in bounded
+// time and memory (a compiled layer costs tens of KiB); GetInfo reports them. Over a count:
+// ResourceExhausted; a longer name: InvalidArgument.
+inline constexpr int64_t kMaxLayers = 1024;
+// Parameter tensors a request may carry (two per conv2d layer at most).
+inline constexpr int64_t kMaxParameters = 2 * kMaxLayers;
+// Bytes of a layer or parameter name.
+inline constexpr size_t kMaxNameBytes = 256;
+
+// The checks of those bounds, naming `field` ("layers", "parameters", "layers[3].name").
+absl::Status CheckCount(absl::string_view field, int64_t count, int64_t max_count);
+absl::Status CheckName(absl::string_view field, absl::string_view name);
+
 // Checks `network` against an NCHW `input_shape` and returns every layer's output shape.
 // Errors are InvalidArgument naming the layer index and field, e.g.
 // "layers[1].conv2d.groups=3 does not divide in_channels=8".
