@@ -18,10 +18,13 @@ RUN cmake -S /src -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGRAD_BUILD_BEN
 
 FROM debian:bookworm-slim
 # The runtime halves of the -dev packages deploy/install-deps.sh builds with: oneDNN 2.6 (which
-# brings libgomp1 and an OpenCL loader), gRPC++ 1.51 (with libgrpc29), protobuf 3.21, abseil.
+# brings libgomp1 and an OpenCL loader), gRPC++ 1.51 (with libgrpc29), protobuf 3.21, abseil,
+# and cpp-httplib 0.11 for --metrics_address (Debian builds it as a shared library; it brings
+# libssl3, zlib and brotli).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       libdnnl2 libgomp1 libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 \
+      libcpp-httplib0.11 \
  && apt-get clean && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 gradserver \
  && useradd --system --uid 10001 --gid gradserver --no-create-home --home-dir /nonexistent \

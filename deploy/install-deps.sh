@@ -12,11 +12,16 @@ build_packages=(
   libdnnl-dev ocl-icd-opencl-dev opencl-c-headers libabsl-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libgtest-dev libgmock-dev libbenchmark-dev
+  libcpp-httplib-dev  # gradserver's Prometheus endpoint (--metrics_address)
 )
 test_packages=(
   python3 python3-numpy python3-torch
   python3-yaml openssl  # tests/deploy/manifest_test.py: reads the manifests, makes a test certificate
+  python3-prometheus-client  # tests/service/metrics_endpoint_test.py: parses the /metrics text
   buildah debootstrap   # deploy/test-image.sh: builds and runs the image without a Docker engine
+  # tests/fuzz: libFuzzer and the sanitizers' runtimes come with clang, and the engine's
+  # OpenMP needs clang's own runtime (libomp) for the clang build to configure
+  clang-14 libfuzzer-14-dev libclang-rt-14-dev libomp-14-dev
 )
 
 packages=("${build_packages[@]}")

@@ -3,6 +3,8 @@
 #include <google/protobuf/arena.h>
 #include <grpcpp/support/proto_buffer_reader.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -46,6 +48,13 @@ int64_t NanosBetween(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(to - from).count();
 }
 
+// The metrics of a call that has only a total time (GetInfo, shared memory).
+CallMeasurements TotalOnly(Clock::time_point arrived) {
+  CallMeasurements call;
+  call.total_ns = NanosBetween(arrived, Clock::now());
+  return call;
+}
+
 // The request_id as the log shows it: quoted, escaped, and cut at the longest accepted length
 // so that an oversized one cannot flood the log.
 std::string LoggedRequestId(const std::string& request_id) {
@@ -53,6 +62,16 @@ std::string LoggedRequestId(const std::string& request_id) {
     return absl::StrCat("\"", absl::CEscape(request_id), "\"");
   }
   return absl::StrCat("\"", absl::CEscape(request_id.substr(0, kMaxRequestIdBytes)), "\"...");
+}
+
+// A status message as a log line shows it: quoted, escaped and cut to a bounded length. Messages
+// quote client strings only through gradengine::Quote, so this is a second bound, not the first.
+std::string LoggedError(const absl::Status& status) {
+  constexpr size_t kMaxLoggedErrorBytes = 1024;
+  const absl::string_view message = status.message();
+  if (message.size() <= kMaxLoggedErrorBytes)
+    return absl::StrCat("\"", absl::CEscape(message), "\"");
+  return absl::StrCat("\"", absl::CEscape(message.substr(0, kMaxLoggedErrorBytes)), "\"...");
 }
 
 // What differs between Forward and ComputeGradients; everything else is ComputeCall.
@@ -105,18 +124,20 @@ struct ComputeGradientsMethod {
   }
 };
 
-// One Forward or ComputeGradients call from arrival to Finish. Created on the gRPC thread,
-// handed to a compute thread, and deleted by Finish; at any time exactly one thread uses it.
-// The message, its arena and the decoded engine request (which borrows the message's bytes)
-// live exactly as long as the call.
+// One Forward or ComputeGradients call from arrival to done, and its own reactor. Created on
+// the gRPC thread, handed to a compute thread, finished there; until Finish exactly one thread
+// uses it. It is deleted once both Finish has returned and gRPC has called OnDone (the response
+// sent, or the call cancelled). The message, its arena and the decoded engine request (which
+// borrows the message's bytes) are freed at Finish; the reservation of the request's memory
+// lasts until done, because gRPC holds the received bytes until then.
 template <typename Method>
-class ComputeCall {
+class ComputeCall final : public grpc::ServerUnaryReactor {
  public:
   ComputeCall(GradientService* service, grpc::CallbackServerContext* context,
               grpc::ByteBuffer* response_buffer)
       : service_(service),
         context_(context),
-        reactor_(context->DefaultReactor()),
+        reactor_(this),
         response_buffer_(response_buffer),
         deadline_(context->deadline()),
         peer_(context->peer()),
@@ -137,7 +158,16 @@ class ComputeCall {
   // Parses and decodes the request. On the gRPC thread.
   absl::Status Decode(const grpc::ByteBuffer& request_buffer) {
     bytes_in_ = request_buffer.Length();
-    absl::Status status = ParseAndDecode(request_buffer);
+    // The received bytes and their parsed copy; gRPC's thread must not wait, so a request that
+    // finds the budget full is refused rather than queued.
+    absl::StatusOr<gradengine::MemoryBudget::Reservation> reserved =
+        service_->memory_budget().TryReserve(2 * static_cast<int64_t>(bytes_in_),
+                                             "its request as received and as parsed");
+    absl::Status status = reserved.status();
+    if (status.ok()) {
+      request_reservation_ = *std::move(reserved);
+      status = ParseAndDecode(request_buffer);
+    }
     decoded_ = Clock::now();
     timing_.set_decode_ns(NanosBetween(arrived_, decoded_));
     return status;
@@ -148,6 +178,7 @@ class ComputeCall {
   void Compute(ComputePool::Slot& slot) {
     const Clock::time_point started = Clock::now();
     timing_.set_queue_ns(NanosBetween(decoded_, started));
+    computed_ = true;
     absl::Status status = ShouldContinue();
     // The regions were checked when the request was decoded; the queue may have been long.
     if (status.ok() && resolver_ != nullptr) status = resolver_->Revalidate();
@@ -177,6 +208,12 @@ class ComputeCall {
     const size_t bytes_out = status.ok() ? response_buffer_->Length() : 0;
     // Counted first, so that a GetInfo sent after this answer arrives sees it.
     service_->CountCall(status.ok());
+    service_->RecordMetrics(Method::kName, status.code(), Measurements(total_ns, bytes_out));
+    // A response on its way holds its results' memory until the client has read it.
+    if (status.ok()) {
+      service_->WatchDrain(context_, absl::StrCat("method=", Method::kName, " request_id=",
+                                                  LoggedRequestId(request_->request_id())));
+    }
     // The context may be gone as soon as Finish is called; nothing below touches it.
     reactor_->Finish(ToGrpcStatus(status));
     service_->CallAnswered();
@@ -188,25 +225,67 @@ class ComputeCall {
           " queue_us=", timing_.queue_ns() / 1000, " compute_us=", compute_ns_ / 1000,
           " encode_us=", encode_ns_ / 1000, " total_us=", total_ns / 1000, " peer=\"",
           absl::CEscape(peer_), "\"");
-      if (!status.ok()) absl::StrAppend(&line, " error=\"", absl::CEscape(status.message()), "\"");
+      if (!status.ok()) absl::StrAppend(&line, " error=", LoggedError(status));
       service_->Log(line);
     }
-    delete this;
+    // The request is no longer needed; free it now rather than when the client has read the
+    // response.
+    engine_request_.reset();
+    storage_ = gradwire::DecodeStorage();
+    resolver_.reset();
+    request_ = nullptr;
+    arena_.Reset();
+    Unref();
+  }
+
+  void OnDone() override {
+    service_->ForgetDrain(context_);
+    Unref();
   }
 
  private:
+  // The phases this call went through, for the metrics.
+  CallMeasurements Measurements(int64_t total_ns, size_t bytes_out) const {
+    CallMeasurements call;
+    call.bytes_in = static_cast<int64_t>(bytes_in_);
+    call.bytes_out = static_cast<int64_t>(bytes_out);
+    call.total_ns = total_ns;
+    if (decoded_ != Clock::time_point()) call.decode_ns = timing_.decode_ns();
+    if (computed_) {
+      call.queue_ns = timing_.queue_ns();
+      call.compute_ns = compute_ns_;
+      call.encode_ns = encode_ns_;
+    }
+    return call;
+  }
+
+  // Deletes this once both Finish and OnDone are through with it.
+  void Unref() {
+    if (holders_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+  }
+
   absl::Status ParseAndDecode(const grpc::ByteBuffer& request_buffer) {
-    // No message at all (not even an empty one) arrives when the client gave up while sending.
+    // No message at all (not even an empty one) arrives when the client gave up while sending,
+    // often before gRPC has marked the call cancelled.
     if (!request_buffer.Valid()) {
       if (absl::Status stopped = ShouldContinue(); !stopped.ok()) return stopped;
-      return absl::InvalidArgumentError(
-          absl::StrCat("the call carried no ", request_->GetTypeName(), " message"));
+      return absl::CancelledError(absl::StrCat("the call carried no ", request_->GetTypeName(),
+                                               " message: the client cancelled it while "
+                                               "sending, or closed it without sending one"));
     }
     // The copy shares the buffer's slices; the reader walks them without flattening.
     grpc::ByteBuffer buffer(request_buffer);
     grpc::ProtoBufferReader reader(&buffer);
     if (!reader.status().ok() || !request_->ParseFromZeroCopyStream(&reader)) {
       request_->Clear();
+      grpc::ByteBuffer again(request_buffer);
+      grpc::ProtoBufferReader rereader(&again);
+      const std::string field =
+          gradwire::FindInvalidUtf8Field(*request_->GetDescriptor(), &rereader);
+      if (!field.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            field, " is not valid UTF-8 (string fields must be; send raw bytes as ", "a tensor)"));
+      }
       return absl::InvalidArgumentError(absl::StrCat("request is not a valid ",
                                                      request_->GetTypeName(), " (", bytes_in_,
                                                      " bytes could not be parsed)"));
@@ -264,6 +343,10 @@ class ComputeCall {
   const Clock::time_point arrived_;
   Clock::time_point decoded_;
 
+  // Destroyed last: the memory it pays for goes first.
+  gradengine::MemoryBudget::Reservation request_reservation_;
+  // Finish and OnDone.
+  std::atomic<int> holders_{2};
   google::protobuf::Arena arena_;
   typename Method::WireRequest* request_ = nullptr;  // on arena_
   // Keeps the shared memory the request uses mapped; destroyed after engine_request_ and
@@ -276,6 +359,8 @@ class ComputeCall {
   size_t bytes_in_ = 0;
   int64_t compute_ns_ = 0;
   int64_t encode_ns_ = 0;
+  // Whether Compute ran (Decode ran when decoded_ is set).
+  bool computed_ = false;
 };
 
 }  // namespace
@@ -287,7 +372,56 @@ GradientService::GradientService(const GradientServiceOptions& options, gradengi
       pool_(pool),
       shared_memory_(shared_memory),
       engine_info_(engine->info()),
-      start_time_(absl::Now()) {}
+      start_time_(absl::Now()),
+      request_metrics_(options.metrics == nullptr
+                           ? nullptr
+                           : std::make_unique<RequestMetrics>(options.metrics)) {
+  drain_watch_ = std::thread([this] { DrainWatchLoop(); });
+}
+
+GradientService::~GradientService() {
+  {
+    absl::MutexLock lock(&drain_mu_);
+    stopping_ = true;
+  }
+  drain_watch_.join();
+}
+
+void GradientService::WatchDrain(grpc::CallbackServerContext* context, std::string what) {
+  absl::MutexLock lock(&drain_mu_);
+  undrained_[context] = Undrained{absl::Now() + options_.response_drain_timeout, std::move(what)};
+}
+
+void GradientService::ForgetDrain(grpc::CallbackServerContext* context) {
+  absl::MutexLock lock(&drain_mu_);
+  undrained_.erase(context);
+}
+
+void GradientService::DrainWatchLoop() {
+  // Checked this often: the timeout is honoured to within this.
+  const absl::Duration tick =
+      std::min(absl::Milliseconds(100), options_.response_drain_timeout / 4);
+  absl::MutexLock lock(&drain_mu_);
+  while (!drain_mu_.AwaitWithTimeout(absl::Condition(&stopping_), tick)) {
+    const absl::Time now = absl::Now();
+    for (auto it = undrained_.begin(); it != undrained_.end();) {
+      if (it->second.cancel_at > now) {
+        ++it;
+        continue;
+      }
+      // Under drain_mu_, so OnDone cannot end the call (and free the context) meanwhile.
+      it->first->TryCancel();
+      responses_cancelled_undrained_.fetch_add(1, std::memory_order_relaxed);
+      if (options_.log_requests) {
+        Log(absl::StrCat(it->second.what,
+                         " code=CANCELLED error=\"the client did not read the response within ",
+                         absl::FormatDuration(options_.response_drain_timeout),
+                         "; cancelled to free its memory\""));
+      }
+      undrained_.erase(it++);
+    }
+  }
+}
 
 template <typename Method>
 grpc::ServerUnaryReactor* GradientService::HandleCompute(grpc::CallbackServerContext* context,
@@ -295,6 +429,7 @@ grpc::ServerUnaryReactor* GradientService::HandleCompute(grpc::CallbackServerCon
                                                          grpc::ByteBuffer* response) {
   if (!AdmitCall()) {
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    RecordMetrics(Method::kName, absl::StatusCode::kUnavailable, CallMeasurements());
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, kShuttingDown));
     return reactor;
   }
@@ -331,17 +466,19 @@ grpc::ServerUnaryReactor* GradientService::GetInfo(grpc::CallbackServerContext* 
   {
     absl::MutexLock lock(&mu_);
     if (draining_) {
+      RecordMetrics("GetInfo", absl::StatusCode::kUnavailable, TotalOnly(arrived));
       reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, kShuttingDown));
       return reactor;
     }
   }
   if (absl::Status status = Authenticate(*context); !status.ok()) {
     const std::string peer = context->peer();
+    RecordMetrics("GetInfo", status.code(), TotalOnly(arrived));
     reactor->Finish(ToGrpcStatus(status));
     if (options_.log_requests) {
       Log(absl::StrCat("method=GetInfo code=", absl::StatusCodeToString(status.code()),
                        " total_us=", NanosBetween(arrived, Clock::now()) / 1000, " peer=\"",
-                       absl::CEscape(peer), "\" error=\"", absl::CEscape(status.message()), "\""));
+                       absl::CEscape(peer), "\" error=", LoggedError(status)));
     }
     return reactor;
   }
@@ -355,6 +492,24 @@ grpc::ServerUnaryReactor* GradientService::GetInfo(grpc::CallbackServerContext* 
   limits->set_max_workspace_bytes(options_.max_workspace_bytes);
   limits->set_max_concurrent_requests(options_.max_concurrent_requests);
   limits->set_max_queued_requests(options_.max_queued_requests);
+  limits->set_max_layers(gradengine::kMaxLayers);
+  limits->set_max_parameters(gradengine::kMaxParameters);
+  limits->set_max_name_bytes(gradengine::kMaxNameBytes);
+  limits->set_max_network_bytes(gradwire::kMaxNetworkSpecBytes);
+  limits->set_max_memory_bytes(options_.memory_budget->limit_bytes());
+  limits->set_response_drain_timeout_ns(absl::ToInt64Nanoseconds(options_.response_drain_timeout));
+  const gradengine::MemoryBudget::Stats budget = options_.memory_budget->stats();
+  const gradengine::EngineStats engine_stats = engine_->stats();
+  grad::v1::MemoryStatus* memory = response->mutable_memory();
+  memory->set_limit_bytes(budget.limit_bytes);
+  memory->set_reserved_bytes(budget.reserved_bytes);
+  memory->set_cached_bytes(budget.cached_bytes);
+  memory->set_peak_bytes(budget.peak_bytes);
+  memory->set_plan_cache_bytes(engine_stats.plan_cache_bytes);
+  memory->set_max_plan_cache_bytes(options_.max_plan_cache_bytes);
+  memory->set_reservations_refused(budget.reservations_refused);
+  memory->set_responses_cancelled_undrained(
+      responses_cancelled_undrained_.load(std::memory_order_relaxed));
   response->add_layers("conv2d");
   response->add_layers("activation");
   for (const std::string& name : gradwire::SupportedActivationNames()) {
@@ -378,6 +533,7 @@ grpc::ServerUnaryReactor* GradientService::GetInfo(grpc::CallbackServerContext* 
   shared->set_max_mapped_bytes(shared_memory_->options().max_mapped_bytes);
 
   const std::string peer = context->peer();
+  RecordMetrics("GetInfo", absl::StatusCode::kOk, TotalOnly(arrived));
   reactor->Finish(grpc::Status::OK);
   if (options_.log_requests) {
     Log(absl::StrCat("method=GetInfo code=OK total_us=", NanosBetween(arrived, Clock::now()) / 1000,
@@ -405,13 +561,14 @@ grpc::ServerUnaryReactor* GradientService::HandleSharedMemory(
     status = absl::PermissionDeniedError(kSharedMemoryNotSameHost);
   }
   if (status.ok()) status = body();
+  RecordMetrics(method, status.code(), TotalOnly(arrived));
   reactor->Finish(ToGrpcStatus(status));
   if (options_.log_requests) {
     std::string line = absl::StrCat("method=", method, " name=", logged_name,
                                     " code=", absl::StatusCodeToString(status.code()),
                                     " total_us=", NanosBetween(arrived, Clock::now()) / 1000,
                                     " peer=\"", absl::CEscape(peer), "\"");
-    if (!status.ok()) absl::StrAppend(&line, " error=\"", absl::CEscape(status.message()), "\"");
+    if (!status.ok()) absl::StrAppend(&line, " error=", LoggedError(status));
     Log(line);
   }
   return reactor;
@@ -502,7 +659,7 @@ absl::Status GradientService::AuthenticateOther(
   if (options_.log_requests) {
     Log(absl::StrCat("method=", absl::CEscape(method),
                      " code=", absl::StatusCodeToString(status.code()), " peer=\"",
-                     absl::CEscape(peer), "\" error=\"", absl::CEscape(status.message()), "\""));
+                     absl::CEscape(peer), "\" error=", LoggedError(status)));
   }
   return status;
 }
@@ -510,6 +667,11 @@ absl::Status GradientService::AuthenticateOther(
 void GradientService::CallAnswered() {
   absl::MutexLock lock(&mu_);
   --in_progress_;
+}
+
+int64_t GradientService::calls_in_progress() const {
+  absl::MutexLock lock(&mu_);
+  return in_progress_;
 }
 
 bool GradientService::Drain(absl::Time deadline) {

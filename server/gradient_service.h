@@ -20,12 +20,21 @@
 //   queue_us=3 compute_us=4567 encode_us=89 total_us=4680 peer="ipv4:127.0.0.1:40000"
 // (on one line, with error="..." added when the code is not OK). GetInfo calls are logged too,
 // but not counted.
+// With `metrics` set, every answered call of every method is also recorded there by method
+// and code (server/server_metrics.h), refused ones (UNAUTHENTICATED, UNAVAILABLE) included.
 //
 // With `bearer_tokens` set, every call (Forward, ComputeGradients, GetInfo) is first
 // authenticated (server/auth.h): one without an accepted "authorization: Bearer <token>" is
 // answered UNAUTHENTICATED before its request is parsed, counted in GetInfo's
 // requests_unauthenticated (and, for Forward and ComputeGradients, as failed), and logged with
 // its code and the reason, never the token.
+//
+// Memory: each call reserves twice its request's size (gRPC's received bytes and the parsed
+// message) from `memory_budget` before it parses, without waiting (gRPC's threads must not
+// block): a request that finds the budget full is RESOURCE_EXHAUSTED at once. The engine
+// reserves the rest. A response that its client has not read `response_drain_timeout` after it
+// was ready is cancelled, which frees its results; such calls are logged and counted in
+// GetInfo's memory.responses_cancelled_undrained.
 //
 // Drain() prepares a graceful stop: new calls get UNAVAILABLE ("the server is shutting down")
 // while the calls in progress are answered.
@@ -44,8 +53,10 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
@@ -53,8 +64,11 @@
 #include "absl/types/span.h"
 #include "grad/v1/gradient_service.grpc.pb.h"
 #include "gradengine/engine.h"
+#include "gradengine/memory_budget.h"
 #include "server/auth.h"
 #include "server/compute_pool.h"
+#include "server/metrics.h"
+#include "server/server_metrics.h"
 #include "server/shared_memory.h"
 
 namespace gradserver {
@@ -85,6 +99,16 @@ struct GradientServiceOptions {
   // Reported by GetInfo (grad.v1.Security); the transport enforces them. Defaults: false.
   bool tls = false;
   bool client_certificates_required = false;
+  // What every call's memory is reserved from; borrowed, it must outlive the service.
+  // Required.
+  gradengine::MemoryBudget* memory_budget = nullptr;
+  // Reported by GetInfo. Default: 0.
+  int64_t max_plan_cache_bytes = 0;
+  // How long a finished call's response may wait for its client to read it. Default: 30 s.
+  absl::Duration response_drain_timeout = absl::Seconds(30);
+  // Where each answered call is also recorded (server/server_metrics.h: requests by method and
+  // code, latencies, bytes); borrowed, it must outlive the service. Default: null, no metrics.
+  Metrics* metrics = nullptr;
 };
 
 using GradientServiceBase = grad::v1::GradientService::WithRawCallbackMethod_Forward<
@@ -100,6 +124,7 @@ class GradientService final : public GradientServiceBase {
   // `engine`, `pool` and `shared_memory` are borrowed; see the lifetime rule above.
   GradientService(const GradientServiceOptions& options, gradengine::Engine* engine,
                   ComputePool* pool, SharedMemoryRegistry* shared_memory);
+  ~GradientService() override;
 
   grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
                                     const grpc::ByteBuffer* request,
@@ -129,6 +154,13 @@ class GradientService final : public GradientServiceBase {
   const GradientServiceOptions& options() const { return options_; }
   gradengine::Engine& engine() const { return *engine_; }
   SharedMemoryRegistry& shared_memory() const { return *shared_memory_; }
+  gradengine::MemoryBudget& memory_budget() const { return *options_.memory_budget; }
+  // A finished call whose response is on its way: cancelled if it is still not done
+  // response_drain_timeout from now; `what` starts the log line of that. ForgetDrain when
+  // done. REQUIRES: the call's context is valid until ForgetDrain.
+  void WatchDrain(grpc::CallbackServerContext* context, std::string what)
+      ABSL_LOCKS_EXCLUDED(drain_mu_);
+  void ForgetDrain(grpc::CallbackServerContext* context) ABSL_LOCKS_EXCLUDED(drain_mu_);
   // The namespace of the caller's shared memory regions: its credentials (the authorization
   // metadata with tokens, else one namespace for every caller).
   std::string SharedMemoryOwner(const grpc::ServerContextBase& context) const;
@@ -136,6 +168,18 @@ class GradientService final : public GradientServiceBase {
   void CountCall(bool ok);
   // A call admitted by AdmitCall() has been answered.
   void CallAnswered() ABSL_LOCKS_EXCLUDED(mu_);
+  // Calls cancelled because their client did not read the response within
+  // response_drain_timeout.
+  int64_t responses_cancelled_undrained() const {
+    return responses_cancelled_undrained_.load(std::memory_order_relaxed);
+  }
+  // Forward and ComputeGradients calls admitted and not yet answered.
+  int64_t calls_in_progress() const ABSL_LOCKS_EXCLUDED(mu_);
+  // Records an answered call, if `options.metrics` is set.
+  void RecordMetrics(absl::string_view method, absl::StatusCode code,
+                     const CallMeasurements& call) {
+    if (request_metrics_ != nullptr) request_metrics_->Record(method, code, call);
+  }
   void Log(absl::string_view line) const;
 
   // OK if the call may proceed: no token is required, or it carries an accepted one. Otherwise
@@ -167,10 +211,25 @@ class GradientService final : public GradientServiceBase {
   std::atomic<int64_t> requests_total_{0};
   std::atomic<int64_t> requests_failed_{0};
   std::atomic<int64_t> requests_unauthenticated_{0};
+  // Null without options.metrics.
+  const std::unique_ptr<RequestMetrics> request_metrics_;
 
   // Admits a new call unless draining; an admitted call is in progress until answered.
   bool AdmitCall() ABSL_LOCKS_EXCLUDED(mu_);
   bool NoCallInProgress() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return in_progress_ == 0; }
+
+  // Cancels the watched calls past their time, until the service is destroyed.
+  void DrainWatchLoop() ABSL_LOCKS_EXCLUDED(drain_mu_);
+  struct Undrained {
+    absl::Time cancel_at;
+    std::string what;
+  };
+  absl::Mutex drain_mu_;
+  absl::flat_hash_map<grpc::CallbackServerContext*, Undrained> undrained_
+      ABSL_GUARDED_BY(drain_mu_);
+  bool stopping_ ABSL_GUARDED_BY(drain_mu_) = false;
+  std::atomic<int64_t> responses_cancelled_undrained_{0};
+  std::thread drain_watch_;
 
   mutable absl::Mutex mu_;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;

@@ -1,6 +1,7 @@
 // gradserver: serves grad.v1.GradientService until SIGTERM or SIGINT, then drains and exits 0.
 // Prints "gradserver listening on <host>:<port>" to stderr once it accepts calls (after
-// "gradserver health listening on <host>:<port>" with --health_address). Exit codes:
+// "gradserver health listening on <host>:<port>" with --health_address, and "gradserver metrics
+// listening on <host>:<port>" with --metrics_address). Exit codes:
 // 0 after a shutdown, 2 for invalid options, 1 if the server cannot start.
 
 #include <pthread.h>
@@ -36,6 +37,16 @@ ABSL_FLAG(int, max_message_mb, gradserver::ServerOptions().max_message_mb,
           "Largest request or response message, in MiB (1 to 2047)");
 ABSL_FLAG(int64_t, max_elements, gradserver::ServerOptions().max_elements,
           "Largest tensor, in elements");
+ABSL_FLAG(int64_t, max_memory_mb, gradserver::ServerOptions().max_memory_mb,
+          "Memory budget of the whole process in MiB: calls reserve their requests, buffers and "
+          "unsent responses from it, cached plans count too; 0 = 75% of the cgroup's memory "
+          "limit, else of physical memory");
+ABSL_FLAG(double, memory_wait_seconds,
+          absl::ToDoubleSeconds(gradserver::ServerOptions().memory_wait),
+          "How long a call waits for room in the memory budget before RESOURCE_EXHAUSTED");
+ABSL_FLAG(double, response_drain_timeout_seconds,
+          absl::ToDoubleSeconds(gradserver::ServerOptions().response_drain_timeout),
+          "Cancel a call whose response the client has not read this long after it was ready");
 ABSL_FLAG(double, shutdown_grace_seconds,
           absl::ToDoubleSeconds(gradserver::ServerOptions().shutdown_grace),
           "On SIGTERM/SIGINT, how long in-flight calls may take before they are cancelled");
@@ -52,6 +63,9 @@ ABSL_FLAG(std::string, auth_token_file, "",
 ABSL_FLAG(std::string, health_address, "",
           "Also serve grpc.health.v1 alone, in plaintext, on this host:port (for probes that "
           "cannot speak TLS); empty = no such listener");
+ABSL_FLAG(std::string, metrics_address, gradserver::ServerOptions().metrics_address,
+          "Also serve Prometheus metrics over plain HTTP at GET /metrics on this host:port "
+          "(port 0 picks a free one); empty = no such listener");
 ABSL_FLAG(double, max_connection_age_seconds,
           absl::ToDoubleSeconds(gradserver::ServerOptions().max_connection_age),
           "Ask clients to reconnect (GOAWAY) once a connection is this old, so they rebalance "
@@ -99,13 +113,17 @@ int main(int argc, char** argv) {
   options.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
   options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
   options.max_elements = absl::GetFlag(FLAGS_max_elements);
+  options.max_memory_mb = absl::GetFlag(FLAGS_max_memory_mb);
   for (auto [flag, name, duration] :
        {std::make_tuple(&FLAGS_shutdown_grace_seconds, "shutdown_grace_seconds",
                         &options.shutdown_grace),
         std::make_tuple(&FLAGS_max_connection_age_seconds, "max_connection_age_seconds",
                         &options.max_connection_age),
         std::make_tuple(&FLAGS_max_connection_age_grace_seconds, "max_connection_age_grace_seconds",
-                        &options.max_connection_age_grace)}) {
+                        &options.max_connection_age_grace),
+        std::make_tuple(&FLAGS_memory_wait_seconds, "memory_wait_seconds", &options.memory_wait),
+        std::make_tuple(&FLAGS_response_drain_timeout_seconds, "response_drain_timeout_seconds",
+                        &options.response_drain_timeout)}) {
     const double seconds = absl::GetFlag(*flag);
     if (std::isnan(seconds)) {
       std::fprintf(stderr, "gradserver: --%s=nan is not a duration\n", name);
@@ -119,6 +137,7 @@ int main(int argc, char** argv) {
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
   options.health_address = absl::GetFlag(FLAGS_health_address);
+  options.metrics_address = absl::GetFlag(FLAGS_metrics_address);
   options.shared_memory.allowed = absl::GetFlag(FLAGS_allow_shared_memory);
   options.shared_memory.max_regions = absl::GetFlag(FLAGS_max_shared_memory_regions);
   const int64_t max_shared_mb = absl::GetFlag(FLAGS_max_shared_memory_mb);
@@ -138,7 +157,17 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "gradserver health listening on %s\n",
                  (*server)->health_listening_address().c_str());
   }
+  if (!options.metrics_address.empty()) {
+    std::fprintf(stderr, "gradserver metrics listening on %s\n",
+                 (*server)->metrics_listening_address().c_str());
+  }
   std::fprintf(stderr, "gradserver listening on %s\n", (*server)->listening_address().c_str());
+  if (absl::StatusOr<gradserver::ResolvedMemoryBudget> memory =
+          gradserver::ResolveMemoryBudget(options);
+      memory.ok()) {
+    std::fprintf(stderr, "gradserver: memory budget %lld MiB (%s)\n",
+                 static_cast<long long>(memory->bytes >> 20), memory->source.c_str());
+  }
   if (options.shared_memory.allowed) {
     std::fprintf(stderr, "gradserver: shared memory allowed: up to %d regions, %lld MiB mapped\n",
                  options.shared_memory.max_regions,

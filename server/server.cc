@@ -7,10 +7,12 @@
 #include <grpcpp/impl/server_builder_option.h>
 #include <grpcpp/security/auth_metadata_processor.h>
 #include <grpcpp/security/server_credentials.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -20,6 +22,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
@@ -28,6 +31,9 @@
 #include "server/auth.h"
 #include "server/compute_pool.h"
 #include "server/gradient_service.h"
+#include "server/metrics.h"
+#include "server/metrics_http.h"
+#include "server/server_metrics.h"
 #include "server/shared_memory.h"
 #include "server/status_conversion.h"
 
@@ -40,6 +46,8 @@ namespace {
 
 // gRPC takes message sizes as int; 2047 MiB is the largest whole number of MiB below 2^31.
 constexpr int kMaxMessageMb = 2047;
+// The plan cache may hold this fraction (1/n) of the memory budget.
+constexpr int64_t kPlanCacheShareOfBudget = 4;
 
 // On shutdown, how long the connections stay open after the last call was answered, for its
 // client to read the response (see Impl::Shutdown).
@@ -97,6 +105,15 @@ absl::Status ValidateOptions(const ServerOptions& options) {
     return absl::InvalidArgumentError(absl::StrCat(
         "max_connection_age_grace=", absl::FormatDuration(options.max_connection_age_grace),
         " must be between 0 (unlimited) and ", absl::FormatDuration(kMaxChannelDuration)));
+  }
+  if (options.memory_wait < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("memory_wait=", absl::FormatDuration(options.memory_wait), " must be >= 0"));
+  }
+  if (options.response_drain_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "response_drain_timeout=", absl::FormatDuration(options.response_drain_timeout),
+        " must be positive"));
   }
   if (!options.tls_key_file.empty() && options.tls_cert_file.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -233,16 +250,63 @@ std::string WithPort(const std::string& address, int port) {
   return absl::StrCat(address.substr(0, colon + 1), port);
 }
 
+// The memory the process may use: the cgroup's limit (v2, else v1) if it sets one below the
+// machine's physical memory, else physical memory. `source` says which.
+int64_t MemoryLimit(std::string* source) {
+  const int64_t physical =
+      static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
+  *source = "physical memory";
+  int64_t limit = physical;
+  for (const char* path :
+       {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    std::ifstream file(path);
+    std::string text;
+    if (!(file >> text) || text == "max") continue;
+    int64_t cgroup = 0;
+    if (absl::SimpleAtoi(text, &cgroup) && cgroup > 0 && cgroup < limit) {
+      limit = cgroup;
+      *source = "the cgroup memory limit";
+    }
+    break;
+  }
+  return limit;
+}
+
 }  // namespace
+
+absl::StatusOr<ResolvedMemoryBudget> ResolveMemoryBudget(const ServerOptions& options) {
+  ResolvedMemoryBudget budget;
+  if (options.max_memory_mb < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("max_memory_mb=", options.max_memory_mb,
+                                                   " must be >= 0 (0 = a share of the memory)"));
+  }
+  if (options.max_memory_mb > 0) {
+    if (options.max_memory_mb > (int64_t{1} << 40)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("max_memory_mb=", options.max_memory_mb, " is more than 2^40"));
+    }
+    budget.bytes = options.max_memory_mb << 20;
+    budget.source = absl::StrCat("max_memory_mb=", options.max_memory_mb);
+    return budget;
+  }
+  std::string source;
+  const int64_t limit = MemoryLimit(&source);
+  budget.bytes = static_cast<int64_t>(static_cast<double>(limit) * kDefaultMemoryFraction);
+  budget.source = absl::StrCat(static_cast<int>(kDefaultMemoryFraction * 100), "% of ", source,
+                               " of ", limit >> 20, " MiB");
+  return budget;
+}
 
 class Server::Impl {
  public:
   Impl(const ServerOptions& options, SecurityMaterial security,
-       std::unique_ptr<gradengine::Engine> engine, std::unique_ptr<ComputePool> pool,
-       std::unique_ptr<SharedMemoryRegistry> shared_memory,
-       std::unique_ptr<GradientService> service)
+       std::unique_ptr<gradengine::MemoryBudget> budget, std::unique_ptr<gradengine::Engine> engine,
+       std::unique_ptr<ComputePool> pool, std::unique_ptr<SharedMemoryRegistry> shared_memory,
+       std::unique_ptr<GradientService> service, std::unique_ptr<Metrics> metrics)
       : options_(options),
         security_(std::move(security)),
+        metrics_(std::move(metrics)),
+        budget_(std::move(budget)),
         engine_(std::move(engine)),
         pool_(std::move(pool)),
         shared_memory_(std::move(shared_memory)),
@@ -255,6 +319,12 @@ class Server::Impl {
     grpc::reflection::InitProtoReflectionServerBuilderPlugin();
     if (!options_.health_address.empty()) {
       if (absl::Status status = StartHealthListener(); !status.ok()) return status;
+    }
+    if (!options_.metrics_address.empty()) {
+      absl::StatusOr<std::unique_ptr<MetricsHttpServer>> metrics_http =
+          MetricsHttpServer::Create("metrics_address", options_.metrics_address, metrics_.get());
+      if (!metrics_http.ok()) return metrics_http.status();
+      metrics_http_ = *std::move(metrics_http);
     }
     grpc::ServerBuilder builder;
     builder.AddListeningPort(options_.address, Credentials(), &port_);
@@ -302,6 +372,7 @@ class Server::Impl {
 
   int port() const { return port_; }
   int health_port() const { return health_port_; }
+  int metrics_port() const { return metrics_http_ == nullptr ? 0 : metrics_http_->port(); }
   const ServerOptions& options() const { return options_; }
 
   void Shutdown() ABSL_LOCKS_EXCLUDED(shutdown_mu_) {
@@ -338,6 +409,8 @@ class Server::Impl {
       health_server_->Shutdown(absl::ToChronoTime(absl::Now()));
       health_server_->Wait();
     }
+    // Scrapes saw the drain; the last one may be in progress, and it is answered.
+    if (metrics_http_ != nullptr) metrics_http_->Stop();
     pool_->Stop();
     stopped_.Notify();
   }
@@ -381,8 +454,11 @@ class Server::Impl {
 
   const ServerOptions options_;
   const SecurityMaterial security_;
+  // Destroyed last: the service records into it, and its gauges read the parts below.
+  std::unique_ptr<Metrics> metrics_;
   // Destroyed in reverse order: the gRPC server before the service it calls, the service
-  // before the pool and the engine it borrows.
+  // before the pool and the engine it borrows, everything before the memory budget.
+  std::unique_ptr<gradengine::MemoryBudget> budget_;
   std::unique_ptr<gradengine::Engine> engine_;
   std::unique_ptr<ComputePool> pool_;
   // Unmaps every region left once the service and its calls are gone.
@@ -393,6 +469,8 @@ class Server::Impl {
   grpc::CallbackGenericService health_only_;
   std::unique_ptr<grpc::Server> health_server_;
   int health_port_ = 0;
+  // Stopped (in Shutdown) before anything its gauges read is destroyed.
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
 
   absl::Mutex shutdown_mu_;
   absl::Notification stopped_;
@@ -403,10 +481,22 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   absl::StatusOr<SecurityMaterial> security = LoadSecurityMaterial(options);
   if (!security.ok()) return security.status();
 
+  absl::StatusOr<ResolvedMemoryBudget> memory = ResolveMemoryBudget(options);
+  if (!memory.ok()) return memory.status();
+  gradengine::MemoryBudgetOptions budget_options;
+  budget_options.limit_bytes = memory->bytes;
+  budget_options.max_wait = options.memory_wait;
+  budget_options.limit_name = absl::StrCat("memory budget (", memory->source, ")");
+  absl::StatusOr<std::unique_ptr<gradengine::MemoryBudget>> budget =
+      gradengine::MemoryBudget::Create(budget_options);
+  if (!budget.ok()) return budget.status();
+
   gradengine::EngineOptions engine_options;
   engine_options.threads_per_call = options.threads_per_request;
   engine_options.max_elements = options.max_elements;
   engine_options.max_workspace_bytes = options.max_workspace_bytes;
+  engine_options.memory_budget = budget->get();
+  engine_options.max_plan_cache_bytes = memory->bytes / kPlanCacheShareOfBudget;
   absl::StatusOr<std::unique_ptr<gradengine::Engine>> engine =
       gradengine::Engine::Create(engine_options);
   if (!engine.ok()) return engine.status();
@@ -428,20 +518,41 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   service_options.max_concurrent_requests = pool_options.threads;
   service_options.max_queued_requests = pool_options.max_queued;
   service_options.max_workspace_bytes = options.max_workspace_bytes;
+  service_options.memory_budget = budget->get();
+  service_options.max_plan_cache_bytes = engine_options.max_plan_cache_bytes;
+  service_options.response_drain_timeout = options.response_drain_timeout;
   service_options.log_requests = options.log_requests;
   service_options.log_sink = options.request_log_sink;
   service_options.bearer_tokens = security->bearer_tokens;
   service_options.tls = security->tls();
   service_options.client_certificates_required = !security->client_ca.empty();
+  auto metrics = std::make_unique<Metrics>();
+  service_options.metrics = metrics.get();
   absl::StatusOr<std::unique_ptr<SharedMemoryRegistry>> shared_memory =
       SharedMemoryRegistry::Create(options.shared_memory);
   if (!shared_memory.ok()) return shared_memory.status();
   auto service = std::make_unique<GradientService>(service_options, engine->get(), pool->get(),
                                                    shared_memory->get());
+  ServerMetricSources metric_sources;
+  metric_sources.engine = engine->get();
+  metric_sources.pool = pool->get();
+  metric_sources.shared_memory = shared_memory->get();
+  metric_sources.memory_budget = budget->get();
+  metric_sources.max_plan_cache_bytes = engine_options.max_plan_cache_bytes;
+  metric_sources.responses_cancelled_undrained = [service = service.get()] {
+    return service->responses_cancelled_undrained();
+  };
+  metric_sources.calls_in_progress = [service = service.get()] {
+    return service->calls_in_progress();
+  };
+  metric_sources.server_version = GRADSERVER_VERSION;
+  metric_sources.compute_threads = pool_options.threads;
+  metric_sources.max_queued_requests = pool_options.max_queued;
+  AddServerMetrics(metrics.get(), metric_sources);
 
-  auto impl =
-      std::make_unique<Impl>(options, *std::move(security), *std::move(engine), *std::move(pool),
-                             *std::move(shared_memory), std::move(service));
+  auto impl = std::make_unique<Impl>(
+      options, *std::move(security), *std::move(budget), *std::move(engine), *std::move(pool),
+      *std::move(shared_memory), std::move(service), std::move(metrics));
   if (absl::Status status = impl->Start(); !status.ok()) return status;
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
@@ -460,6 +571,13 @@ int Server::health_port() const { return impl_->health_port(); }
 std::string Server::health_listening_address() const {
   if (impl_->options().health_address.empty()) return "";
   return WithPort(impl_->options().health_address, impl_->health_port());
+}
+
+int Server::metrics_port() const { return impl_->metrics_port(); }
+
+std::string Server::metrics_listening_address() const {
+  if (impl_->options().metrics_address.empty()) return "";
+  return WithPort(impl_->options().metrics_address, impl_->metrics_port());
 }
 
 void Server::Shutdown() { impl_->Shutdown(); }

@@ -3,7 +3,7 @@
 // A Server owns an Engine, a fixed pool of compute threads and a gRPC server with the
 // grad.v1.GradientService, the standard grpc.health.v1 health service and server reflection,
 // optionally behind TLS, client certificates and bearer tokens, plus optionally a plaintext
-// listener for health probes only.
+// listener for health probes only and a plaintext HTTP listener for Prometheus metrics.
 // gRPC's own threads only parse, decode and queue requests; every Forward and ComputeGradients
 // runs on a compute thread, which also encodes its result. At most `max_concurrent_requests` calls
 // compute at once, at most `max_queued_requests` more wait for a slot, and a call beyond that is
@@ -28,6 +28,10 @@
 
 namespace gradserver {
 
+// The share of the memory limit (cgroup or physical) that max_memory_mb = 0 budgets: the rest
+// is for what the budget does not count (the program, threads, gRPC's buffers, small objects).
+inline constexpr double kDefaultMemoryFraction = 0.75;
+
 struct ServerOptions {
   // Where to listen. A port of 0 picks a free one; see Server::port(). Default: all
   // interfaces, port 50051.
@@ -46,6 +50,17 @@ struct ServerOptions {
   int64_t max_elements = int64_t{1} << 30;
   // Largest intermediate memory of one call (the engine's limit). Default: 8 GiB.
   int64_t max_workspace_bytes = int64_t{8} << 30;
+  // The memory budget of the whole process, in MiB: every call reserves what it will hold
+  // (its decoded request, its intermediate buffers, its results until they are sent) before
+  // it allocates, and cached plans count too (gradengine/memory_budget.h). A call that does not
+  // fit waits up to `memory_wait`; one that could never fit fails at once with
+  // RESOURCE_EXHAUSTED. Default: 0 = kDefaultMemoryFraction of the cgroup's memory limit when
+  // there is one, else of the machine's physical memory.
+  int64_t max_memory_mb = 0;
+  absl::Duration memory_wait = absl::Seconds(10);
+  // A response the client has not read this long after it was ready is cancelled, and its
+  // memory given back. Default: 30 s.
+  absl::Duration response_drain_timeout = absl::Seconds(30);
   // On Shutdown, how long in-flight calls may take to finish before they are cancelled.
   // Default: 30 s.
   absl::Duration shutdown_grace = absl::Seconds(30);
@@ -78,6 +93,11 @@ struct ServerOptions {
   // such as Kubernetes' gRPC probes. A port of 0 picks a free one; see health_port(). Default:
   // empty (none).
   std::string health_address;
+  // An address, always plaintext HTTP, that serves Prometheus' text format at GET /metrics
+  // (server/server_metrics.h lists the metrics) and 404 elsewhere: "HOST:PORT", a port of 0
+  // picks a free one; see metrics_port(). Scrapes keep working while Shutdown drains. Default:
+  // empty (none).
+  std::string metrics_address;
 
   // Connections are asked to close (HTTP/2 GOAWAY) once they are this old, give or take 10%;
   // clients reconnect for their next call, which lets a load balancer spread long-lived clients
@@ -92,12 +112,20 @@ struct ServerOptions {
   SharedMemoryOptions shared_memory;
 };
 
+// The memory budget `options` give, in bytes, and where it comes from ("max_memory_mb=512",
+// "75% of the cgroup memory limit of 4096 MiB"). InvalidArgument if max_memory_mb < 0.
+struct ResolvedMemoryBudget {
+  int64_t bytes = 0;
+  std::string source;
+};
+absl::StatusOr<ResolvedMemoryBudget> ResolveMemoryBudget(const ServerOptions& options);
+
 class Server {
  public:
   // Builds the engine, binds the address(es) and starts serving. Errors: InvalidArgument for
   // option values out of range and for TLS or token files that cannot be read or are incomplete
-  // (naming the option and the value), Unavailable if an address cannot be bound or gRPC rejects
-  // the certificate or key.
+  // (naming the option and the value) and for a metrics_address that is not HOST:PORT,
+  // Unavailable if an address cannot be bound or gRPC rejects the certificate or key.
   static absl::StatusOr<std::unique_ptr<Server>> Create(const ServerOptions& options);
 
   Server(const Server&) = delete;
@@ -115,14 +143,19 @@ class Server {
   int health_port() const;
   std::string health_listening_address() const;
 
+  // The metrics listener's port, and `options.metrics_address` with it; 0 and empty without one.
+  int metrics_port() const;
+  std::string metrics_listening_address() const;
+
   // Graceful stop: health turns NOT_SERVING (on the health listener too) and new calls are
   // refused with UNAVAILABLE; calls in progress (computing or queued) get up to
   // `options.shutdown_grace` to be answered, and past it are cancelled. Once they are answered the
   // connections stay open a moment (0.5 s) for clients to read the last responses, then clients
   // are asked to close them (GOAWAY) and those still open after at most a second more are closed,
-  // along with any health Watch streams; the health listener stops last. Returns when the server
-  // has stopped. Idempotent; a concurrent second call returns once the first has finished. Must
-  // not be called from a handler.
+  // along with any health Watch streams; the health listener stops next, and the metrics listener
+  // last (so scrapes see the drain to its end). Returns when the server has stopped. Idempotent;
+  // a concurrent second call returns once the first has finished. Must not be called from a
+  // handler.
   void Shutdown();
 
   // Blocks until Shutdown() has completed.

@@ -428,4 +428,9 @@ std::shared_ptr<SharedMemoryRegistry::Region> SharedMemoryRegistry::Find(
   return it == regions_.end() ? nullptr : it->second;
 }
 
+int SharedMemoryRegistry::regions() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int>(regions_.size());
+}
+
 }  // namespace gradserver

@@ -105,6 +105,12 @@ class SharedMemoryRegistry {
   // destroyed.
   std::unique_ptr<gradwire::SharedMemoryResolver> NewCallResolver(const std::string& owner);
 
+  // For metrics: the regions registered now, over every owner, and the bytes mapped now,
+  // counted against max_mapped_bytes (registrations in progress, and regions unregistered
+  // while a call still uses them, included).
+  int regions() const ABSL_LOCKS_EXCLUDED(mu_);
+  int64_t mapped_bytes() const { return mapped_bytes_->load(std::memory_order_relaxed); }
+
   class Region;
 
  private:

@@ -56,7 +56,21 @@ void PrintInfoJson(const std::string& server, const gradclient::ServerInfo& info
             << ",\"max_elements\":" << info.max_elements
             << ",\"max_workspace_bytes\":" << info.max_workspace_bytes
             << ",\"max_concurrent_requests\":" << info.max_concurrent_requests
-            << ",\"max_queued_requests\":" << info.max_queued_requests << "}"
+            << ",\"max_queued_requests\":" << info.max_queued_requests
+            << ",\"max_layers\":" << info.max_layers
+            << ",\"max_parameters\":" << info.max_parameters
+            << ",\"max_name_bytes\":" << info.max_name_bytes
+            << ",\"max_network_bytes\":" << info.max_network_bytes
+            << ",\"response_drain_timeout_s\":"
+            << JsonNumber(absl::ToDoubleSeconds(info.response_drain_timeout)) << "}"
+            << ",\"memory\":{\"limit_bytes\":" << info.memory_limit_bytes
+            << ",\"reserved_bytes\":" << info.memory_reserved_bytes
+            << ",\"cached_bytes\":" << info.memory_cached_bytes
+            << ",\"peak_bytes\":" << info.memory_peak_bytes
+            << ",\"plan_cache_bytes\":" << info.plan_cache_bytes
+            << ",\"max_plan_cache_bytes\":" << info.max_plan_cache_bytes
+            << ",\"reservations_refused\":" << info.memory_reservations_refused
+            << ",\"responses_cancelled_undrained\":" << info.responses_cancelled_undrained << "}"
             << ",\"layers\":" << JsonStrings(info.layers)
             << ",\"activations\":" << JsonStrings(info.activations)
             << ",\"objectives\":" << JsonStrings(info.objectives)
@@ -85,6 +99,17 @@ void PrintInfoText(const std::string& server, const gradclient::ServerInfo& info
   line("limits",
        absl::StrCat("messages ", Bytes(info.max_message_bytes), ", tensors ", info.max_elements,
                     " elements, workspace ", Bytes(info.max_workspace_bytes), " per call"));
+  line("network", absl::StrCat("up to ", info.max_layers, " layers, ", info.max_parameters,
+                               " parameters, names of ", info.max_name_bytes, " bytes, ",
+                               Bytes(info.max_network_bytes), " of spec"));
+  line("memory",
+       absl::StrCat(
+           "budget ", Bytes(info.memory_limit_bytes), ": ", Bytes(info.memory_reserved_bytes),
+           " reserved, ", Bytes(info.memory_cached_bytes), " cached (plans ",
+           Bytes(info.plan_cache_bytes), " of ", Bytes(info.max_plan_cache_bytes), "), peak ",
+           Bytes(info.memory_peak_bytes), "; ", info.memory_reservations_refused, " refused, ",
+           info.responses_cancelled_undrained, " unread responses cancelled after ",
+           absl::FormatDuration(info.response_drain_timeout)));
   line("layers", absl::StrJoin(info.layers, ", "));
   line("activations", absl::StrJoin(info.activations, ", "));
   line("objectives", absl::StrJoin(info.objectives, ", "));

@@ -333,11 +333,16 @@ TEST_F(GradctlTest, HealthAndInfo) {
   EXPECT_THAT(info.out, HasSubstr("oneDNN"));
   EXPECT_THAT(info.out, HasSubstr("objectives    mse, sum, grad_output"));
   EXPECT_THAT(info.out, HasSubstr("messages 1 GiB"));
+  EXPECT_THAT(info.out, HasSubstr("network       up to 1024 layers, 2048 parameters, names of 256 "
+                                  "bytes, 1 MiB of spec"));
+  EXPECT_THAT(info.out, HasSubstr("memory        budget "));
 
   const GradctlRun json = Gradctl({"info", ServerFlag(), "--json"});
   ASSERT_EQ(json.exit_code, 0) << json;
   EXPECT_THAT(json.out, HasSubstr("\"objectives\":[\"mse\",\"sum\",\"grad_output\"]"));
   EXPECT_THAT(json.out, HasSubstr("\"max_message_bytes\":1073741824"));
+  EXPECT_THAT(json.out, HasSubstr("\"max_layers\":1024,\"max_parameters\":2048"));
+  EXPECT_THAT(json.out, HasSubstr("\"memory\":{\"limit_bytes\":"));
   EXPECT_EQ(std::count(json.out.begin(), json.out.end(), '\n'), 1);
 }
 

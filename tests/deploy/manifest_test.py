@@ -5,8 +5,9 @@ Not only that the manifests agree with each other (selectors, ports, HPA and PDB
 agree with the binary: every flag they pass is one `gradserver --helpfull` lists, and gradserver
 started with the Deployment's and the Compose file's own arguments (rewritten only for this
 host: loopback addresses and free ports, secret mounts replaced by files made here) starts,
-answers SERVING on the plaintext health port through `gradctl health`, enforces the TLS and the
-token the Deployment configures, and after SIGTERM exits 0 within the time the manifests give it.
+answers SERVING on the plaintext health port through `gradctl health`, serves Prometheus
+metrics where the pod annotations say, enforces the TLS and the token the Deployment
+configures, and after SIGTERM exits 0 within the time the manifests give it.
 
     /usr/bin/python3 tests/deploy/manifest_test.py --gradserver=BUILD/server/gradserver \\
         --gradctl=BUILD/client/gradctl [--root=REPO] [unittest arguments]
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.request
 
 import yaml
 
@@ -54,6 +56,8 @@ REQUIRED_OBJECTS = [
     ("PodDisruptionBudget", "gradserver"),
 ]
 CONTAINER = "gradserver"
+# What gradserver's /metrics answers (server/metrics_http.h).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +176,27 @@ def cpu_cores(quantity, where):
         raise AssertionError(f"{where}: {quantity!r} is not a CPU quantity")
 
 
+# What gradserver's memory budget does not count, beyond one request still arriving: the
+# program, its libraries and threads, oneDNN's kernels, plans being compiled (README, "Memory").
+UNBUDGETED_BYTES = 512 << 20
+
+
+def check_memory_budget_fits(test, flags, limit_bytes, where):
+    """--max_memory_mb is set, and it plus one max_message_mb request plus UNBUDGETED_BYTES fit
+    the container's memory limit, so that the budget is reached before the kernel's OOM killer."""
+    test.assertIsNotNone(flags.get("max_memory_mb"),
+                         f"{where}: set --max_memory_mb (the default is a share of the machine's "
+                         "or cgroup's memory, which may not be the container's limit)")
+    limit_bytes = int(limit_bytes)
+    budget = int(flags["max_memory_mb"]) << 20
+    message = int(flags.get("max_message_mb") or 1024) << 20
+    test.assertGreater(budget, 0, f"{where}: --max_memory_mb must be positive")
+    test.assertLessEqual(budget + message + UNBUDGETED_BYTES, limit_bytes,
+                         f"{where}: --max_memory_mb={budget >> 20} + --max_message_mb="
+                         f"{message >> 20} + {UNBUDGETED_BYTES >> 20} MiB unbudgeted exceed the "
+                         f"memory limit of {limit_bytes >> 20} MiB")
+
+
 def memory_bytes(quantity, where):
     units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
              "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -179,6 +204,14 @@ def memory_bytes(quantity, where):
     if not m or (m.group(2) and m.group(2) not in units):
         raise AssertionError(f"{where}: {quantity!r} is not a memory quantity")
     return float(m.group(1)) * units.get(m.group(2), 1)
+
+
+def compose_memory_bytes(value, where):
+    """A Compose byte value ("2g", "512m", "1024k", "1073741824"): units are powers of 1024."""
+    m = re.fullmatch(r"([0-9]+)([bkmg]?)", str(value).lower())
+    if not m:
+        raise AssertionError(f"{where}: {value!r} is not a byte value such as 2g or 512m")
+    return int(m.group(1)) * {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[m.group(2)]
 
 
 def compose_seconds(value, where):
@@ -288,6 +321,12 @@ class RunningServer:
             self.proc.wait()
             self.reader.join(timeout=2)
             self.proc.stderr.close()
+
+
+def scrape_metrics(port, path):
+    """(status, Content-Type, body) of GET http://127.0.0.1:PORT/PATH."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return response.status, response.headers.get("Content-Type"), response.read().decode()
 
 
 def gradctl(*args, timeout=30):
@@ -452,11 +491,41 @@ class KubernetesManifestTest(unittest.TestCase):
         self.assertEqual(regular.get("spec.type", "ClusterIP"), "ClusterIP",
                          regular.where("spec.type"))
 
+    def test_metrics_port_flag_and_annotations_agree(self):
+        where = self.deployment.where(self.cfield)
+        self.assertIn("metrics", self.ports, f"{where}.ports: no port named metrics")
+        self.assertIn("metrics_address", self.flags, f"{where}.args: no --metrics_address")
+        host, port = split_host_port(self.flags["metrics_address"],
+                                     f"{where}.args --metrics_address")
+        self.assertEqual(port, self.ports["metrics"],
+                         f"{where}.args: --metrics_address port {port} is not containerPort "
+                         f"metrics ({self.ports['metrics']})")
+        self.assertIn(host, ("0.0.0.0", "[::]", "::"),
+                      f"{where}.args: --metrics_address must listen on all interfaces: "
+                      "Prometheus scrapes the pod IP")
+        field = "spec.template.metadata.annotations"
+        annotations = self.deployment.get(field, {})
+        # Annotation values are strings; a YAML true or 9100 would be rejected by the API server.
+        self.assertEqual(annotations.get("prometheus.io/scrape"), "true",
+                         self.deployment.where(field + ".prometheus.io/scrape"))
+        self.assertEqual(annotations.get("prometheus.io/port"), str(port),
+                         self.deployment.where(field + ".prometheus.io/port") +
+                         f": must be the --metrics_address port \"{port}\"")
+        self.assertEqual(annotations.get("prometheus.io/path"), "/metrics",
+                         self.deployment.where(field + ".prometheus.io/path"))
+        for doc in self.docs:
+            if doc.kind != "Service":
+                continue
+            for i, p in enumerate(doc.get("spec.ports")):
+                self.assertNotIn(p.get("targetPort"), ("metrics", port),
+                                 f"{doc.where(f'spec.ports[{i}]')}: scrapes go to each pod, not "
+                                 "through a Service, which picks a pod per connection")
+
     def test_every_flag_is_one_gradserver_accepts(self):
         where = self.deployment.where(self.cfield + ".args")
         check_flags_accepted(self, self.flags, where)
         # What the rest of the manifests rely on.
-        for name in ("address", "health_address", "shutdown_grace_seconds",
+        for name in ("address", "health_address", "metrics_address", "shutdown_grace_seconds",
                      "max_connection_age_seconds", "threads_per_request"):
             self.assertIsNotNone(self.flags.get(name), f"{where}: --{name} is not set")
 
@@ -488,6 +557,13 @@ class KubernetesManifestTest(unittest.TestCase):
         self.assertGreaterEqual(threads * concurrent, cpu_request,
                                 f"{args}: {threads * concurrent} compute threads leave part of "
                                 f"requests.cpu={cpu_request:g} unused")
+
+    def test_memory_budget_fits_the_memory_limit(self):
+        resources = self.container.get("resources", {})
+        limit = memory_bytes(resources["limits"]["memory"],
+                             self.deployment.where(self.cfield + ".resources.limits.memory"))
+        check_memory_budget_fits(self, self.flags, limit,
+                                 self.deployment.where(self.cfield + ".args"))
 
     def test_security_context(self):
         pod = self.deployment.get("spec.template.spec.securityContext", {})
@@ -658,8 +734,9 @@ class KubernetesManifestTest(unittest.TestCase):
         """Starts gradserver with the Deployment's own args, rewritten only for this host."""
         health_port_manifest = split_host_port(self.flags["health_address"], "--health_address")[1]
         mounts = secret_mounts(self.deployment, self.container)
-        port, health_port = free_port(), free_port()
+        port, health_port, metrics_port = free_port(), free_port(), free_port()
         grace_period = self.deployment.get("spec.template.spec.terminationGracePeriodSeconds")
+        annotations = self.deployment.get("spec.template.metadata.annotations", {})
         with tempfile.TemporaryDirectory() as tmp:
             files = make_secret_files(tmp)
             args = []
@@ -669,6 +746,8 @@ class KubernetesManifestTest(unittest.TestCase):
                     arg = f"--address=127.0.0.1:{port}"
                 elif name == "health_address":
                     arg = f"--health_address=127.0.0.1:{health_port}"
+                elif name == "metrics_address":
+                    arg = f"--metrics_address=127.0.0.1:{metrics_port}"
                 elif os.path.dirname(value) in mounts:
                     key = mounts[os.path.dirname(value)].get(os.path.basename(value))
                     self.assertIsNotNone(key, f"{self.deployment.where(self.cfield + '.args')}: "
@@ -689,6 +768,14 @@ class KubernetesManifestTest(unittest.TestCase):
                 log = "\n".join(server.lines)
                 self.assertIn(f"gradserver listening on 127.0.0.1:{port}", log)
                 self.assertIn(f"gradserver health listening on 127.0.0.1:{health_port}", log)
+                self.assertIn(f"gradserver metrics listening on 127.0.0.1:{metrics_port}", log)
+
+                # Metrics where the annotations send Prometheus, in plaintext, without a token.
+                path = annotations.get("prometheus.io/path", "/metrics")
+                status, content_type, body = scrape_metrics(metrics_port, path)
+                self.assertEqual((status, content_type), (200, METRICS_CONTENT_TYPE),
+                                 f"GET {path} on the metrics port")
+                self.assertIn("# TYPE gradserver_requests_total counter", body)
 
                 code, out = gradctl("health", f"--server=127.0.0.1:{health_port}", "--timeout=10s")
                 self.assertEqual((code, out.splitlines()[0] if out else ""), (0, "SERVING"),
@@ -778,7 +865,8 @@ class ComposeTest(unittest.TestCase):
     def test_services_are_consistent_with_gradserver(self):
         self.assertGreaterEqual(len(self.services), 2, "deploy/docker-compose.yml: services: "
                                                        "fewer than two replicas")
-        host_ports = []
+        host_ports = []  # every published (host IP, port)
+        grpc_host_ports = []  # those of --address
         for name, service in self.services.items():
             self.assertRegex(service.get("image", ""), r"(^|/)gradserver(:[\w.-]+)?$",
                              self.where(name, "image"))
@@ -787,13 +875,29 @@ class ComposeTest(unittest.TestCase):
             _, port = split_host_port(flags.get("address"), self.where(name, "command --address"))
             _, health_port = split_host_port(flags.get("health_address"),
                                              self.where(name, "command --health_address"))
+            metrics_port = None
+            if flags.get("metrics_address") is not None:
+                _, metrics_port = split_host_port(flags["metrics_address"],
+                                                  self.where(name, "command --metrics_address"))
             ports = service.get("ports") or []
             self.assertTrue(ports, self.where(name, "ports") + " is empty")
+            published = []
             for p in ports:
                 parts = str(p).split(":")
-                self.assertEqual(int(parts[-1]), port, f"{self.where(name, 'ports')}: {p} does "
-                                                       f"not publish the --address port {port}")
-                host_ports.append((parts[0] if len(parts) == 3 else "0.0.0.0", int(parts[-2])))
+                self.assertIn(int(parts[-1]), (port, metrics_port),
+                              f"{self.where(name, 'ports')}: {p} publishes neither the --address "
+                              f"port {port} nor the --metrics_address port {metrics_port}")
+                host_port = (parts[0] if len(parts) == 3 else "0.0.0.0", int(parts[-2]))
+                host_ports.append(host_port)
+                published.append(int(parts[-1]))
+                if int(parts[-1]) == port:
+                    grpc_host_ports.append(host_port)
+            self.assertEqual(published.count(port), 1,
+                             f"{self.where(name, 'ports')}: publish the --address port once")
+            if metrics_port is not None:
+                self.assertEqual(published.count(metrics_port), 1,
+                                 f"{self.where(name, 'ports')}: publish the --metrics_address "
+                                 f"port {metrics_port} once, for scrapers on the host")
 
             test = service.get("healthcheck", {}).get("test")
             self.assertIsInstance(test, list, self.where(name, "healthcheck.test"))
@@ -826,6 +930,12 @@ class ComposeTest(unittest.TestCase):
             self.assertRegex(str(service.get("user", "")), r"^10001(:|$)", self.where(name, "user"))
             self.assertIn("ALL", service.get("cap_drop", []), self.where(name, "cap_drop"))
 
+            self.assertIn("mem_limit", service, self.where(name, "mem_limit"))
+            check_memory_budget_fits(self, flags,
+                                     compose_memory_bytes(service["mem_limit"],
+                                                          self.where(name, "mem_limit")),
+                                     self.where(name, "command"))
+
             threads = int(flags.get("threads_per_request") or 0)
             concurrent = int(flags.get("max_concurrent_requests") or 0)
             self.assertGreaterEqual(threads * concurrent, 1,
@@ -838,19 +948,21 @@ class ComposeTest(unittest.TestCase):
 
         self.assertEqual(len(host_ports), len(set(host_ports)),
                          f"deploy/docker-compose.yml: a host port is published twice: {host_ports}")
-        target = "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in host_ports)
+        target = "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in grpc_host_ports)
         self.assertTrue(target in self.text, "deploy/docker-compose.yml: the comment should show "
                                              f"the client target for these ports, {target}")
 
     def test_gradserver_runs_with_a_compose_command(self):
         name, service = next(iter(self.services.items()))
-        port, health_port = free_port(), free_port()
+        port, health_port, metrics_port = free_port(), free_port(), free_port()
         args = []
         for arg in service["command"]:
             if arg.startswith("--address="):
                 arg = f"--address=127.0.0.1:{port}"
             elif arg.startswith("--health_address="):
                 arg = f"--health_address=127.0.0.1:{health_port}"
+            elif arg.startswith("--metrics_address="):
+                arg = f"--metrics_address=127.0.0.1:{metrics_port}"
             args.append(arg)
         server = RunningServer(args)
         try:
@@ -866,6 +978,10 @@ class ComposeTest(unittest.TestCase):
             code, out = gradctl("health", *check)
             self.assertEqual(code, 0, f"{self.where(name, 'healthcheck.test')}: {out}\n"
                                       f"server stderr:\n{server.log()}")
+            if any(arg.startswith("--metrics_address=") for arg in args):
+                status, content_type, _ = scrape_metrics(metrics_port, "/metrics")
+                self.assertEqual((status, content_type), (200, METRICS_CONTENT_TYPE),
+                                 f"{self.where(name, 'command')}: GET /metrics")
             stop = compose_seconds(service["stop_grace_period"],
                                    self.where(name, "stop_grace_period"))
             code, elapsed = server.stop(timeout=stop)

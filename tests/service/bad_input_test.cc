@@ -267,7 +267,54 @@ std::vector<BadInput> BadInputs() {
       {"request_id too long", [](auto* r) { r->set_request_id(std::string(129, 'x')); },
        StatusCode::INVALID_ARGUMENT, "request_id has 129 bytes; at most 128 are allowed"},
       {"request_id not UTF-8", [](auto* r) { r->set_request_id("bad\xff\xfe"); },
-       StatusCode::INVALID_ARGUMENT, "request is not a valid grad.v1.ComputeGradientsRequest"},
+       StatusCode::INVALID_ARGUMENT, "request_id is not valid UTF-8"},
+      {"layer name not UTF-8",
+       [](auto* r) { r->mutable_network()->mutable_layers(1)->set_name("act\xc0\xaf"); },
+       StatusCode::INVALID_ARGUMENT, "network.layers[1].name is not valid UTF-8"},
+      {"parameter name not UTF-8",
+       [](auto* r) { r->mutable_parameters(0)->set_name("\xed\xa0\x80.weight"); },
+       StatusCode::INVALID_ARGUMENT, "parameters[0].name is not valid UTF-8"},
+      // Bounds on the network (GetInfo's limits), and bounded quoting of what a client sent.
+      {"layer name too long",
+       [](auto* r) { r->mutable_network()->mutable_layers(0)->set_name(std::string(257, 'n')); },
+       StatusCode::INVALID_ARGUMENT, "\"... has 257 bytes; at most 256 are allowed"},
+      {"parameter name too long",
+       [](auto* r) { r->mutable_parameters(0)->set_name(std::string(1 << 20, 'p')); },
+       StatusCode::INVALID_ARGUMENT, "has 1048576 bytes; at most 256 are allowed"},
+      {"too many layers",
+       [](auto* r) {
+         for (int i = 0; i < 1100; ++i) {
+           grad::v1::Layer* layer = r->mutable_network()->add_layers();
+           layer->set_name(absl::StrCat("extra", i));
+           layer->mutable_activation()->set_kind(grad::v1::RELU);
+         }
+       },
+       StatusCode::RESOURCE_EXHAUSTED, "layers has 1104 entries; at most 1024 are allowed"},
+      {"too many parameters",
+       [](auto* r) {
+         for (int i = 0; i < 2100; ++i) r->add_parameters()->set_name(absl::StrCat("p", i));
+       },
+       StatusCode::RESOURCE_EXHAUSTED, "parameters has 2103 entries; at most 2048 are allowed"},
+      {"network spec too big",
+       [](auto* r) {
+         // Fields this server does not know are skipped, but they count.
+         for (int i = 0; i < 1000; ++i) {
+           grad::v1::Layer* layer = r->mutable_network()->add_layers();
+           layer->set_name(absl::StrCat("pad", i));
+           layer->mutable_activation()->set_kind(grad::v1::RELU);
+           for (int k = 0; k < 600; ++k) {
+             grad::v1::Activation* activation = layer->mutable_activation();
+             activation->GetReflection()->MutableUnknownFields(activation)->AddVarint(15, 1);
+           }
+         }
+       },
+       StatusCode::RESOURCE_EXHAUSTED, "network has "},
+      {"duplicate 200 KB layer names quoted by a prefix",
+       [](auto* r) {
+         r->mutable_network()->mutable_layers(0)->set_name(std::string(200000, 'd'));
+         r->mutable_network()->mutable_layers(1)->set_name(std::string(200000, 'd'));
+       },
+       StatusCode::INVALID_ARGUMENT, "has 200000 bytes; at most 256"},
   };
 }
 
@@ -309,6 +356,8 @@ TEST_F(BadInputTest, EachKindGetsItsCodeAndNamesTheField) {
     grpc::Status status = server_->stub->ComputeGradients(&context, request, &response);
     EXPECT_EQ(status.error_code(), bad.code) << status.error_message();
     EXPECT_THAT(status.error_message(), HasSubstr(bad.message));
+    // Whatever the client sent, the message quotes a bounded prefix of it.
+    EXPECT_LT(status.error_message().size(), 1024u);
     ExpectStillServes(server_);
   }
 }
@@ -340,6 +389,8 @@ TEST_F(BadInputTest, ForwardChecksItsRequestsToo) {
     grpc::Status status = server_->stub->Forward(&context, request, &response);
     EXPECT_EQ(status.error_code(), bad.code) << status.error_message();
     EXPECT_THAT(status.error_message(), HasSubstr(bad.message));
+    // Whatever the client sent, the message quotes a bounded prefix of it.
+    EXPECT_LT(status.error_message().size(), 1024u);
     ExpectStillServes(server_);
   }
 }

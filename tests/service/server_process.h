@@ -45,6 +45,9 @@ class ServerProcess {
 
   void Signal(int signal_number);
 
+  // The process's id; 0 before Start.
+  pid_t pid() const { return pid_; }
+
   // Everything written to stderr so far (all of it, once the process has exited).
   std::string Stderr();
 

@@ -171,6 +171,21 @@ struct ServerInfo {
   int64_t max_workspace_bytes = 0;
   int max_concurrent_requests = 0;
   int max_queued_requests = 0;
+  // Bounds on a network (beyond them RESOURCE_EXHAUSTED, or INVALID_ARGUMENT for a name).
+  int64_t max_layers = 0;
+  int64_t max_parameters = 0;
+  int64_t max_name_bytes = 0;
+  int64_t max_network_bytes = 0;
+  // The server's memory budget (grad.v1.MemoryStatus), as of the call.
+  int64_t memory_limit_bytes = 0;
+  int64_t memory_reserved_bytes = 0;
+  int64_t memory_cached_bytes = 0;
+  int64_t memory_peak_bytes = 0;
+  int64_t plan_cache_bytes = 0;
+  int64_t max_plan_cache_bytes = 0;
+  int64_t memory_reservations_refused = 0;
+  int64_t responses_cancelled_undrained = 0;
+  absl::Duration response_drain_timeout;
   std::vector<std::string> layers;       // "conv2d", "activation"
   std::vector<std::string> activations;  // "relu", "leaky_relu", ...
   std::vector<std::string> objectives;   // "mse", "sum", "grad_output"
