@@ -317,6 +317,7 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
     const dnnl::engine& cpu, const NetworkSpec& network, const ValidatedNetwork& validated,
     const std::vector<int64_t>& input_shape, const PlanNeeds& needs, const EngineOptions& options) {
   std::unique_ptr<Plan> plan(new Plan());
+  plan->budget_ = options.memory_budget;
   plan->cpu_ = cpu;
   plan->threads_ = ThreadsFor(network, validated, needs, options.threads_per_call);
   // oneDNN sizes its kernels' work split for the thread count in force at creation.
@@ -633,7 +634,6 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
       }
     }
   }
-  plan->budget_ = options.memory_budget;
   plan->workspace_bytes_ = static_cast<int64_t>(workspace_bytes);
   plan->structure_bytes_ =
       static_cast<int64_t>(plan->forward_ops_.size() + plan->backward_ops_.size()) *
@@ -644,7 +644,8 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
 
 Plan::~Plan() {
   absl::MutexLock lock(&pool_mu_);
-  budget_->Uncache(static_cast<int64_t>(pool_.size()) * workspace_bytes_);
+  // A plan that failed to compile has no pool.
+  if (!pool_.empty()) budget_->Uncache(static_cast<int64_t>(pool_.size()) * workspace_bytes_);
 }
 
 Plan::WorkspaceLease::WorkspaceLease() = default;

@@ -44,6 +44,15 @@ namespace {
 using ::testing::HasSubstr;
 
 constexpr int64_t kBudgetMb = 512;
+// Under AddressSanitizer (this build's server binary is built the same way) freed memory sits
+// in ASan's quarantine, every allocation has redzones and an eighth more of shadow memory,
+// and malloc_trim does nothing: resident memory says nothing about the budget there, so only
+// the release build checks it. Every other expectation holds in both.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kCheckResidentMemory = false;
+#else
+constexpr bool kCheckResidentMemory = true;
+#endif
 // What the process holds beyond the budget: the binary and its libraries, oneDNN's kernels,
 // gRPC's buffers and threads, plans being compiled. Measured idle: about 40 MiB.
 constexpr int64_t kSlackMb = 160;
@@ -111,6 +120,7 @@ class MemoryBudgetTest : public ::testing::Test {
   }
 
   void ExpectResidentWithinBudget(const std::string& when) {
+    if (!kCheckResidentMemory) return;
     const int64_t peak = ResidentMb(pid(), "VmHWM:");
     ASSERT_GT(peak, 0);
     std::cout << when << ": resident " << ResidentMb(pid()) << " MiB, peak " << peak
@@ -185,7 +195,9 @@ TEST_F(MemoryBudgetTest, TinyRequestsWithHugeResultsAreRefusedOrServedWithinTheB
   EXPECT_GE(info.memory().reservations_refused(), 5);
   EXPECT_EQ(info.memory().reserved_bytes(), 0);
   // What stays is what the cache may keep.
-  EXPECT_LE(ResidentMb(pid()), kSlackMb + (kBudgetMb / 4));
+  if (kCheckResidentMemory) {
+    EXPECT_LE(ResidentMb(pid()), kSlackMb + (kBudgetMb / 4));
+  }
 }
 
 // `layers` 1x1 convolutions 1 -> 1 on a [1, 1, 1, width] input: a plan of tens of KiB per layer.
@@ -415,8 +427,10 @@ TEST_F(MemoryBudgetTest, MixedTrafficSoakKeepsResidentMemoryFlat) {
   const size_t third = samples.size() / 3;
   const int64_t early = *std::max_element(samples.begin(), samples.begin() + third);
   const int64_t late = *std::max_element(samples.end() - third, samples.end());
-  EXPECT_LE(late, early + 32) << "resident memory grew from " << early << " to " << late
-                              << " MiB over " << calls.load() << " calls";
+  if (kCheckResidentMemory) {
+    EXPECT_LE(late, early + 32) << "resident memory grew from " << early << " to " << late
+                                << " MiB over " << calls.load() << " calls";
+  }
   EXPECT_GT(calls.load(), 20);
 }
 
