@@ -63,18 +63,28 @@ int64_t Elements(const std::vector<int64_t>& shape) {
   return elements;
 }
 
-// Bytes of the result tensors of these shapes the engine allocates (those not placed).
-int64_t ResultBytes(const std::vector<int64_t>& shape, const std::optional<ResultMemory>& memory) {
-  return memory.has_value() ? 0 : Elements(shape) * static_cast<int64_t>(sizeof(float));
+// The bytes the engine allocates for a result of `shape`: none if the caller placed it in
+// `memory`, which must then have room for exactly the result (checked before any memory is
+// reserved, so a bad placement never waits for the budget). `what` names the placement.
+absl::StatusOr<int64_t> ResultBytes(const std::vector<int64_t>& shape,
+                                    const std::optional<ResultMemory>& memory,
+                                    absl::string_view what) {
+  const int64_t elements = Elements(shape);
+  if (!memory.has_value()) return elements * static_cast<int64_t>(sizeof(float));
+  if (memory->size != elements || (elements > 0 && memory->data == nullptr)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement.", what, " has ", memory->size, " elements",
+                     memory->data == nullptr ? " and no memory" : "", "; the result ",
+                     ShapeToString(shape), " has ", elements));
+  }
+  return 0;
 }
 
 // A result tensor of `shape`: in `memory` if the caller placed it, else freshly allocated and
 // uninitialised (the plan writes every element), its buffer holding `reservation` so that the
-// budget counts it for as long as it lives. `what` names the placement in errors.
-absl::StatusOr<Tensor> ResultTensor(const std::vector<int64_t>& shape,
-                                    const std::optional<ResultMemory>& memory,
-                                    absl::string_view what,
-                                    const std::shared_ptr<MemoryBudget::Reservation>& reservation) {
+// budget counts it for as long as it lives. REQUIRES: ResultBytes accepted the placement.
+Tensor ResultTensor(const std::vector<int64_t>& shape, const std::optional<ResultMemory>& memory,
+                    const std::shared_ptr<MemoryBudget::Reservation>& reservation) {
   const int64_t elements = Elements(shape);
   if (!memory.has_value()) {
     Tensor tensor = Tensor::Uninitialized(shape);
@@ -88,12 +98,6 @@ absl::StatusOr<Tensor> ResultTensor(const std::vector<int64_t>& shape,
     tensor.data = TensorBuffer::Wrap(data, static_cast<size_t>(elements), std::move(held));
     return tensor;
   }
-  if (memory->size != elements || (elements > 0 && memory->data == nullptr)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("placement.", what, " has ", memory->size, " elements",
-                     memory->data == nullptr ? " and no memory" : "", "; the result ",
-                     ShapeToString(shape), " has ", elements));
-  }
   return Tensor(shape,
                 TensorBuffer::Wrap(memory->data, static_cast<size_t>(elements), memory->owner));
 }
@@ -106,7 +110,7 @@ constexpr int64_t kReturnFreedMemoryBytes = int64_t{64} << 20;
 class Engine::Impl {
  public:
   // `own_budget` is the budget options.memory_budget points at when the caller gave none.
-  Impl(const EngineOptions& options, dnnl::engine cpu, std::unique_ptr<MemoryBudget> own_budget)
+  Impl(const EngineOptions& options, dnnl::engine cpu, std::shared_ptr<MemoryBudget> own_budget)
       : own_budget_(std::move(own_budget)),
         options_(options),
         cpu_(std::move(cpu)),
@@ -132,20 +136,19 @@ class Engine::Impl {
     if (!plan.ok()) return plan.status();
 
     const std::vector<int64_t>& output_shape = validated->output_shapes.back();
-    auto results = std::make_shared<MemoryBudget::Reservation>();
+    absl::StatusOr<int64_t> output_bytes =
+        ResultBytes(output_shape, request.placement.output, "output");
+    if (!output_bytes.ok()) return output_bytes.status();
+    std::shared_ptr<MemoryBudget::Reservation> results = NewResultsReservation();
     absl::StatusOr<Plan::WorkspaceLease> lease =
-        (*plan)->LeaseWorkspace(ResultBytes(output_shape, request.placement.output),
-                                request.should_continue, results.get());
+        (*plan)->LeaseWorkspace(*output_bytes, request.should_continue, results.get());
     if (!lease.ok()) return lease.status();
 
     PlanBindings bindings;
     bindings.input = request.input;
     bindings.parameters = &request.parameters;
     ForwardResult result;
-    absl::StatusOr<Tensor> output =
-        ResultTensor(output_shape, request.placement.output, "output", results);
-    if (!output.ok()) return output.status();
-    result.output = *std::move(output);
+    result.output = ResultTensor(output_shape, request.placement.output, results);
     bindings.output = &result.output;
     std::chrono::steady_clock::time_point forward_done;
     bindings.forward_done = &forward_done;
@@ -188,36 +191,43 @@ class Engine::Impl {
       return placed->second;
     };
     const std::vector<int64_t>& output_shape = validated->output_shapes.back();
-    int64_t result_bytes = ResultBytes(output_shape, request.placement.output);
+    int64_t result_bytes = 0;
+    auto count = [&result_bytes](absl::StatusOr<int64_t> bytes) {
+      if (bytes.ok()) result_bytes += *bytes;
+      return bytes.status();
+    };
+    if (absl::Status s = count(ResultBytes(output_shape, request.placement.output, "output"));
+        !s.ok()) {
+      return s;
+    }
     if (needs.input_grad) {
-      result_bytes += ResultBytes(request.input.shape, request.placement.input_grad);
+      if (absl::Status s =
+              count(ResultBytes(request.input.shape, request.placement.input_grad, "input_grad"));
+          !s.ok()) {
+        return s;
+      }
     }
     for (const auto& [name, shape] : validated->parameter_shapes) {
-      if (needs.parameter_grads.count(name) != 0)
-        result_bytes += ResultBytes(shape, placed_grad(name));
+      if (needs.parameter_grads.count(name) == 0) continue;
+      if (absl::Status s = count(ResultBytes(shape, placed_grad(name),
+                                             absl::StrCat("parameter_grads[", Quote(name), "]")));
+          !s.ok()) {
+        return s;
+      }
     }
-    auto results = std::make_shared<MemoryBudget::Reservation>();
+    std::shared_ptr<MemoryBudget::Reservation> results = NewResultsReservation();
     absl::StatusOr<Plan::WorkspaceLease> lease =
         (*plan)->LeaseWorkspace(result_bytes, request.should_continue, results.get());
     if (!lease.ok()) return lease.status();
 
     GradientResult result;
-    absl::StatusOr<Tensor> output =
-        ResultTensor(output_shape, request.placement.output, "output", results);
-    if (!output.ok()) return output.status();
-    result.output = *std::move(output);
+    result.output = ResultTensor(output_shape, request.placement.output, results);
     if (needs.input_grad) {
-      absl::StatusOr<Tensor> input_grad =
-          ResultTensor(request.input.shape, request.placement.input_grad, "input_grad", results);
-      if (!input_grad.ok()) return input_grad.status();
-      result.input_grad = *std::move(input_grad);
+      result.input_grad = ResultTensor(request.input.shape, request.placement.input_grad, results);
     }
     for (const auto& [name, shape] : validated->parameter_shapes) {
       if (needs.parameter_grads.count(name) == 0) continue;
-      absl::StatusOr<Tensor> grad = ResultTensor(
-          shape, placed_grad(name), absl::StrCat("parameter_grads[", Quote(name), "]"), results);
-      if (!grad.ok()) return grad.status();
-      result.parameter_grads.emplace(name, *std::move(grad));
+      result.parameter_grads.emplace(name, ResultTensor(shape, placed_grad(name), results));
     }
 
     PlanBindings bindings;
@@ -287,15 +297,27 @@ class Engine::Impl {
     // that cannot be cached alone, or whose memory the budget has no room for, serves this call
     // only.
     const int64_t bytes = plan->structure_bytes();
+    if (bytes > options_.max_plan_cache_bytes || !budget_.TryCache(bytes)) return plan;
     int64_t cached = CacheBytes();
     while (!lru_.empty() && (static_cast<int>(plans_.size()) >= options_.max_cached_plans ||
                              cached + bytes > options_.max_plan_cache_bytes)) {
       cached -= EvictLeastRecentlyUsed();
     }
-    if (cached + bytes > options_.max_plan_cache_bytes || !budget_.TryCache(bytes)) return plan;
     lru_.push_front(key);
     plans_.emplace(key, CacheEntry{plan, lru_.begin()});
     return plan;
+  }
+
+  // An empty reservation for a call's results; with the engine's own budget it keeps that budget
+  // alive, since results may outlive the engine.
+  std::shared_ptr<MemoryBudget::Reservation> NewResultsReservation() const {
+    struct Hold {
+      std::shared_ptr<MemoryBudget> budget;  // destroyed after the reservation
+      MemoryBudget::Reservation reservation;
+    };
+    auto hold = std::make_shared<Hold>();
+    hold->budget = own_budget_;
+    return std::shared_ptr<MemoryBudget::Reservation>(hold, &hold->reservation);
   }
 
   // A call gives its workspace back to the plan's pool, which may take the cache past
@@ -355,7 +377,8 @@ class Engine::Impl {
     std::list<std::string>::iterator lru_position;
   };
 
-  const std::unique_ptr<MemoryBudget> own_budget_;
+  // Shared with every result it counts, which may outlive the engine.
+  const std::shared_ptr<MemoryBudget> own_budget_;
   const EngineOptions options_;
   const dnnl::engine cpu_;
   MemoryBudget& budget_;
@@ -390,7 +413,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     return absl::InvalidArgumentError(
         absl::StrCat("max_plan_cache_bytes=", resolved.max_plan_cache_bytes, " must be >= 0"));
   }
-  std::unique_ptr<MemoryBudget> own_budget;
+  std::shared_ptr<MemoryBudget> own_budget;
   if (resolved.memory_budget == nullptr) {
     MemoryBudgetOptions unlimited;
     unlimited.limit_bytes = std::numeric_limits<int64_t>::max() / 4;

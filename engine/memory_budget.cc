@@ -1,8 +1,11 @@
 #include "gradengine/memory_budget.h"
 
 #include <malloc.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cassert>
+#include <fstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -15,6 +18,9 @@ namespace {
 constexpr int64_t kReturnCheckBytes = int64_t{1} << 20;
 
 constexpr absl::Duration kWaitSlice = absl::Milliseconds(50);
+
+// Freed memory is returned to the system at most this often when the limit is near.
+constexpr absl::Duration kMinReturnInterval = absl::Milliseconds(100);
 
 std::string MiB(int64_t bytes) {
   return absl::StrCat(bytes, " bytes (", (bytes + (1 << 19)) >> 20, " MiB)");
@@ -32,6 +38,12 @@ MemoryBudget::Reservation& MemoryBudget::Reservation::operator=(Reservation&& ot
     bytes_ = std::exchange(other.bytes_, 0);
   }
   return *this;
+}
+
+MemoryBudget::~MemoryBudget() {
+  absl::MutexLock lock(&mu_);
+  // A reservation or cached bytes outliving their budget would write to freed memory.
+  assert(stats_.reserved_bytes == 0 && stats_.cached_bytes == 0);
 }
 
 MemoryBudget::Reservation MemoryBudget::Reservation::Split(int64_t bytes) {
@@ -77,13 +89,14 @@ absl::Status MemoryBudget::Refusal(int64_t bytes, absl::string_view purpose,
       options_.limit_name, " of ", MiB(options_.limit_bytes)));
 }
 
-absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Grant(int64_t bytes, bool waited) {
+absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Grant(int64_t bytes, bool waited,
+                                                              bool may_trim) {
   {
     absl::MutexLock lock(&mu_);
     ++stats_.reservations;
     if (waited) ++stats_.reservations_waited;
   }
-  if (bytes >= kReturnCheckBytes) ReturnFreedMemoryIfOverLimit();
+  if (may_trim && bytes >= kReturnCheckBytes) ReturnFreedMemoryIfOverLimit(bytes);
   return Reservation(this, bytes);
 }
 
@@ -112,18 +125,24 @@ absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(
     }
     granted = TakeIfFits(bytes);
   }
-  if (granted) return Grant(bytes, /*waited=*/false);
+  if (granted) return Grant(bytes, /*waited=*/false, /*may_trim=*/wait);
   const absl::Time give_up = absl::Now() + options_.max_wait;
   bool waited = false;
   while (true) {
     int64_t short_by = 0;
+    bool cache_would_do = false;
     {
       absl::MutexLock lock(&mu_);
       if (TakeIfFits(bytes)) break;
       short_by = bytes - (options_.limit_bytes - stats_.reserved_bytes - stats_.cached_bytes);
+      // Only if giving up cached memory makes room; else it would be thrown away for nothing.
+      cache_would_do = bytes <= options_.limit_bytes - stats_.reserved_bytes;
     }
     // Cached memory goes first: it is only kept in case it is needed again.
-    if (Reclaim(short_by) > 0) continue;
+    if (cache_would_do && Reclaim(short_by) > 0) {
+      absl::MutexLock lock(&mu_);
+      if (TakeIfFits(bytes)) break;
+    }
     absl::MutexLock lock(&mu_);
     if (TakeIfFits(bytes)) break;
     const absl::Time now = absl::Now();
@@ -141,10 +160,13 @@ absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(
       mu_.Unlock();
       absl::Status status = should_continue();
       mu_.Lock();
-      if (!status.ok()) return status;
+      if (!status.ok()) {
+        ++stats_.reservations_refused;
+        return status;
+      }
     }
   }
-  return Grant(bytes, waited);
+  return Grant(bytes, waited, /*may_trim=*/wait);
 }
 
 void MemoryBudget::Give(int64_t bytes) {
@@ -210,31 +232,34 @@ int64_t MemoryBudget::Reclaim(int64_t wanted) {
     }
   }
   if (freed > 0) {
-    {
-      absl::MutexLock lock(&mu_);
-      stats_.reclaimed_bytes += freed;
-    }
-    ReturnFreedMemoryIfOverLimit();
+    absl::MutexLock lock(&mu_);
+    stats_.reclaimed_bytes += freed;
   }
   return freed;
 }
 
-void MemoryBudget::ReturnFreedMemoryIfOverLimit() {
-  int64_t accounted = 0;
-  {
-    absl::MutexLock lock(&mu_);
-    accounted = stats_.reserved_bytes + stats_.cached_bytes;
-  }
-  // fordblks: free bytes the heap holds (with M_ARENA_MAX=1, the one heap).
-  const struct mallinfo2 heap = mallinfo2();
-  if (accounted + static_cast<int64_t>(heap.fordblks) <= options_.limit_bytes) return;
+void MemoryBudget::ReturnFreedMemoryIfOverLimit(int64_t incoming) {
+  // The heap keeps freed chunks in its bins, counted as free even once returned, so the test is
+  // the process's resident memory: with what is coming, would it pass the limit?
+  std::ifstream statm("/proc/self/statm");
+  int64_t pages = 0;
+  int64_t resident_pages = 0;
+  if (!(statm >> pages >> resident_pages)) return;
+  const int64_t resident = resident_pages * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
+  if (resident + incoming <= options_.limit_bytes) return;
   ReturnFreedMemory();
 }
 
 void MemoryBudget::ReturnFreedMemory() {
+  {
+    // Trimming walks the heap under its lock, stalling every allocation: at most this often.
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = absl::Now();
+    if (now - last_return_ < kMinReturnInterval) return;
+    last_return_ = now;
+    ++stats_.returned_to_system;
+  }
   malloc_trim(0);
-  absl::MutexLock lock(&mu_);
-  ++stats_.returned_to_system;
 }
 
 MemoryBudget::Stats MemoryBudget::stats() const {

@@ -106,10 +106,10 @@ absl::Status ValidateConv(const Conv2dSpec& conv, const std::string& prefix,
   // too, and ConvOutputSize would overflow adding the padding (at most kMaxWindow by now).
   if (in_shape[2] > std::numeric_limits<int64_t>::max() - conv.pad_top - conv.pad_bottom ||
       in_shape[3] > std::numeric_limits<int64_t>::max() - conv.pad_left - conv.pad_right) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        p, "padding top/bottom/left/right ", conv.pad_top, "/", conv.pad_bottom, "/",
-        conv.pad_left, "/", conv.pad_right, " makes its input ", ShapeToString(in_shape),
-        " longer than int64 can count"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(p, "padding top/bottom/left/right ", conv.pad_top, "/", conv.pad_bottom, "/",
+                     conv.pad_left, "/", conv.pad_right, " makes its input ",
+                     ShapeToString(in_shape), " longer than int64 can count"));
   }
   const int64_t out_h = ConvOutputSize(in_shape[2], conv.kernel_h, conv.stride_h, conv.pad_top,
                                        conv.pad_bottom, conv.dilation_h);

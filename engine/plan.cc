@@ -158,39 +158,52 @@ int ThreadsFor(const NetworkSpec& network, const ValidatedNetwork& validated,
 constexpr int64_t kStructureBytesPerOp = int64_t{4} << 10;
 constexpr int64_t kStructureBytesPerSlot = 512;
 
-// Whether `desc` is an NCHW activation in a layout that blocks channels by B (nChw8c, nChw16c:
-// oneDNN's aBcd8b, aBcd16b) and pads them past C, the one padded layout the plans give
-// activations.
+// Whether `desc` is an NCHW float activation whose layout pads its channels to a block
+// (nChw8c, nChw16c, NChw16n16c: oneDNN's aBcd8b, aBcd16b, ABcd16a16b, ...).
 bool HasChannelPadding(const memory::desc& desc) {
   const dnnl_memory_desc_t& md = desc.data;
-  if (md.ndims != 4 || md.data_type != dnnl_f32 || md.format_kind != dnnl_blocked) return false;
-  const dnnl_blocking_desc_t& blocking = md.format_desc.blocking;
-  if (blocking.inner_nblks != 1 || blocking.inner_idxs[0] != 1) return false;
-  for (int i = 0; i < 4; ++i) {
-    if ((i == 1) != (md.padded_dims[i] != md.dims[i])) return false;
-  }
-  return true;
+  return md.ndims == 4 && md.data_type == dnnl_f32 && md.format_kind == dnnl_blocked &&
+         md.padded_dims[1] != md.dims[1];
 }
 
-// Writes zeros into the padded channels [C, padded C) of such an activation at `data`.
-// oneDNN's kernels compute the padding as sums of value x 0; an Inf makes that NaN, which the
-// next convolution's zero weights for those channels would carry into every real channel
-// (0 x NaN). PyTorch, which has no padding, gives the Inf.
+// Writes zeros into the padded channels [C, padded C) of such an activation at `data`, for
+// every real (n, h, w). oneDNN's kernels compute the padding as sums of value x 0; an Inf
+// makes that NaN, which the next convolution's zero weights for those channels would carry
+// into every real channel (0 x NaN). PyTorch, which has no padding, gives the Inf.
 void ZeroChannelPadding(const memory::desc& desc, void* data) {
   const dnnl_memory_desc_t& md = desc.data;
-  const dnnl_dims_t& strides = md.format_desc.blocking.strides;
-  const int64_t block = md.format_desc.blocking.inner_blks[0];
-  const int64_t channels = md.dims[1];
-  const int64_t last_block = channels / block;
-  const int64_t first_padded = channels % block;
-  float* values = static_cast<float*>(data) + md.offset0;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t n = 0; n < md.dims[0]; ++n) {
-    for (int64_t h = 0; h < md.dims[2]; ++h) {
-      for (int64_t w = 0; w < md.dims[3]; ++w) {
-        float* at =
-            values + n * strides[0] + last_block * strides[1] + h * strides[2] + w * strides[3];
-        std::fill(at + first_padded, at + block, 0.0f);
+  const dnnl_blocking_desc_t& blocking = md.format_desc.blocking;
+  // Each dim's index splits into an outer part (times the dim's stride) and one digit per
+  // inner block; the innermost block varies fastest.
+  int64_t block_factor[4] = {1, 1, 1, 1};
+  for (int i = 0; i < blocking.inner_nblks; ++i)
+    block_factor[blocking.inner_idxs[i]] *= blocking.inner_blks[i];
+  auto offset = [&](const int64_t(&index)[4]) {
+    int64_t at = md.offset0;
+    for (int d = 0; d < 4; ++d) at += (index[d] / block_factor[d]) * blocking.strides[d];
+    int64_t later[4] = {1, 1, 1, 1};
+    int64_t inner_stride = 1;
+    for (int i = blocking.inner_nblks - 1; i >= 0; --i) {
+      const int d = blocking.inner_idxs[i];
+      at += ((index[d] / later[d]) % blocking.inner_blks[i]) * inner_stride;
+      later[d] *= blocking.inner_blks[i];
+      inner_stride *= blocking.inner_blks[i];
+    }
+    return at;
+  };
+  float* values = static_cast<float*>(data);
+  const int64_t batch = md.dims[0];
+  const int64_t height = md.dims[2];
+  const int64_t width = md.dims[3];
+  const int64_t padded_channels = md.padded_dims[1] - md.dims[1];
+  // A parallel region costs more than zeroing a small tensor.
+  const bool parallel = batch * height * width * padded_channels >= (int64_t{1} << 16);
+#pragma omp parallel for collapse(2) schedule(static) if (parallel)
+  for (int64_t n = 0; n < batch; ++n) {
+    for (int64_t h = 0; h < height; ++h) {
+      for (int64_t w = 0; w < width; ++w) {
+        for (int64_t c = md.dims[1]; c < md.padded_dims[1]; ++c)
+          values[offset({n, c, h, w})] = 0.0f;
       }
     }
   }
@@ -665,17 +678,24 @@ absl::StatusOr<Plan::WorkspaceLease> Plan::LeaseWorkspace(int64_t extra_bytes,
       lease.reservation_ = budget_->ClaimCached(workspace_bytes_);
     }
   }
-  const int64_t new_bytes = lease.workspace_ == nullptr ? workspace_bytes_ : 0;
-  absl::StatusOr<MemoryBudget::Reservation> reserved = budget_->Reserve(
-      new_bytes + extra_bytes,
-      lease.workspace_ == nullptr ? "its intermediate buffers and results" : "its results",
-      should_continue);
-  if (!reserved.ok()) {
-    if (lease.workspace_ != nullptr) ReleaseWorkspace(std::move(lease));
-    return reserved.status();
+  if (lease.workspace_ != nullptr) {
+    absl::StatusOr<MemoryBudget::Reservation> results =
+        budget_->TryReserve(extra_bytes, "its results");
+    if (results.ok()) {
+      *extra = *std::move(results);
+      return lease;
+    }
+    // No room for the results now: waiting while holding the idle workspace could keep every
+    // such call waiting for the others. Give it back (it stays cached, and may be reclaimed)
+    // and wait for both at once like a call that found none.
+    ReleaseWorkspace(std::move(lease));
+    lease = WorkspaceLease();
   }
+  absl::StatusOr<MemoryBudget::Reservation> reserved = budget_->Reserve(
+      workspace_bytes_ + extra_bytes, "its intermediate buffers and results", should_continue);
+  if (!reserved.ok()) return reserved.status();
   *extra = reserved->Split(extra_bytes);
-  if (new_bytes > 0) lease.reservation_ = *std::move(reserved);
+  lease.reservation_ = *std::move(reserved);
   return lease;
 }
 
@@ -710,9 +730,9 @@ std::unique_ptr<Plan::Workspace> Plan::NewWorkspace() const {
 
 void Plan::ReleaseWorkspace(WorkspaceLease lease) {
   if (lease.workspace_ == nullptr) return;
-  // Kept for the next call only if the budget has room for it; its reservation ends either way.
-  lease.reservation_.Release();
-  if (!budget_->TryCache(workspace_bytes_)) return;
+  // Its reservation becomes cached memory, which the engine's cache bound and the budget's
+  // reclaimer may take back.
+  budget_->CacheReservation(std::move(lease.reservation_));
   absl::MutexLock lock(&pool_mu_);
   pool_.push_back(std::move(lease.workspace_));
 }

@@ -211,8 +211,9 @@ class ComputeCall final : public grpc::ServerUnaryReactor {
     service_->RecordMetrics(Method::kName, status.code(), Measurements(total_ns, bytes_out));
     // A response on its way holds its results' memory until the client has read it.
     if (status.ok()) {
-      service_->WatchDrain(context_, absl::StrCat("method=", Method::kName, " request_id=",
-                                                  LoggedRequestId(request_->request_id())));
+      service_->WatchDrain(context_, bytes_out,
+                           absl::StrCat("method=", Method::kName,
+                                        " request_id=", LoggedRequestId(request_->request_id())));
     }
     // The context may be gone as soon as Finish is called; nothing below touches it.
     reactor_->Finish(ToGrpcStatus(status));
@@ -235,6 +236,8 @@ class ComputeCall final : public grpc::ServerUnaryReactor {
     resolver_.reset();
     request_ = nullptr;
     arena_.Reset();
+    // Half the request's reservation paid for the parsed copy; gRPC's bytes stay until done.
+    request_reservation_.Split(static_cast<int64_t>(bytes_in_)).Release();
     Unref();
   }
 
@@ -387,9 +390,14 @@ GradientService::~GradientService() {
   drain_watch_.join();
 }
 
-void GradientService::WatchDrain(grpc::CallbackServerContext* context, std::string what) {
+void GradientService::WatchDrain(grpc::CallbackServerContext* context, size_t bytes,
+                                 std::string what) {
+  // A large response needs time to cross even when its client reads: it gets that too.
+  const absl::Duration allowed =
+      options_.response_drain_timeout +
+      absl::Seconds(static_cast<double>(bytes) / static_cast<double>(kMinDrainBytesPerSecond));
   absl::MutexLock lock(&drain_mu_);
-  undrained_[context] = Undrained{absl::Now() + options_.response_drain_timeout, std::move(what)};
+  undrained_[context] = Undrained{absl::Now() + allowed, allowed, std::move(what)};
 }
 
 void GradientService::ForgetDrain(grpc::CallbackServerContext* context) {
@@ -404,6 +412,7 @@ void GradientService::DrainWatchLoop() {
   absl::MutexLock lock(&drain_mu_);
   while (!drain_mu_.AwaitWithTimeout(absl::Condition(&stopping_), tick)) {
     const absl::Time now = absl::Now();
+    std::vector<std::string> lines;
     for (auto it = undrained_.begin(); it != undrained_.end();) {
       if (it->second.cancel_at > now) {
         ++it;
@@ -412,14 +421,16 @@ void GradientService::DrainWatchLoop() {
       // Under drain_mu_, so OnDone cannot end the call (and free the context) meanwhile.
       it->first->TryCancel();
       responses_cancelled_undrained_.fetch_add(1, std::memory_order_relaxed);
-      if (options_.log_requests) {
-        Log(absl::StrCat(it->second.what,
-                         " code=CANCELLED error=\"the client did not read the response within ",
-                         absl::FormatDuration(options_.response_drain_timeout),
-                         "; cancelled to free its memory\""));
-      }
+      lines.push_back(absl::StrCat(
+          it->second.what, " code=CANCELLED error=\"the client did not read the response within ",
+          absl::FormatDuration(it->second.allowed), "; cancelled to free its memory\""));
       undrained_.erase(it++);
     }
+    if (lines.empty() || !options_.log_requests) continue;
+    // Logged without the lock, so that a slow log never holds up OnDone.
+    drain_mu_.Unlock();
+    for (const std::string& line : lines) Log(line);
+    drain_mu_.Lock();
   }
 }
 
@@ -657,7 +668,7 @@ absl::Status GradientService::AuthenticateOther(
   if (status.ok()) return status;
   requests_unauthenticated_.fetch_add(1, std::memory_order_relaxed);
   if (options_.log_requests) {
-    Log(absl::StrCat("method=", absl::CEscape(method),
+    Log(absl::StrCat("method=", gradengine::Quote(method),
                      " code=", absl::StatusCodeToString(status.code()), " peer=\"",
                      absl::CEscape(peer), "\" error=", LoggedError(status)));
   }

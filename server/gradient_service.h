@@ -32,9 +32,9 @@
 // Memory: each call reserves twice its request's size (gRPC's received bytes and the parsed
 // message) from `memory_budget` before it parses, without waiting (gRPC's threads must not
 // block): a request that finds the budget full is RESOURCE_EXHAUSTED at once. The engine
-// reserves the rest. A response that its client has not read `response_drain_timeout` after it
-// was ready is cancelled, which frees its results; such calls are logged and counted in
-// GetInfo's memory.responses_cancelled_undrained.
+// reserves the rest. A response that its client has not read `response_drain_timeout` (plus
+// its size at kMinDrainBytesPerSecond) after it was ready is cancelled, which frees its
+// results; such calls are logged and counted in GetInfo's memory.responses_cancelled_undrained.
 //
 // Drain() prepares a graceful stop: new calls get UNAVAILABLE ("the server is shutting down")
 // while the calls in progress are answered.
@@ -75,6 +75,10 @@ namespace gradserver {
 
 // Receives one finished log line (without a trailing newline).
 using RequestLogSink = std::function<void(absl::string_view line)>;
+
+// The slowest a client may read a response (beyond response_drain_timeout) before the call is
+// cancelled: 16 MiB/s.
+inline constexpr int64_t kMinDrainBytesPerSecond = int64_t{16} << 20;
 
 // Longest request_id accepted, in bytes.
 inline constexpr size_t kMaxRequestIdBytes = 128;
@@ -155,10 +159,11 @@ class GradientService final : public GradientServiceBase {
   gradengine::Engine& engine() const { return *engine_; }
   SharedMemoryRegistry& shared_memory() const { return *shared_memory_; }
   gradengine::MemoryBudget& memory_budget() const { return *options_.memory_budget; }
-  // A finished call whose response is on its way: cancelled if it is still not done
-  // response_drain_timeout from now; `what` starts the log line of that. ForgetDrain when
-  // done. REQUIRES: the call's context is valid until ForgetDrain.
-  void WatchDrain(grpc::CallbackServerContext* context, std::string what)
+  // A finished call whose `bytes` of response are on their way: cancelled if it is still not
+  // done response_drain_timeout plus the time those bytes take at kMinDrainBytesPerSecond from
+  // now; `what` starts the log line of that. ForgetDrain when done. REQUIRES: the call's
+  // context is valid until ForgetDrain.
+  void WatchDrain(grpc::CallbackServerContext* context, size_t bytes, std::string what)
       ABSL_LOCKS_EXCLUDED(drain_mu_);
   void ForgetDrain(grpc::CallbackServerContext* context) ABSL_LOCKS_EXCLUDED(drain_mu_);
   // The namespace of the caller's shared memory regions: its credentials (the authorization
@@ -222,6 +227,7 @@ class GradientService final : public GradientServiceBase {
   void DrainWatchLoop() ABSL_LOCKS_EXCLUDED(drain_mu_);
   struct Undrained {
     absl::Time cancel_at;
+    absl::Duration allowed;
     std::string what;
   };
   absl::Mutex drain_mu_;

@@ -25,6 +25,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "gradengine/engine.h"
@@ -250,26 +251,55 @@ std::string WithPort(const std::string& address, int port) {
   return absl::StrCat(address.substr(0, colon + 1), port);
 }
 
-// The memory the process may use: the cgroup's limit (v2, else v1) if it sets one below the
-// machine's physical memory, else physical memory. `source` says which.
+// The lowest memory limit set on the cgroup this process is in or any cgroup above it, read
+// from /proc/self/cgroup and the cgroup file system (v2: memory.max; v1: the memory
+// controller's memory.limit_in_bytes); 0 when none is set.
+int64_t CgroupMemoryLimit() {
+  std::ifstream cgroups("/proc/self/cgroup");
+  std::string line;
+  std::string v2_path;
+  std::string v1_path;
+  while (std::getline(cgroups, line)) {
+    // "0::/a/b" (v2) or "4:memory:/a/b", "4:cpu,memory:/a/b" (v1).
+    const std::vector<std::string> parts = absl::StrSplit(line, absl::MaxSplits(':', 2));
+    if (parts.size() != 3) continue;
+    if (parts[0] == "0" && parts[1].empty()) v2_path = parts[2];
+    for (absl::string_view controller : absl::StrSplit(parts[1], ',')) {
+      if (controller == "memory") v1_path = parts[2];
+    }
+  }
+  int64_t limit = 0;
+  auto walk = [&limit](const std::string& root, std::string path, const std::string& file) {
+    while (true) {
+      std::ifstream in(absl::StrCat(root, path == "/" ? "" : path, "/", file));
+      std::string text;
+      int64_t value = 0;
+      if ((in >> text) && text != "max" && absl::SimpleAtoi(text, &value) && value > 0 &&
+          (limit == 0 || value < limit)) {
+        limit = value;
+      }
+      const size_t slash = path.rfind('/');
+      if (path.empty() || path == "/" || slash == std::string::npos) break;
+      path = slash == 0 ? "/" : path.substr(0, slash);
+    }
+  };
+  if (!v2_path.empty()) walk("/sys/fs/cgroup", v2_path, "memory.max");
+  if (!v1_path.empty()) walk("/sys/fs/cgroup/memory", v1_path, "memory.limit_in_bytes");
+  return limit;
+}
+
+// The memory the process may use: its cgroups' limit if one is set below the machine's
+// physical memory, else physical memory. `source` says which.
 int64_t MemoryLimit(std::string* source) {
   const int64_t physical =
       static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
   *source = "physical memory";
-  int64_t limit = physical;
-  for (const char* path :
-       {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
-    std::ifstream file(path);
-    std::string text;
-    if (!(file >> text) || text == "max") continue;
-    int64_t cgroup = 0;
-    if (absl::SimpleAtoi(text, &cgroup) && cgroup > 0 && cgroup < limit) {
-      limit = cgroup;
-      *source = "the cgroup memory limit";
-    }
-    break;
+  const int64_t cgroup = CgroupMemoryLimit();
+  if (cgroup > 0 && cgroup < physical) {
+    *source = "the cgroup memory limit";
+    return cgroup;
   }
-  return limit;
+  return physical;
 }
 
 }  // namespace

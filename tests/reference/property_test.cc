@@ -642,8 +642,9 @@ TEST(EnginePropertyTest, AnInfCrossingPaddedChannelsStaysInf) {
   ASSERT_NE(engine, nullptr);
   for (const std::vector<int64_t>& channels : std::vector<std::vector<int64_t>>{
            {3, 5, 3}, {16, 3, 16}, {1, 8, 16, 4}, {32, 24, 32}, {3, 5, 7, 5, 3}, {8, 16, 8}}) {
-    for (const bool inf_in_input : {false, true}) {
-      SCOPED_TRACE(absl::StrCat("channels ", absl::StrJoin(channels, "-"),
+    for (const auto& [inf_in_input, batch] :
+         std::vector<std::pair<bool, int64_t>>{{false, 1}, {true, 1}, {false, 16}}) {
+      SCOPED_TRACE(absl::StrCat("channels ", absl::StrJoin(channels, "-"), ", batch ", batch,
                                 inf_in_input ? ", Inf in the input" : ", Inf in dL/dy"));
       gradengine::NetworkSpec network;
       std::map<std::string, std::vector<float>> weights;
@@ -655,8 +656,8 @@ TEST(EnginePropertyTest, AnInfCrossingPaddedChannelsStaysInf) {
         w.resize(static_cast<size_t>(channels[i + 1] * channels[i] * 9));
         for (size_t k = 0; k < w.size(); ++k) w[k] = 0.05f + 0.1f * static_cast<float>(k % 13);
       }
-      std::vector<float> input(static_cast<size_t>(channels.front() * 36), 1.0f);
-      std::vector<float> grad_output(static_cast<size_t>(channels.back() * 36), 0.5f);
+      std::vector<float> input(static_cast<size_t>(batch * channels.front() * 36), 1.0f);
+      std::vector<float> grad_output(static_cast<size_t>(batch * channels.back() * 36), 0.5f);
       (inf_in_input ? input : grad_output)[7] = std::numeric_limits<float>::infinity();
       GradientRequest request;
       request.network = network;
@@ -665,9 +666,10 @@ TEST(EnginePropertyTest, AnInfCrossingPaddedChannelsStaysInf) {
         request.parameters[name] =
             gradengine::TensorView({channels[layer + 1], channels[layer], 3, 3}, values);
       }
-      request.input = gradengine::TensorView({1, channels.front(), 6, 6}, input);
+      request.input = gradengine::TensorView({batch, channels.front(), 6, 6}, input);
       request.objective.kind = ObjectiveKind::kGradOutput;
-      request.objective.tensor = gradengine::TensorView({1, channels.back(), 6, 6}, grad_output);
+      request.objective.tensor =
+          gradengine::TensorView({batch, channels.back(), 6, 6}, grad_output);
       absl::StatusOr<GradientResult> actual = engine->ComputeGradients(request);
       ASSERT_TRUE(actual.ok()) << actual.status();
       const ReferenceResult expected = RunReference(request);

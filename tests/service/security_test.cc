@@ -380,7 +380,7 @@ TEST_F(SecurityTest, TokenGuardsReflectionOverTls) {
   absl::StatusOr<gradclient::ServerInfo> info = client->GetInfo();
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(info->requests_unauthenticated, 3);
-  EXPECT_THAT(log_.All(), HasSubstr("ServerReflectionInfo code=UNAUTHENTICATED"));
+  EXPECT_THAT(log_.All(), HasSubstr("ServerReflectionInfo\" code=UNAUTHENTICATED"));
   EXPECT_THAT(log_.All(), Not(HasSubstr(kWrongToken)));
 }
 

@@ -66,8 +66,9 @@ struct EngineOptions {
   // Bytes the cached plans may hold, their idle workspaces included; least recently used ones
   // are dropped past this. Default: 1 GiB.
   int64_t max_plan_cache_bytes = int64_t{1} << 30;
-  // What every call's memory is reserved from; borrowed, and must outlive the Engine. Default:
-  // null, a budget of the engine's own without a limit.
+  // What every call's memory is reserved from; borrowed, and must outlive the Engine and every
+  // result it returned (a result's buffer gives its share back when freed). Default: null, a
+  // budget of the engine's own without a limit, which lives as long as the last result.
   MemoryBudget* memory_budget = nullptr;
 };
 

@@ -7,10 +7,11 @@
 //   - cached memory: memory kept for reuse that can be given back on demand (compiled plans and
 //     their idle workspaces). A reservation that does not fit first asks the reclaimers to free
 //     cached memory, then waits for other reservations to end.
-// Memory the C library keeps after it is freed counts too: when what is reserved and cached
-// plus the heap's free bytes would exceed the limit, freed memory is returned to the system
-// (malloc_trim) before a large reservation is granted, so keeping freed memory for reuse
-// (gradengine/allocator.h) never makes the process hold more than the budget.
+// Memory the C library keeps after it is freed counts too: when the process's resident memory
+// plus a large reservation (1 MiB or more) would exceed the limit, freed memory is returned to
+// the system (malloc_trim, at most every 100 ms; never from TryReserve, whose callers must not
+// wait) before it is granted, so keeping freed memory for reuse (gradengine/allocator.h) does
+// not make the process hold more than the budget.
 //
 // Memory nobody reserves (the program itself, thread stacks, small per-call objects, gRPC's
 // own buffers) is outside the budget; a process's resident size is the budget plus that.
@@ -93,8 +94,9 @@ class MemoryBudget {
 
   MemoryBudget(const MemoryBudget&) = delete;
   MemoryBudget& operator=(const MemoryBudget&) = delete;
-  // REQUIRES: no Reservation and no cached bytes are outstanding, no reclaimer is registered.
-  ~MemoryBudget() = default;
+  // REQUIRES: no Reservation and no cached bytes are outstanding, no reclaimer is registered
+  // (debug builds check the first two).
+  ~MemoryBudget();
 
   // `bytes` for `purpose` ("intermediate buffers", ...): granted at once if they fit, possibly
   // after reclaiming cached memory; else ResourceExhausted naming the bytes, the purpose, what
@@ -118,7 +120,8 @@ class MemoryBudget {
   int AddReclaimer(Reclaimer reclaimer);
   void RemoveReclaimer(int id);
 
-  // Gives the heap's free memory back to the system now, as after a cache frees a lot of it.
+  // Gives the heap's free memory back to the system now (unless it did less than 100 ms ago),
+  // as after a cache frees a lot of it.
   void ReturnFreedMemory() ABSL_LOCKS_EXCLUDED(mu_);
 
   int64_t limit_bytes() const { return options_.limit_bytes; }
@@ -132,11 +135,14 @@ class MemoryBudget {
   bool TakeIfFits(int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Asks the reclaimers for about `wanted` bytes; returns what they freed.
   int64_t Reclaim(int64_t wanted) ABSL_LOCKS_EXCLUDED(mu_);
-  // Gives freed heap memory back to the system if it, with what is accounted, exceeds the limit.
-  void ReturnFreedMemoryIfOverLimit() ABSL_LOCKS_EXCLUDED(mu_);
+  // Gives freed heap memory back to the system if the resident memory with `incoming` more
+  // bytes would pass the limit (at most every 100 ms).
+  void ReturnFreedMemoryIfOverLimit(int64_t incoming) ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status Refusal(int64_t bytes, absl::string_view purpose, absl::string_view why) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<Reservation> Grant(int64_t bytes, bool waited) ABSL_LOCKS_EXCLUDED(mu_);
+  // `may_trim`: whether this thread may spend time returning freed memory (not gRPC's).
+  absl::StatusOr<Reservation> Grant(int64_t bytes, bool waited, bool may_trim)
+      ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<Reservation> Reserve(int64_t bytes, absl::string_view purpose,
                                       const std::function<absl::Status()>& should_continue,
                                       bool wait) ABSL_LOCKS_EXCLUDED(mu_);
@@ -146,6 +152,7 @@ class MemoryBudget {
   Stats stats_ ABSL_GUARDED_BY(mu_);
   // Signalled whenever reserved or cached bytes are given back.
   absl::CondVar given_back_;
+  absl::Time last_return_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   // Serializes reclaimers, and guards their list.
   absl::Mutex reclaim_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   int next_reclaimer_id_ ABSL_GUARDED_BY(reclaim_mu_) = 0;
