@@ -19,13 +19,11 @@
 #include "absl/strings/str_split.h"
 #include "client/gradctl/cli_util.h"
 #include "client/gradctl/commands.h"
-#include "google/protobuf/util/json_util.h"
-#include "grad/v1/gradient_service.pb.h"
+#include "client/gradctl/network_json.h"
 #include "gradclient/client.h"
 #include "gradclient/npy.h"
 #include "gradengine/network.h"
 #include "gradengine/tensor.h"
-#include "proto/wire.h"
 
 namespace gradctl {
 namespace {
@@ -45,24 +43,11 @@ absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
   return text.str();
 }
 
-// Parses `path` as the protobuf JSON mapping of grad.v1.Network (unknown fields are errors,
-// so a misspelt field is reported rather than ignored) and decodes it.
+// Reads `path` as a network file (network_json.h).
 absl::StatusOr<gradengine::NetworkSpec> ReadNetwork(const std::string& path) {
   absl::StatusOr<std::string> json = ReadTextFile(path);
   if (!json.ok()) return json.status();
-  grad::v1::Network network;
-  google::protobuf::util::JsonParseOptions parse_options;
-  parse_options.ignore_unknown_fields = false;
-  const auto parsed = google::protobuf::util::JsonStringToMessage(*json, &network, parse_options);
-  if (!parsed.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": not a grad.v1.Network in protobuf JSON: ", std::string(parsed.message())));
-  }
-  absl::StatusOr<gradengine::NetworkSpec> spec = gradwire::DecodeNetwork(network);
-  if (!spec.ok()) {
-    return absl::Status(spec.status().code(), absl::StrCat(path, ": ", spec.status().message()));
-  }
-  return spec;
+  return ParseNetworkJson(*json, path);
 }
 
 absl::StatusOr<Tensor> ReadTensor(const std::string& path) {
