@@ -544,11 +544,13 @@ absl::StatusOr<NetworkSpec> DecodeNetwork(const grad::v1::Network& network) {
             layer.GetReflection()->GetUnknownFields(layer);
         if (unknown.field_count() > 0) {
           return absl::UnimplementedError(absl::StrCat(
-              prefix, " (", gradengine::Quote(layer.name()), ") has an op this server does not know (field ",
+              prefix, " (", gradengine::Quote(layer.name()),
+              ") has an op this server does not know (field ",
               unknown.field(0).number(), "); it supports conv2d and activation"));
         }
         return absl::InvalidArgumentError(absl::StrCat(
-            prefix, ".op (", gradengine::Quote(layer.name()), ") is not set; set conv2d or activation"));
+            prefix, ".op (", gradengine::Quote(layer.name()),
+            ") is not set; set conv2d or activation"));
       }
     }
     spec.layers.push_back(std::move(out));
@@ -648,7 +650,8 @@ absl::StatusOr<gradengine::GradientRequest> DecodeGradientRequest(
   if (selection.no_parameters() && !selection.parameters().empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "gradients.no_parameters is set, but gradients.parameters names ",
-        selection.parameters_size(), " (", gradengine::Quote(selection.parameters(0)), ", ...); set one"));
+        selection.parameters_size(), " (", gradengine::Quote(selection.parameters(0)),
+        ", ...); set one"));
   }
   out.gradients.all_parameters = !selection.no_parameters() && selection.parameters().empty();
   out.gradients.parameters.assign(selection.parameters().begin(), selection.parameters().end());
@@ -805,8 +808,9 @@ std::string FindInvalidUtf8In(const google::protobuf::Descriptor& type,
       continue;
     }
     const int index = seen[number]++;
-    const std::string path = absl::StrCat(prefix, field->name(),
-                                          field->is_repeated() ? absl::StrCat("[", index, "]") : "");
+    const std::string path =
+        absl::StrCat(prefix, field->name(),
+                     field->is_repeated() ? absl::StrCat("[", index, "]") : std::string());
     uint32_t length = 0;
     if (!in->ReadVarint32(&length)) return "";
     if (field->type() == FieldDescriptor::TYPE_STRING) {
