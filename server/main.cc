@@ -20,7 +20,9 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/time/time.h"
+#include "google/protobuf/stubs/logging.h"
 #include "gradengine/allocator.h"
 #include "server/server.h"
 
@@ -83,6 +85,19 @@ ABSL_FLAG(int64_t, max_shared_memory_mb, gradserver::SharedMemoryOptions().max_m
 
 namespace {
 
+// protobuf writes a line to stderr for every message it refuses for a string that is not UTF-8,
+// which any client can send as often as it likes; the request log already says which field it
+// was. Everything else protobuf logs goes to stderr as before.
+void ProtobufLog(google::protobuf::LogLevel level, const char* filename, int line,
+                 const std::string& message) {
+  if (absl::StrContains(message, "invalid UTF-8")) return;
+  const char* name = level == google::protobuf::LOGLEVEL_INFO      ? "INFO"
+                     : level == google::protobuf::LOGLEVEL_WARNING ? "WARNING"
+                     : level == google::protobuf::LOGLEVEL_ERROR   ? "ERROR"
+                                                                   : "FATAL";
+  std::fprintf(stderr, "[libprotobuf %s %s:%d] %s\n", name, filename, line, message.c_str());
+}
+
 const char* SignalName(int signal_number) {
   return signal_number == SIGTERM ? "SIGTERM" : signal_number == SIGINT ? "SIGINT" : "signal";
 }
@@ -91,6 +106,7 @@ const char* SignalName(int signal_number) {
 
 int main(int argc, char** argv) {
   gradengine::KeepFreedMemoryForReuse();
+  google::protobuf::SetLogHandler(&ProtobufLog);
   absl::SetProgramUsageMessage("Serves grad.v1.GradientService (gradient computation) over gRPC.");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() > 1) {

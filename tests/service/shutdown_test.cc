@@ -50,6 +50,35 @@ TEST(GradserverBinaryTest, InvalidOptionsExitWithCode2) {
   EXPECT_THAT(process.Stderr(), HasSubstr("max_message_mb=0 must be between 1 and 2047"));
 }
 
+// A string that is not UTF-8 is reported once, in the request's own log line naming the field;
+// protobuf's own line about it (one per such request, as often as a client likes) is not
+// written.
+TEST(GradserverBinaryTest, AStringThatIsNotUtf8IsLoggedOnceWithItsField) {
+  ASSERT_NE(Binary(), "") << "GRADSERVER_BINARY is not set; run this test through ctest";
+  ServerProcess process;
+  ASSERT_TRUE(process.Start(Binary(), {"--address=127.0.0.1:0"}));
+  const int port = process.WaitForPort(absl::Seconds(60));
+  ASSERT_GT(port, 0) << process.Stderr();
+  std::unique_ptr<grad::v1::GradientService::Stub> stub =
+      grad::v1::GradientService::NewStub(MakeChannel(absl::StrCat("127.0.0.1:", port)));
+  grad::v1::ComputeGradientsRequest request;
+  gradwire::EncodeGradientRequest(SmallCase("conv_relu_conv_tanh").GradientRequest(), &request);
+  request.mutable_network()->mutable_layers(0)->set_name("conv\xff");
+  for (int i = 0; i < 3; ++i) {
+    grad::v1::ComputeGradientsResponse response;
+    grpc::ClientContext context;
+    const grpc::Status status = stub->ComputeGradients(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(status.error_message(), HasSubstr("network.layers[0].name is not valid UTF-8"));
+  }
+  ASSERT_TRUE(process.WaitForStderr("code=INVALID_ARGUMENT", absl::Seconds(10)));
+  process.Signal(SIGTERM);
+  EXPECT_EQ(process.WaitForExit(absl::Seconds(60)), 0);
+  const std::string log = process.Stderr();
+  EXPECT_THAT(log, HasSubstr("error=\"network.layers[0].name is not valid UTF-8"));
+  EXPECT_THAT(log, ::testing::Not(HasSubstr("libprotobuf"))) << log;
+}
+
 TEST(GradserverBinaryTest, SigtermDrainsTheCallInFlightRefusesNewOnesAndExitsZero) {
   ASSERT_NE(Binary(), "") << "GRADSERVER_BINARY is not set; run this test through ctest";
   ServerProcess process;
