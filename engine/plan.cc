@@ -198,6 +198,25 @@ void ZeroChannelPadding(const memory::desc& desc, void* data) {
   const int64_t padded_channels = md.padded_dims[1] - md.dims[1];
   // A parallel region costs more than zeroing a small tensor.
   const bool parallel = batch * height * width * padded_channels >= (int64_t{1} << 16);
+  if (blocking.inner_nblks == 1 && blocking.inner_idxs[0] == 1) {
+    // nChw8c / nChw16c, the usual case: the padding of each pixel is one contiguous run at the
+    // end of its last channel block.
+    const int64_t block = blocking.inner_blks[0];
+    const int64_t first = md.dims[1] % block;
+    const int64_t last_block = md.dims[1] / block;
+    float* base = values + md.offset0 + last_block * blocking.strides[1];
+#pragma omp parallel for collapse(2) schedule(static) if (parallel)
+    for (int64_t n = 0; n < batch; ++n) {
+      for (int64_t h = 0; h < height; ++h) {
+        float* row = base + n * blocking.strides[0] + h * blocking.strides[2];
+        for (int64_t w = 0; w < width; ++w) {
+          std::fill(row + w * blocking.strides[3] + first, row + w * blocking.strides[3] + block,
+                    0.0f);
+        }
+      }
+    }
+    return;
+  }
 #pragma omp parallel for collapse(2) schedule(static) if (parallel)
   for (int64_t n = 0; n < batch; ++n) {
     for (int64_t h = 0; h < height; ++h) {
