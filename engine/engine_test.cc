@@ -4,11 +4,14 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <random>
 #include <thread>
 #include <vector>
 
 #include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/tolerance.h"
@@ -459,6 +462,116 @@ TEST(EngineTest, WorkspaceOverTheLimitIsResourceExhausted) {
   absl::StatusOr<GradientResult> result = engine->ComputeGradients(f.Request());
   EXPECT_EQ(result.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(result.status().message(), HasSubstr("bytes of intermediate buffers per call"));
+}
+
+std::unique_ptr<MemoryBudget> NewBudget(int64_t limit_bytes) {
+  MemoryBudgetOptions options;
+  options.limit_bytes = limit_bytes;
+  options.max_wait = absl::Milliseconds(200);
+  absl::StatusOr<std::unique_ptr<MemoryBudget>> budget = MemoryBudget::Create(options);
+  EXPECT_TRUE(budget.ok()) << budget.status();
+  return *std::move(budget);
+}
+
+TEST(EngineTest, ResultsHoldTheirShareOfTheBudgetUntilFreed) {
+  std::unique_ptr<MemoryBudget> budget = NewBudget(int64_t{1} << 30);
+  EngineOptions options;
+  options.memory_budget = budget.get();
+  {
+    std::unique_ptr<Engine> engine = MakeEngine(options);
+    Fixture3 f;
+    std::optional<GradientResult> result;
+    {
+      absl::StatusOr<GradientResult> computed = engine->ComputeGradients(f.Request());
+      ASSERT_TRUE(computed.ok()) << computed.status();
+      result = *std::move(computed);
+    }
+    // The call is over; its results still count, its workspace is now cached.
+    int64_t result_bytes = result->output.num_elements() + result->input_grad->num_elements();
+    for (const auto& [name, grad] : result->parameter_grads) result_bytes += grad.num_elements();
+    result_bytes *= static_cast<int64_t>(sizeof(float));
+    EXPECT_EQ(budget->stats().reserved_bytes, result_bytes);
+    EXPECT_GT(budget->stats().cached_bytes, 0);
+    EXPECT_EQ(budget->stats().cached_bytes, engine->stats().plan_cache_bytes);
+    result.reset();
+    EXPECT_EQ(budget->stats().reserved_bytes, 0);
+  }
+  // The engine gave back what it cached.
+  EXPECT_EQ(budget->stats().cached_bytes, 0);
+}
+
+TEST(EngineTest, ResultsMayOutliveAnEngineWithItsOwnBudget) {
+  std::optional<GradientResult> result;
+  {
+    std::unique_ptr<Engine> engine = MakeEngine();
+    Fixture3 f;
+    absl::StatusOr<GradientResult> computed = engine->ComputeGradients(f.Request());
+    ASSERT_TRUE(computed.ok()) << computed.status();
+    result = *std::move(computed);
+  }
+  EXPECT_GT(result->output.num_elements(), 0);
+  result.reset();  // gives its share back to the engine's budget, which it kept alive
+}
+
+TEST(EngineTest, ACallLargerThanTheBudgetIsResourceExhaustedAndTheNextOneFits) {
+  std::unique_ptr<MemoryBudget> budget = NewBudget(4096);
+  EngineOptions options;
+  options.memory_budget = budget.get();
+  std::unique_ptr<Engine> engine = MakeEngine(options);
+  Fixture3 f;
+  absl::StatusOr<GradientResult> result = engine->ComputeGradients(f.Request());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(result.status().message(), HasSubstr("more than the whole budget"));
+  EXPECT_EQ(budget->stats().reserved_bytes, 0);
+  // A network that needs less fits in the same budget.
+  std::vector<float> input = Random(16, 3);
+  ForwardRequest small;
+  small.network.layers = {{"s", ActivationSpec{ActivationKind::kSigmoid}}};
+  small.input = TensorView({1, 1, 4, 4}, input);
+  EXPECT_TRUE(engine->Forward(small).ok());
+}
+
+TEST(EngineTest, CachedWorkspacesGiveWayToACallThatNeedsTheRoom) {
+  std::vector<float> input = Random(64 * 64, 5);
+  auto request_of_width = [&](int64_t width) {
+    ForwardRequest request;
+    request.network.layers = {{"s", ActivationSpec{ActivationKind::kSigmoid}},
+                              {"t", ActivationSpec{ActivationKind::kTanh}}};
+    request.input =
+        TensorView({1, 1, 64, width}, absl::MakeConstSpan(input).subspan(0, 64 * width));
+    return request;
+  };
+  // Room for one call's workspace and output, not for a second plan's idle workspace besides.
+  std::unique_ptr<Engine> probe = MakeEngine();
+  ASSERT_TRUE(probe->Forward(request_of_width(64)).ok());
+  const int64_t one_call = probe->stats().plan_cache_bytes + 64 * 64 * 4;
+  std::unique_ptr<MemoryBudget> budget = NewBudget(one_call + one_call / 2);
+  EngineOptions options;
+  options.memory_budget = budget.get();
+  std::unique_ptr<Engine> engine = MakeEngine(options);
+  for (int64_t width : {64, 63, 64, 62}) {
+    absl::StatusOr<ForwardResult> result = engine->Forward(request_of_width(width));
+    ASSERT_TRUE(result.ok()) << "width " << width << ": " << result.status();
+    EXPECT_LE(budget->stats().peak_bytes, budget->limit_bytes());
+  }
+  EXPECT_GT(budget->stats().reclaimed_bytes, 0);
+  EXPECT_LE(budget->stats().cached_bytes, budget->limit_bytes());
+}
+
+TEST(EngineTest, ThePlanCacheStaysWithinItsBytes) {
+  EngineOptions options;
+  options.max_plan_cache_bytes = 64 << 10;
+  std::unique_ptr<Engine> engine = MakeEngine(options);
+  std::vector<float> input = Random(32 * 32, 9);
+  for (int64_t width = 16; width <= 32; ++width) {
+    ForwardRequest request;
+    request.network.layers = {{"s", ActivationSpec{ActivationKind::kSigmoid}}};
+    request.input =
+        TensorView({1, 1, 32, width}, absl::MakeConstSpan(input).subspan(0, 32 * width));
+    ASSERT_TRUE(engine->Forward(request).ok());
+    EXPECT_LE(engine->stats().plan_cache_bytes, options.max_plan_cache_bytes) << width;
+  }
+  EXPECT_GT(engine->stats().plans_evicted, 0);
 }
 
 TEST(EngineTest, CreateRejectsBadOptions) {
