@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -22,16 +21,15 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "gradengine/engine.h"
 #include "server/auth.h"
 #include "server/compute_pool.h"
 #include "server/gradient_service.h"
+#include "server/memory_limit.h"
 #include "server/metrics.h"
 #include "server/metrics_http.h"
 #include "server/server_metrics.h"
@@ -251,50 +249,13 @@ std::string WithPort(const std::string& address, int port) {
   return absl::StrCat(address.substr(0, colon + 1), port);
 }
 
-// The lowest memory limit set on the cgroup this process is in or any cgroup above it, read
-// from /proc/self/cgroup and the cgroup file system (v2: memory.max; v1: the memory
-// controller's memory.limit_in_bytes); 0 when none is set.
-int64_t CgroupMemoryLimit() {
-  std::ifstream cgroups("/proc/self/cgroup");
-  std::string line;
-  std::string v2_path;
-  std::string v1_path;
-  while (std::getline(cgroups, line)) {
-    // "0::/a/b" (v2) or "4:memory:/a/b", "4:cpu,memory:/a/b" (v1).
-    const std::vector<std::string> parts = absl::StrSplit(line, absl::MaxSplits(':', 2));
-    if (parts.size() != 3) continue;
-    if (parts[0] == "0" && parts[1].empty()) v2_path = parts[2];
-    for (absl::string_view controller : absl::StrSplit(parts[1], ',')) {
-      if (controller == "memory") v1_path = parts[2];
-    }
-  }
-  int64_t limit = 0;
-  auto walk = [&limit](const std::string& root, std::string path, const std::string& file) {
-    while (true) {
-      std::ifstream in(absl::StrCat(root, path == "/" ? "" : path, "/", file));
-      std::string text;
-      int64_t value = 0;
-      if ((in >> text) && text != "max" && absl::SimpleAtoi(text, &value) && value > 0 &&
-          (limit == 0 || value < limit)) {
-        limit = value;
-      }
-      const size_t slash = path.rfind('/');
-      if (path.empty() || path == "/" || slash == std::string::npos) break;
-      path = slash == 0 ? "/" : path.substr(0, slash);
-    }
-  };
-  if (!v2_path.empty()) walk("/sys/fs/cgroup", v2_path, "memory.max");
-  if (!v1_path.empty()) walk("/sys/fs/cgroup/memory", v1_path, "memory.limit_in_bytes");
-  return limit;
-}
-
 // The memory the process may use: its cgroups' limit if one is set below the machine's
 // physical memory, else physical memory. `source` says which.
 int64_t MemoryLimit(std::string* source) {
   const int64_t physical =
       static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
   *source = "physical memory";
-  const int64_t cgroup = CgroupMemoryLimit();
+  const int64_t cgroup = CgroupMemoryLimit("/proc/self/cgroup", "/sys/fs/cgroup");
   if (cgroup > 0 && cgroup < physical) {
     *source = "the cgroup memory limit";
     return cgroup;
