@@ -439,8 +439,9 @@ grpc::ServerUnaryReactor* GradientService::HandleCompute(grpc::CallbackServerCon
                                                          const grpc::ByteBuffer* request,
                                                          grpc::ByteBuffer* response) {
   if (!AdmitCall()) {
+    const Clock::time_point arrived = Clock::now();
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-    RecordMetrics(Method::kName, absl::StatusCode::kUnavailable, CallMeasurements());
+    RecordMetrics(Method::kName, absl::StatusCode::kUnavailable, TotalOnly(arrived));
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, kShuttingDown));
     return reactor;
   }

@@ -70,6 +70,10 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Create(
   server->new_task_queue = [] { return new httplib::ThreadPool(kHttpThreads); };
   server->set_keep_alive_max_count(1);
   server->set_keep_alive_timeout(kRequestWaitSeconds);
+  // A client that trickles its request (or reads the answer a byte at a time) holds a thread,
+  // and Stop() waits for it: each read and write gets no longer than the keep-alive wait.
+  server->set_read_timeout(kRequestWaitSeconds, 0);
+  server->set_write_timeout(kRequestWaitSeconds, 0);
   server->set_payload_max_length(kMaxRequestBodyBytes);
   server->Get("/metrics",
               [metrics](const httplib::Request& /*request*/, httplib::Response& response) {

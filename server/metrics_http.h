@@ -1,11 +1,13 @@
 // A plaintext HTTP/1.1 listener that serves a Metrics registry for Prometheus to scrape:
 // GET (and HEAD) /metrics answers 200 with Metrics::Render() as
 // "text/plain; version=0.0.4; charset=utf-8" (gzip-compressed for a scraper that asks for it);
-// every other path is 404. On cpp-httplib, with two threads of its own.
+// every other path is 404. On cpp-httplib, with three threads of its own (one accepts, two
+// answer).
 //
 // Each connection carries one request and is then closed (scrapes are seconds apart), so an idle
-// scraper never holds a thread: Stop() waits at most about a second for a connection that has
-// not sent its request yet.
+// scraper never holds a thread, and each read or write waits at most a second: Stop() waits
+// about a second for a connection that has not sent its request, and a second per read for one
+// that trickles it byte by byte.
 //
 // Thread safety: all methods may be called from any thread.
 

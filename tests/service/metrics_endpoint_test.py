@@ -577,7 +577,16 @@ class MetricsEndpointTest(unittest.TestCase):
         print(f"\n  load: {len(during)} scrapes, {busy} with calls in progress; gradctl bench: "
               f"{report['ok']} OK, {refused} RESOURCE_EXHAUSTED", file=sys.stderr)
 
-        after_load = scrape(server.metrics_port)
+        # A call is counted as answered a moment after its client has the answer: wait for
+        # the gauges to settle rather than race them.
+        deadline = time.monotonic() + 10
+        while True:
+            after_load = scrape(server.metrics_port)
+            if (after_load.value("gradserver_calls_in_progress") == 0 and
+                    after_load.value("gradserver_compute_running") == 0) or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         self.check_against(server, after_load, expected)
         self.check_idle_gauges(after_load, threads=1, queue=1)
 
