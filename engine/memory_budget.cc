@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <deque>
 #include <fstream>
 #include <utility>
 
@@ -19,7 +20,8 @@ constexpr int64_t kReturnCheckBytes = int64_t{1} << 20;
 
 constexpr absl::Duration kWaitSlice = absl::Milliseconds(50);
 
-// Freed memory is returned to the system at most this often when the limit is near.
+// Freed memory is returned to the system at most this often when the limit is near, unless 16
+// MiB or more have been given back since.
 constexpr absl::Duration kMinReturnInterval = absl::Milliseconds(100);
 
 std::string MiB(int64_t bytes) {
@@ -116,6 +118,7 @@ absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(
     bool wait) {
   bytes = std::max<int64_t>(bytes, 0);
   if (bytes == 0) return Reservation();
+  uint64_t ticket = 0;
   bool granted = false;
   {
     absl::MutexLock lock(&mu_);
@@ -123,9 +126,22 @@ absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(
       ++stats_.reservations_refused;
       return Refusal(bytes, purpose, ", more than the whole budget");
     }
-    granted = TakeIfFits(bytes);
+    // Waiting reservations are served first come, first served: a new one that would fit goes
+    // behind them, so that a large one is not passed over for ever. TryReserve does not queue.
+    granted = (!wait || waiting_.empty()) && TakeIfFits(bytes);
+    if (!granted && wait) {
+      ticket = next_ticket_++;
+      waiting_.push_back(ticket);
+    }
   }
   if (granted) return Grant(bytes, /*waited=*/false, /*may_trim=*/wait);
+  // Under mu_: whether this reservation may take memory now, and leaving the queue.
+  auto my_turn = [&] { return !wait || waiting_.front() == ticket; };
+  auto leave = [&] {
+    if (!wait) return;
+    waiting_.erase(std::find(waiting_.begin(), waiting_.end(), ticket));
+    given_back_.SignalAll();  // the next in line may fit now
+  };
   const absl::Time give_up = absl::Now() + options_.max_wait;
   bool waited = false;
   while (true) {
@@ -133,20 +149,30 @@ absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(
     bool cache_would_do = false;
     {
       absl::MutexLock lock(&mu_);
-      if (TakeIfFits(bytes)) break;
+      if (my_turn() && TakeIfFits(bytes)) {
+        leave();
+        break;
+      }
       short_by = bytes - (options_.limit_bytes - stats_.reserved_bytes - stats_.cached_bytes);
       // Only if giving up cached memory makes room; else it would be thrown away for nothing.
-      cache_would_do = bytes <= options_.limit_bytes - stats_.reserved_bytes;
+      cache_would_do = my_turn() && bytes <= options_.limit_bytes - stats_.reserved_bytes;
     }
     // Cached memory goes first: it is only kept in case it is needed again.
     if (cache_would_do && Reclaim(short_by) > 0) {
       absl::MutexLock lock(&mu_);
-      if (TakeIfFits(bytes)) break;
+      if (my_turn() && TakeIfFits(bytes)) {
+        leave();
+        break;
+      }
     }
     absl::MutexLock lock(&mu_);
-    if (TakeIfFits(bytes)) break;
+    if (my_turn() && TakeIfFits(bytes)) {
+      leave();
+      break;
+    }
     const absl::Time now = absl::Now();
     if (!wait || now >= give_up) {
+      leave();
       ++stats_.reservations_refused;
       return Refusal(
           bytes, purpose,
@@ -161,6 +187,7 @@ absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(
       absl::Status status = should_continue();
       mu_.Lock();
       if (!status.ok()) {
+        leave();
         ++stats_.reservations_refused;
         return status;
       }
@@ -172,6 +199,7 @@ absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(
 void MemoryBudget::Give(int64_t bytes) {
   absl::MutexLock lock(&mu_);
   stats_.reserved_bytes -= bytes;
+  freed_since_return_ += bytes;
   given_back_.SignalAll();
 }
 
@@ -188,6 +216,7 @@ void MemoryBudget::Uncache(int64_t bytes) {
   if (bytes <= 0) return;
   absl::MutexLock lock(&mu_);
   stats_.cached_bytes -= bytes;
+  freed_since_return_ += bytes;
   given_back_.SignalAll();
 }
 
@@ -252,11 +281,15 @@ void MemoryBudget::ReturnFreedMemoryIfOverLimit(int64_t incoming) {
 
 void MemoryBudget::ReturnFreedMemory() {
   {
-    // Trimming walks the heap under its lock, stalling every allocation: at most this often.
+    // Trimming walks the heap under its lock, stalling every allocation: not again and again for
+    // nothing, but whenever enough has been given back since the last time.
     absl::MutexLock lock(&mu_);
     const absl::Time now = absl::Now();
-    if (now - last_return_ < kMinReturnInterval) return;
+    if (now - last_return_ < kMinReturnInterval && freed_since_return_ < kReturnCheckBytes * 16) {
+      return;
+    }
     last_return_ = now;
+    freed_since_return_ = 0;
     ++stats_.returned_to_system;
   }
   malloc_trim(0);
@@ -264,7 +297,9 @@ void MemoryBudget::ReturnFreedMemory() {
 
 MemoryBudget::Stats MemoryBudget::stats() const {
   absl::MutexLock lock(&mu_);
-  return stats_;
+  Stats stats = stats_;
+  stats.waiting = static_cast<int64_t>(waiting_.size());
+  return stats;
 }
 
 }  // namespace gradengine

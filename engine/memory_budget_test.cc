@@ -140,6 +140,53 @@ TEST(MemoryBudgetTest, ClaimAndCacheMoveBytesWithoutChangingTheTotal) {
   budget->Uncache(600);
 }
 
+TEST(MemoryBudgetTest, WaitingReservationsAreServedFirstComeFirstServed) {
+  auto budget = NewBudget(1000, absl::Seconds(30));
+  auto held = std::make_unique<MemoryBudget::Reservation>(*budget->TryReserve(600, "held"));
+  std::atomic<int> order{0};
+  int large_rank = 0;
+  int small_rank = 0;
+  std::thread large([&] {
+    // Large enough that the small one cannot fit beside it.
+    absl::StatusOr<MemoryBudget::Reservation> r = budget->Reserve(750, "large", nullptr);
+    ASSERT_TRUE(r.ok()) << r.status();
+    large_rank = ++order;
+    absl::SleepFor(absl::Milliseconds(100));  // holds it a while
+  });
+  // The large one is waiting; a small one that would fit now must wait behind it.
+  auto wait_for_waiting = [&](int64_t n) {
+    while (budget->stats().waiting < n) absl::SleepFor(absl::Milliseconds(5));
+  };
+  wait_for_waiting(1);
+  std::thread small([&] {
+    absl::StatusOr<MemoryBudget::Reservation> r = budget->Reserve(300, "small", nullptr);
+    ASSERT_TRUE(r.ok()) << r.status();
+    small_rank = ++order;
+  });
+  wait_for_waiting(2);
+  absl::SleepFor(absl::Milliseconds(100));  // time for the small one to pass, were it allowed
+  EXPECT_EQ(order.load(), 0) << "the small reservation passed the large one waiting before it";
+  held.reset();
+  large.join();
+  small.join();
+  EXPECT_EQ(large_rank, 1);
+  EXPECT_EQ(small_rank, 2);
+  // TryReserve never queues: it takes what fits at once.
+  EXPECT_TRUE(budget->TryReserve(1000, "all").ok());
+  EXPECT_EQ(budget->stats().reserved_bytes, 0);
+}
+
+TEST(MemoryBudgetTest, AReservationThatGivesUpLeavesTheQueue) {
+  auto budget = NewBudget(1000, absl::Milliseconds(100));
+  auto held = budget->TryReserve(900, "held");
+  ASSERT_TRUE(held.ok());
+  EXPECT_EQ(budget->Reserve(500, "first", nullptr).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  held->Release();
+  // Nobody is left in line ahead of the next one.
+  EXPECT_TRUE(budget->Reserve(500, "second", nullptr).ok());
+}
+
 TEST(MemoryBudgetTest, ConcurrentReservationsNeverExceedTheLimit) {
   auto budget = NewBudget(1000, absl::Seconds(30));
   std::atomic<int64_t> held{0};

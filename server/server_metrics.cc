@@ -213,6 +213,10 @@ void AddServerMetrics(Metrics* metrics, const ServerMetricSources& sources) {
       "gradserver_memory_reservations_refused_total",
       "Reservations refused with RESOURCE_EXHAUSTED: more than the budget, or no room in time.",
       budget_stat(&gradengine::MemoryBudget::Stats::reservations_refused));
+  metrics->AddGauge("gradserver_memory_reservations_waiting",
+                    "Calls waiting for room in the memory budget now, served first come first "
+                    "served.",
+                    budget_stat(&gradengine::MemoryBudget::Stats::waiting));
   metrics->AddCounterCallback("gradserver_memory_reservations_waited_total",
                               "Reservations granted after waiting for room in the budget.",
                               budget_stat(&gradengine::MemoryBudget::Stats::reservations_waited));

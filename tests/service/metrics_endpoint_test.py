@@ -449,6 +449,7 @@ class MetricsEndpointTest(unittest.TestCase):
                            ("gradserver_memory_cached_bytes", "gauge"),
                            ("gradserver_memory_peak_bytes", "gauge"),
                            ("gradserver_memory_reservations_refused_total", "counter"),
+                           ("gradserver_memory_reservations_waiting", "gauge"),
                            ("gradserver_memory_reservations_waited_total", "counter"),
                            ("gradserver_memory_returned_to_system_total", "counter"),
                            ("gradserver_process_resident_bytes", "gauge"),

@@ -9,9 +9,9 @@
 //     cached memory, then waits for other reservations to end.
 // Memory the C library keeps after it is freed counts too: when the process's resident memory
 // plus a large reservation (1 MiB or more) would exceed the limit, freed memory is returned to
-// the system (malloc_trim, at most every 100 ms; never from TryReserve, whose callers must not
-// wait) before it is granted, so keeping freed memory for reuse (gradengine/allocator.h) does
-// not make the process hold more than the budget.
+// the system (malloc_trim; at most every 100 ms unless 16 MiB have been given back since; never
+// from TryReserve, whose callers must not wait) before it is granted, so keeping freed memory for
+// reuse (gradengine/allocator.h) does not make the process hold more than the budget.
 //
 // Memory nobody reserves (the program itself, thread stacks, small per-call objects, gRPC's
 // own buffers) is outside the budget; a process's resident size is the budget plus that.
@@ -23,6 +23,7 @@
 #define GRADENGINE_MEMORY_BUDGET_H_
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -87,6 +88,7 @@ class MemoryBudget {
     int64_t reservations_refused = 0;  // ResourceExhausted
     int64_t reclaimed_bytes = 0;       // cached memory freed for reservations
     int64_t returned_to_system = 0;    // times freed heap memory was given back (malloc_trim)
+    int64_t waiting = 0;               // reservations waiting now
   };
 
   // InvalidArgument for options out of range.
@@ -103,7 +105,8 @@ class MemoryBudget {
   // is in use and the limit. Never waits.
   absl::StatusOr<Reservation> TryReserve(int64_t bytes, absl::string_view purpose);
   // As TryReserve, but waits up to max_wait for other reservations to end, checking
-  // `should_continue` (may be empty) every 50 ms and returning its error.
+  // `should_continue` (may be empty) every 50 ms and returning its error. Waiting reservations
+  // are granted first come, first served: one that would fit waits while an older one does not.
   absl::StatusOr<Reservation> Reserve(int64_t bytes, absl::string_view purpose,
                                       const std::function<absl::Status()>& should_continue);
 
@@ -120,8 +123,8 @@ class MemoryBudget {
   int AddReclaimer(Reclaimer reclaimer);
   void RemoveReclaimer(int id);
 
-  // Gives the heap's free memory back to the system now (unless it did less than 100 ms ago),
-  // as after a cache frees a lot of it.
+  // Gives the heap's free memory back to the system now (unless it did less than 100 ms ago
+  // and under 16 MiB have been given back since), as after a cache frees a lot of it.
   void ReturnFreedMemory() ABSL_LOCKS_EXCLUDED(mu_);
 
   int64_t limit_bytes() const { return options_.limit_bytes; }
@@ -153,6 +156,11 @@ class MemoryBudget {
   // Signalled whenever reserved or cached bytes are given back.
   absl::CondVar given_back_;
   absl::Time last_return_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+  // Bytes given back (reservations ended, cached memory freed) since then.
+  int64_t freed_since_return_ ABSL_GUARDED_BY(mu_) = 0;
+  // Tickets of the reservations waiting, oldest first; only the oldest may take memory.
+  std::deque<uint64_t> waiting_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_ticket_ ABSL_GUARDED_BY(mu_) = 0;
   // Serializes reclaimers, and guards their list.
   absl::Mutex reclaim_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   int next_reclaimer_id_ ABSL_GUARDED_BY(reclaim_mu_) = 0;
