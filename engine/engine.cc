@@ -324,18 +324,25 @@ class Engine::Impl {
   // max_plan_cache_bytes: idle workspaces of the least recently used plans go first, and the
   // memory goes back to the system when that frees much.
   void KeepCacheWithinBytes() {
-    int64_t freed = 0;
+    int64_t workspace_bytes = 0;
     {
       absl::MutexLock lock(&mu_);
-      int64_t over = CacheBytes() - options_.max_plan_cache_bytes;
-      for (auto key = lru_.rbegin(); key != lru_.rend() && over > 0; ++key) {
-        const int64_t released = plans_.at(*key).plan->ReleaseIdleWorkspaces();
-        over -= released;
-        freed += released;
-      }
-      while (over > 0 && !lru_.empty()) over -= EvictLeastRecentlyUsed();
+      ShrinkCache(CacheBytes() - options_.max_plan_cache_bytes, &workspace_bytes);
     }
-    if (freed >= kReturnFreedMemoryBytes) budget_.ReturnFreedMemory();
+    if (workspace_bytes >= kReturnFreedMemoryBytes) budget_.ReturnFreedMemory();
+  }
+
+  // Frees about `wanted` bytes of the cache, or more: idle workspaces first, least recently
+  // used plan first, then whole plans. Returns the bytes freed, of which `*workspace_bytes`
+  // were idle workspaces.
+  int64_t ShrinkCache(int64_t wanted, int64_t* workspace_bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    int64_t freed = 0;
+    for (auto key = lru_.rbegin(); key != lru_.rend() && freed < wanted; ++key) {
+      freed += plans_.at(*key).plan->ReleaseIdleWorkspaces();
+    }
+    *workspace_bytes = freed;
+    while (freed < wanted && !lru_.empty()) freed += EvictLeastRecentlyUsed();
+    return freed;
   }
 
   // Estimated plan memory plus idle workspaces of every cached plan.
@@ -360,16 +367,11 @@ class Engine::Impl {
     return bytes;
   }
 
-  // The budget's reclaimer: idle workspaces first, least recently used plan first, then whole
-  // plans.
+  // The budget's reclaimer.
   int64_t Reclaim(int64_t wanted) {
     absl::MutexLock lock(&mu_);
-    int64_t freed = 0;
-    for (auto key = lru_.rbegin(); key != lru_.rend() && freed < wanted; ++key) {
-      freed += plans_.at(*key).plan->ReleaseIdleWorkspaces();
-    }
-    while (freed < wanted && !lru_.empty()) freed += EvictLeastRecentlyUsed();
-    return freed;
+    int64_t workspace_bytes = 0;
+    return ShrinkCache(wanted, &workspace_bytes);
   }
 
   struct CacheEntry {

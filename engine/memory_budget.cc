@@ -1,15 +1,14 @@
 #include "gradengine/memory_budget.h"
 
 #include <malloc.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cassert>
 #include <deque>
-#include <fstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "gradengine/allocator.h"
 
 namespace gradengine {
 namespace {
@@ -270,12 +269,8 @@ int64_t MemoryBudget::Reclaim(int64_t wanted) {
 void MemoryBudget::ReturnFreedMemoryIfOverLimit(int64_t incoming) {
   // The heap keeps freed chunks in its bins, counted as free even once returned, so the test is
   // the process's resident memory: with what is coming, would it pass the limit?
-  std::ifstream statm("/proc/self/statm");
-  int64_t pages = 0;
-  int64_t resident_pages = 0;
-  if (!(statm >> pages >> resident_pages)) return;
-  const int64_t resident = resident_pages * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
-  if (resident + incoming <= options_.limit_bytes) return;
+  const int64_t resident = ResidentMemoryBytes();
+  if (resident < 0 || resident + incoming <= options_.limit_bytes) return;
   ReturnFreedMemory();
 }
 

@@ -5,9 +5,9 @@
 
 namespace gradengine {
 
-std::string Quote(absl::string_view value) {
-  if (value.size() <= kMaxQuotedBytes) return absl::StrCat("\"", absl::CEscape(value), "\"");
-  return absl::StrCat("\"", absl::CEscape(value.substr(0, kMaxQuotedBytes)), "\"...");
+std::string Quote(absl::string_view value, size_t max_bytes) {
+  if (value.size() <= max_bytes) return absl::StrCat("\"", absl::CEscape(value), "\"");
+  return absl::StrCat("\"", absl::CEscape(value.substr(0, max_bytes)), "\"...");
 }
 
 }  // namespace gradengine

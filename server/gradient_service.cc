@@ -58,20 +58,14 @@ CallMeasurements TotalOnly(Clock::time_point arrived) {
 // The request_id as the log shows it: quoted, escaped, and cut at the longest accepted length
 // so that an oversized one cannot flood the log.
 std::string LoggedRequestId(const std::string& request_id) {
-  if (request_id.size() <= kMaxRequestIdBytes) {
-    return absl::StrCat("\"", absl::CEscape(request_id), "\"");
-  }
-  return absl::StrCat("\"", absl::CEscape(request_id.substr(0, kMaxRequestIdBytes)), "\"...");
+  return gradengine::Quote(request_id, kMaxRequestIdBytes);
 }
 
 // A status message as a log line shows it: quoted, escaped and cut to a bounded length. Messages
 // quote client strings only through gradengine::Quote, so this is a second bound, not the first.
 std::string LoggedError(const absl::Status& status) {
   constexpr size_t kMaxLoggedErrorBytes = 1024;
-  const absl::string_view message = status.message();
-  if (message.size() <= kMaxLoggedErrorBytes)
-    return absl::StrCat("\"", absl::CEscape(message), "\"");
-  return absl::StrCat("\"", absl::CEscape(message.substr(0, kMaxLoggedErrorBytes)), "\"...");
+  return gradengine::Quote(status.message(), kMaxLoggedErrorBytes);
 }
 
 // What differs between Forward and ComputeGradients; everything else is ComputeCall.

@@ -178,12 +178,9 @@ int main(int argc, char** argv) {
                  (*server)->metrics_listening_address().c_str());
   }
   std::fprintf(stderr, "gradserver listening on %s\n", (*server)->listening_address().c_str());
-  if (absl::StatusOr<gradserver::ResolvedMemoryBudget> memory =
-          gradserver::ResolveMemoryBudget(options);
-      memory.ok()) {
-    std::fprintf(stderr, "gradserver: memory budget %lld MiB (%s)\n",
-                 static_cast<long long>(memory->bytes >> 20), memory->source.c_str());
-  }
+  std::fprintf(stderr, "gradserver: memory budget %lld MiB (%s)\n",
+               static_cast<long long>((*server)->memory_budget().bytes >> 20),
+               (*server)->memory_budget().source.c_str());
   if (options.shared_memory.allowed) {
     std::fprintf(stderr, "gradserver: shared memory allowed: up to %d regions, %lld MiB mapped\n",
                  options.shared_memory.max_regions,

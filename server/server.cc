@@ -363,6 +363,8 @@ class Server::Impl {
 
   int port() const { return port_; }
   int health_port() const { return health_port_; }
+  const ResolvedMemoryBudget& memory_budget() const { return memory_budget_; }
+  void set_memory_budget(ResolvedMemoryBudget memory) { memory_budget_ = std::move(memory); }
   int metrics_port() const { return metrics_http_ == nullptr ? 0 : metrics_http_->port(); }
   const ServerOptions& options() const { return options_; }
 
@@ -460,6 +462,7 @@ class Server::Impl {
   grpc::CallbackGenericService health_only_;
   std::unique_ptr<grpc::Server> health_server_;
   int health_port_ = 0;
+  ResolvedMemoryBudget memory_budget_;
   // Stopped (in Shutdown) before anything its gauges read is destroyed.
   std::unique_ptr<MetricsHttpServer> metrics_http_;
 
@@ -544,6 +547,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   auto impl = std::make_unique<Impl>(
       options, *std::move(security), *std::move(budget), *std::move(engine), *std::move(pool),
       *std::move(shared_memory), std::move(service), std::move(metrics));
+  impl->set_memory_budget(*std::move(memory));
   if (absl::Status status = impl->Start(); !status.ok()) return status;
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
@@ -556,6 +560,8 @@ int Server::port() const { return impl_->port(); }
 std::string Server::listening_address() const {
   return WithPort(impl_->options().address, impl_->port());
 }
+
+const ResolvedMemoryBudget& Server::memory_budget() const { return impl_->memory_budget(); }
 
 int Server::health_port() const { return impl_->health_port(); }
 

@@ -139,6 +139,9 @@ class Server {
   // `options.address` with its port replaced by port(), e.g. "127.0.0.1:40123".
   std::string listening_address() const;
 
+  // The memory budget the server runs with, and where it comes from.
+  const ResolvedMemoryBudget& memory_budget() const;
+
   // The health listener's port, and `options.health_address` with it; 0 and empty without one.
   int health_port() const;
   std::string health_listening_address() const;

@@ -1,11 +1,8 @@
 #include "server/server_metrics.h"
 
-#include <unistd.h>
-
 #include <array>
 #include <atomic>
 #include <chrono>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <string>
@@ -14,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "gradengine/allocator.h"
 
 namespace gradserver {
 namespace {
@@ -226,13 +224,7 @@ void AddServerMetrics(Metrics* metrics, const ServerMetricSources& sources) {
   metrics->AddGauge("gradserver_process_resident_bytes",
                     "The process's resident memory now (/proc/self/statm): the budget's "
                     "memory plus what it does not count.",
-                    [] {
-                      std::ifstream statm("/proc/self/statm");
-                      double pages = 0;
-                      double resident = 0;
-                      statm >> pages >> resident;
-                      return resident * static_cast<double>(sysconf(_SC_PAGESIZE));
-                    });
+                    [] { return static_cast<double>(gradengine::ResidentMemoryBytes()); });
   metrics->AddGauge("gradserver_plan_cache_bytes",
                     "Bytes the plan cache holds: estimated plan memory and idle workspaces.",
                     [engine] { return static_cast<double>(engine->stats().plan_cache_bytes); });

@@ -3,6 +3,8 @@
 #ifndef GRADENGINE_ALLOCATOR_H_
 #define GRADENGINE_ALLOCATOR_H_
 
+#include <cstdint>
+
 namespace gradengine {
 
 // Sets process-wide malloc options for programs that allocate and free large tensors over and
@@ -15,6 +17,9 @@ namespace gradengine {
 // is kept for reuse (M_TRIM_THRESHOLD). Call it at the start of main, before other threads
 // exist. Returns false if the C library rejected an option (then nothing is guaranteed).
 bool KeepFreedMemoryForReuse();
+
+// The process's resident memory in bytes (/proc/self/statm), or -1 if it cannot be read.
+int64_t ResidentMemoryBytes();
 
 }  // namespace gradengine
 

@@ -14,9 +14,9 @@ namespace gradengine {
 // Most bytes of a client-supplied string that a message quotes.
 inline constexpr size_t kMaxQuotedBytes = 64;
 
-// `value` in double quotes, C-escaped, cut to its first kMaxQuotedBytes bytes (then followed
-// by "..."): "conv1.weight", "a\001b", "nnnn…"...
-std::string Quote(absl::string_view value);
+// `value` in double quotes, C-escaped, cut to its first `max_bytes` bytes (then followed by
+// "..."): "conv1.weight", "a\001b", "nnnn…"...
+std::string Quote(absl::string_view value, size_t max_bytes = kMaxQuotedBytes);
 
 }  // namespace gradengine
 
