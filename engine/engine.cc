@@ -102,6 +102,44 @@ Tensor ResultTensor(const std::vector<int64_t>& shape, const std::optional<Resul
                 TensorBuffer::Wrap(memory->data, static_cast<size_t>(elements), memory->owner));
 }
 
+// The parameters a call binds: `given`, or when it leaves out optional buffers, a copy with
+// each of them added, filled with its default, in memory `defaults` holds.
+const ParameterViews* CompleteParameters(const ValidatedNetwork& validated,
+                                         const ParameterViews& given, ParameterViews* completed,
+                                         std::vector<std::vector<float>>* defaults) {
+  const ParameterViews* result = &given;
+  for (const ParameterInfo& info : validated.parameters) {
+    if (info.required || given.count(info.name) > 0) continue;
+    if (result == &given) {
+      *completed = given;
+      result = completed;
+    }
+    defaults->emplace_back(static_cast<size_t>(Elements(info.shape)), info.fill);
+    completed->emplace(info.name, TensorView(info.shape, absl::MakeSpan(defaults->back())));
+  }
+  return result;
+}
+
+// Bytes of the buffers a call returns updated (running statistics).
+int64_t UpdatedBufferBytes(const ValidatedNetwork& validated) {
+  int64_t bytes = 0;
+  for (const ParameterInfo& info : validated.parameters) {
+    if (info.updated) bytes += Elements(info.shape) * static_cast<int64_t>(sizeof(float));
+  }
+  return bytes;
+}
+
+ParameterTensors UpdatedBuffers(const ValidatedNetwork& validated,
+                                const std::shared_ptr<MemoryBudget::Reservation>& reservation) {
+  ParameterTensors buffers;
+  for (const ParameterInfo& info : validated.parameters) {
+    if (info.updated) {
+      buffers.emplace(info.name, ResultTensor(info.shape, std::nullopt, reservation));
+    }
+  }
+  return buffers;
+}
+
 }  // namespace
 
 // Freeing at least this much from the plan cache at once returns the memory to the system.
@@ -140,15 +178,19 @@ class Engine::Impl {
         ResultBytes(output_shape, request.placement.output, "output");
     if (!output_bytes.ok()) return output_bytes.status();
     std::shared_ptr<MemoryBudget::Reservation> results = NewResultsReservation();
-    absl::StatusOr<Plan::WorkspaceLease> lease =
-        (*plan)->LeaseWorkspace(*output_bytes, request.should_continue, results.get());
+    absl::StatusOr<Plan::WorkspaceLease> lease = (*plan)->LeaseWorkspace(
+        *output_bytes + UpdatedBufferBytes(*validated), request.should_continue, results.get());
     if (!lease.ok()) return lease.status();
 
     PlanBindings bindings;
     bindings.input = request.input;
-    bindings.parameters = &request.parameters;
+    ParameterViews completed;
+    std::vector<std::vector<float>> defaults;
+    bindings.parameters = CompleteParameters(*validated, request.parameters, &completed, &defaults);
     ForwardResult result;
     result.output = ResultTensor(output_shape, request.placement.output, results);
+    result.running_stats = UpdatedBuffers(*validated, results);
+    bindings.running_stats = &result.running_stats;
     bindings.output = &result.output;
     std::chrono::steady_clock::time_point forward_done;
     bindings.forward_done = &forward_done;
@@ -168,8 +210,10 @@ class Engine::Impl {
     PlanNeeds needs;
     needs.training = true;
     needs.input_grad = request.gradients.input;
-    for (const auto& [name, shape] : validated->parameter_shapes) {
-      if (request.gradients.WantsParameter(name)) needs.parameter_grads.insert(name);
+    for (const ParameterInfo& info : validated->parameters) {
+      if (info.trainable && request.gradients.WantsParameter(info.name)) {
+        needs.parameter_grads.insert(info.name);
+      }
     }
     absl::StatusOr<std::shared_ptr<Plan>> plan =
         GetPlan(request.network, *validated, request.input.shape, needs);
@@ -207,14 +251,16 @@ class Engine::Impl {
         return s;
       }
     }
-    for (const auto& [name, shape] : validated->parameter_shapes) {
-      if (needs.parameter_grads.count(name) == 0) continue;
-      if (absl::Status s = count(ResultBytes(shape, placed_grad(name),
-                                             absl::StrCat("parameter_grads[", Quote(name), "]")));
+    for (const ParameterInfo& info : validated->parameters) {
+      if (needs.parameter_grads.count(info.name) == 0) continue;
+      if (absl::Status s =
+              count(ResultBytes(info.shape, placed_grad(info.name),
+                                absl::StrCat("parameter_grads[", Quote(info.name), "]")));
           !s.ok()) {
         return s;
       }
     }
+    result_bytes += UpdatedBufferBytes(*validated);
     std::shared_ptr<MemoryBudget::Reservation> results = NewResultsReservation();
     absl::StatusOr<Plan::WorkspaceLease> lease =
         (*plan)->LeaseWorkspace(result_bytes, request.should_continue, results.get());
@@ -225,14 +271,19 @@ class Engine::Impl {
     if (needs.input_grad) {
       result.input_grad = ResultTensor(request.input.shape, request.placement.input_grad, results);
     }
-    for (const auto& [name, shape] : validated->parameter_shapes) {
-      if (needs.parameter_grads.count(name) == 0) continue;
-      result.parameter_grads.emplace(name, ResultTensor(shape, placed_grad(name), results));
+    for (const ParameterInfo& info : validated->parameters) {
+      if (needs.parameter_grads.count(info.name) == 0) continue;
+      result.parameter_grads.emplace(info.name,
+                                     ResultTensor(info.shape, placed_grad(info.name), results));
     }
+    result.running_stats = UpdatedBuffers(*validated, results);
 
     PlanBindings bindings;
     bindings.input = request.input;
-    bindings.parameters = &request.parameters;
+    ParameterViews completed;
+    std::vector<std::vector<float>> defaults;
+    bindings.parameters = CompleteParameters(*validated, request.parameters, &completed, &defaults);
+    bindings.running_stats = &result.running_stats;
     bindings.output = &result.output;
     bindings.objective = &request.objective;
     bindings.loss = &result.loss;

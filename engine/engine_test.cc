@@ -374,17 +374,18 @@ TEST(EngineTest, RejectsBadRequestsAndKeepsWorking) {
        [&](GradientRequest& r) {
          r.parameters["c3.bias"] = TensorView({4}, absl::MakeSpan(spare.data(), 4));
        },
-       kInvalid, "parameters[\"c3.bias\"] is given but layers[2].conv2d.bias is false"},
+       kInvalid,
+       "parameters[\"c3.bias\"] is given but layers[2] (\"c3\", conv2d) takes \"c3.weight\""},
       {"parameter for activation",
        [&](GradientRequest& r) {
          r.parameters["act.weight"] = TensorView({4}, absl::MakeSpan(spare.data(), 4));
        },
-       kInvalid, "layers[1] (\"act\") is an activation without parameters"},
+       kInvalid, "layers[1] (\"act\", activation) takes no parameters"},
       {"unknown parameter",
        [&](GradientRequest& r) {
          r.parameters["nope.weight"] = TensorView({4}, absl::MakeSpan(spare.data(), 4));
        },
-       kInvalid, "parameters[\"nope.weight\"] does not belong to any layer"},
+       kInvalid, "parameters[\"nope.weight\"] is given, but it does not belong to any layer"},
       {"input too short", [&](GradientRequest& r) { r.input.size -= 1; }, kInvalid,
        "input has 377 values but its shape [2, 3, 9, 7] needs 378"},
       {"parameter too long", [&](GradientRequest& r) { r.parameters["c1.bias"].size = 6; },

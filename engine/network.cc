@@ -3,12 +3,13 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <set>
+#include <map>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "engine/layers/layer_kind.h"
 #include "gradengine/quote.h"
 
 namespace gradengine {
@@ -19,34 +20,6 @@ bool CheckedMultiply(int64_t a, int64_t b, int64_t* product) {
   if (a != 0 && b > std::numeric_limits<int64_t>::max() / a) return false;
   *product = a * b;
   return true;
-}
-
-absl::Status CheckPositive(const std::string& field, int64_t value) {
-  if (value < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(field, "=", value, " must be positive"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckNonNegative(const std::string& field, int64_t value) {
-  if (value < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(field, "=", value, " must be >= 0"));
-  }
-  return absl::OkStatus();
-}
-
-// Caps far above any real network, so that the index arithmetic below can never overflow and
-// a tiny request cannot make oneDNN spend minutes compiling kernels for absurd windows (padding,
-// stride or dilation of 2^24 took 24-124 s to compile).
-constexpr int64_t kMaxChannels = int64_t{1} << 24;
-constexpr int64_t kMaxWindow = 4096;  // kernel size, stride, padding and dilation
-
-absl::Status CheckBounded(const std::string& field, int64_t value, int64_t limit) {
-  if (value > limit) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, "=", value, " exceeds the supported maximum ", limit));
-  }
-  return absl::OkStatus();
 }
 
 absl::Status CheckElementLimit(const std::string& what, absl::Span<const int64_t> shape,
@@ -60,92 +33,24 @@ absl::Status CheckElementLimit(const std::string& what, absl::Span<const int64_t
   return absl::OkStatus();
 }
 
-absl::Status ValidateConv(const Conv2dSpec& conv, const std::string& prefix,
-                          absl::Span<const int64_t> in_shape, std::vector<int64_t>* out_shape) {
-  const std::string p = prefix + ".conv2d.";
-  for (const auto& [field, value] :
-       {std::pair<const char*, int64_t>{"in_channels", conv.in_channels},
-        {"out_channels", conv.out_channels},
-        {"kernel_size[0]", conv.kernel_h},
-        {"kernel_size[1]", conv.kernel_w},
-        {"stride[0]", conv.stride_h},
-        {"stride[1]", conv.stride_w},
-        {"dilation[0]", conv.dilation_h},
-        {"dilation[1]", conv.dilation_w},
-        {"groups", conv.groups}}) {
-    if (absl::Status s = CheckPositive(p + field, value); !s.ok()) return s;
-    const bool channels = absl::string_view(field) == "in_channels" ||
-                          absl::string_view(field) == "out_channels" ||
-                          absl::string_view(field) == "groups";
-    if (absl::Status s = CheckBounded(p + field, value, channels ? kMaxChannels : kMaxWindow);
-        !s.ok()) {
-      return s;
-    }
+// Where `reference` (a layer's `input`, or an add's `other`) points: the index of an earlier
+// layer, or -1 for the network's input. `layers` maps every name to its index.
+absl::StatusOr<int> ResolveSource(const std::string& field, const std::string& reference, int layer,
+                                  const std::map<std::string, int>& layers) {
+  if (reference == kNetworkInput) return -1;
+  auto it = layers.find(reference);
+  if (it == layers.end()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, "=", Quote(reference),
+                                                   " names no layer (nor \"", kNetworkInput,
+                                                   "\", the network's input)"));
   }
-  for (const auto& [field, value] : {std::pair<const char*, int64_t>{"padding[0]", conv.pad_top},
-                                     {"padding[1]", conv.pad_bottom},
-                                     {"padding[2]", conv.pad_left},
-                                     {"padding[3]", conv.pad_right}}) {
-    if (absl::Status s = CheckNonNegative(p + field, value); !s.ok()) return s;
-    if (absl::Status s = CheckBounded(p + field, value, kMaxWindow); !s.ok()) return s;
-  }
-  if (conv.in_channels % conv.groups != 0) {
+  if (it->second >= layer) {
     return absl::InvalidArgumentError(
-        absl::StrCat(p, "groups=", conv.groups, " does not divide in_channels=", conv.in_channels));
+        absl::StrCat(field, "=", Quote(reference), " names layers[", it->second, "]",
+                     it->second == layer ? ", the layer itself" : ", a later layer",
+                     ": a layer can only read the input or an earlier layer"));
   }
-  if (conv.out_channels % conv.groups != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        p, "groups=", conv.groups, " does not divide out_channels=", conv.out_channels));
-  }
-  if (in_shape[1] != conv.in_channels) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(p, "in_channels=", conv.in_channels, " does not match the ", in_shape[1],
-                     " channels of its input ", ShapeToString(in_shape)));
-  }
-  // The padded input must be countable: with max_elements near INT64_MAX an input side can be
-  // too, and ConvOutputSize would overflow adding the padding (at most kMaxWindow by now).
-  if (in_shape[2] > std::numeric_limits<int64_t>::max() - conv.pad_top - conv.pad_bottom ||
-      in_shape[3] > std::numeric_limits<int64_t>::max() - conv.pad_left - conv.pad_right) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(p, "padding top/bottom/left/right ", conv.pad_top, "/", conv.pad_bottom, "/",
-                     conv.pad_left, "/", conv.pad_right, " makes its input ",
-                     ShapeToString(in_shape), " longer than int64 can count"));
-  }
-  const int64_t out_h = ConvOutputSize(in_shape[2], conv.kernel_h, conv.stride_h, conv.pad_top,
-                                       conv.pad_bottom, conv.dilation_h);
-  const int64_t out_w = ConvOutputSize(in_shape[3], conv.kernel_w, conv.stride_w, conv.pad_left,
-                                       conv.pad_right, conv.dilation_w);
-  if (out_h < 1 || out_w < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        p, "kernel_size=[", conv.kernel_h, ", ", conv.kernel_w, "] with dilation=[",
-        conv.dilation_h, ", ", conv.dilation_w, "] is larger than the padded input ",
-        ShapeToString(in_shape), " (padding top/bottom/left/right ", conv.pad_top, "/",
-        conv.pad_bottom, "/", conv.pad_left, "/", conv.pad_right, "): the output would be empty"));
-  }
-  *out_shape = {in_shape[0], conv.out_channels, out_h, out_w};
-  return absl::OkStatus();
-}
-
-absl::Status ValidateActivation(const ActivationSpec& act, const std::string& prefix) {
-  switch (act.kind) {
-    case ActivationKind::kRelu:
-    case ActivationKind::kTanh:
-    case ActivationKind::kSigmoid:
-    case ActivationKind::kGeluErf:
-    case ActivationKind::kGeluTanh:
-      return absl::OkStatus();
-    case ActivationKind::kLeakyRelu:
-    case ActivationKind::kElu:
-      if (!std::isfinite(act.alpha)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            prefix, ".", ActivationName(act.kind),
-            act.kind == ActivationKind::kElu ? ".alpha=" : ".negative_slope=", act.alpha,
-            " must be finite"));
-      }
-      return absl::OkStatus();
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat(prefix, ".activation=", static_cast<int>(act.kind), " is not a known kind"));
+  return it->second;
 }
 
 }  // namespace
@@ -190,8 +95,77 @@ const char* ObjectiveName(ObjectiveKind kind) {
       return "sum";
     case ObjectiveKind::kGradOutput:
       return "grad_output";
+    case ObjectiveKind::kCrossEntropy:
+      return "cross_entropy";
   }
   return "unknown";
+}
+
+MaxPool2dSpec MaxPool2dSpec::Square(int64_t kernel, int64_t stride, int64_t padding) {
+  MaxPool2dSpec spec;
+  spec.kernel_h = spec.kernel_w = kernel;
+  spec.stride_h = spec.stride_w = stride == 0 ? kernel : stride;
+  spec.pad_h = spec.pad_w = padding;
+  return spec;
+}
+
+AvgPool2dSpec AvgPool2dSpec::Square(int64_t kernel, int64_t stride, int64_t padding) {
+  AvgPool2dSpec spec;
+  spec.kernel_h = spec.kernel_w = kernel;
+  spec.stride_h = spec.stride_w = stride == 0 ? kernel : stride;
+  spec.pad_h = spec.pad_w = padding;
+  return spec;
+}
+
+const char* LayerKindName(const LayerOp& op) {
+  return VisitLayer(op, [](auto kind, const auto&) -> const char* { return kind.kName; });
+}
+
+std::vector<ParameterInfo> LayerParameters(const LayerSpec& layer) {
+  std::vector<ParameterInfo> parameters;
+  VisitLayer(layer.op,
+             [&](auto kind, const auto& spec) { kind.Parameters(layer.name, spec, &parameters); });
+  return parameters;
+}
+
+absl::Status CheckPositive(const std::string& field, int64_t value, int64_t limit) {
+  if (value < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(field, "=", value, " must be positive"));
+  }
+  if (value > limit) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, "=", value, " exceeds the supported maximum ", limit));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckNonNegative(const std::string& field, int64_t value, int64_t limit) {
+  if (value < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(field, "=", value, " must be >= 0"));
+  }
+  if (value > limit) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, "=", value, " exceeds the supported maximum ", limit));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckFourDims(const ShapeContext& context, absl::string_view kind) {
+  if (context.input_shape.size() == 4) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(context.prefix, " (", kind, ") needs an NCHW input, but its input is ",
+                   ShapeToString(context.input_shape),
+                   ": after a linear layer only linear layers, activations and adds may follow"));
+}
+
+int64_t PoolOutputSize(int64_t input, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation,
+                       bool ceil_mode) {
+  const int64_t span = dilation * (kernel - 1) + 1;
+  const int64_t room = input + 2 * pad - span + (ceil_mode ? stride - 1 : 0);
+  if (room < 0) return 0;
+  int64_t out = room / stride + 1;
+  if (ceil_mode && (out - 1) * stride >= input + pad) --out;
+  return out;
 }
 
 int64_t ConvOutputSize(int64_t input, int64_t kernel, int64_t stride, int64_t pad_begin,
@@ -256,44 +230,78 @@ absl::StatusOr<ValidatedNetwork> ValidateNetwork(const NetworkSpec& network,
   if (absl::Status s = CheckElementLimit("input", input_shape, max_elements); !s.ok()) return s;
 
   ValidatedNetwork result;
-  std::set<std::string> names;
-  std::vector<int64_t> shape(input_shape.begin(), input_shape.end());
+  std::map<std::string, int> names;
+  for (size_t i = 0; i < network.layers.size(); ++i) {
+    const std::string field = absl::StrCat("layers[", i, "].name");
+    const std::string& name = network.layers[i].name;
+    if (absl::Status s = CheckName(field, name); !s.ok()) return s;
+    if (name == kNetworkInput) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, "=", Quote(name), " is reserved: it names the network's input"));
+    }
+    if (!names.emplace(name, static_cast<int>(i)).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, "=", Quote(name), " is used by an earlier layer"));
+    }
+  }
+  const std::vector<int64_t> network_input(input_shape.begin(), input_shape.end());
+  std::vector<int> readers(network.layers.size(), 0);
+  auto shape_of = [&](int source) -> const std::vector<int64_t>& {
+    return source < 0 ? network_input : result.output_shapes[source];
+  };
   for (size_t i = 0; i < network.layers.size(); ++i) {
     const LayerSpec& layer = network.layers[i];
-    const std::string prefix = absl::StrCat("layers[", i, "]");
-    if (absl::Status s = CheckName(absl::StrCat(prefix, ".name"), layer.name); !s.ok()) {
+    const int index = static_cast<int>(i);
+    ShapeContext context;
+    context.prefix = absl::StrCat("layers[", i, "]");
+    int source = index - 1;
+    if (!layer.input.empty()) {
+      absl::StatusOr<int> resolved =
+          ResolveSource(context.prefix + ".input", layer.input, index, names);
+      if (!resolved.ok()) return resolved.status();
+      source = *resolved;
+    }
+    int other = -1;
+    if (const auto* add = std::get_if<AddSpec>(&layer.op)) {
+      absl::StatusOr<int> resolved =
+          ResolveSource(context.prefix + ".add.other", add->other, index, names);
+      if (!resolved.ok()) return resolved.status();
+      other = *resolved;
+      context.other_shape = shape_of(other);
+      if (other >= 0) ++readers[other];
+    }
+    if (source >= 0) ++readers[source];
+    context.input_shape = shape_of(source);
+    std::vector<int64_t> out_shape;
+    absl::Status status = VisitLayer(layer.op, [&](auto kind, const auto& spec) {
+      result.mixes_batch |= kind.MixesBatch(spec);
+      return kind.InferShape(spec, context, &out_shape);
+    });
+    if (!status.ok()) return status;
+    if (absl::Status s = CheckElementLimit(context.prefix + ".output", out_shape, max_elements);
+        !s.ok()) {
       return s;
     }
-    if (!names.insert(layer.name).second) {
+    for (ParameterInfo& parameter : LayerParameters(layer)) {
+      if (absl::Status s = CheckElementLimit(absl::StrCat(context.prefix, ".", parameter.name),
+                                             parameter.shape, max_elements);
+          !s.ok()) {
+        return s;
+      }
+      result.parameters.push_back(std::move(parameter));
+    }
+    result.input_sources.push_back(source);
+    result.add_sources.push_back(other);
+    result.output_shapes.push_back(std::move(out_shape));
+  }
+  // Every output but the last is read by some layer: a dead branch would be computed for
+  // nothing and its parameters would get zero gradients.
+  for (size_t i = 0; i + 1 < network.layers.size(); ++i) {
+    if (readers[i] == 0) {
       return absl::InvalidArgumentError(
-          absl::StrCat(prefix, ".name=", Quote(layer.name), " is used by an earlier layer"));
+          absl::StrCat("layers[", i, "] (", Quote(network.layers[i].name),
+                       ")'s output is never used: no later layer reads it"));
     }
-    if (const auto* conv = std::get_if<Conv2dSpec>(&layer.op)) {
-      std::vector<int64_t> out_shape;
-      if (absl::Status s = ValidateConv(*conv, prefix, shape, &out_shape); !s.ok()) return s;
-      std::vector<int64_t> weight_shape = {conv->out_channels, conv->in_channels / conv->groups,
-                                           conv->kernel_h, conv->kernel_w};
-      if (absl::Status s =
-              CheckElementLimit(absl::StrCat(prefix, ".weight"), weight_shape, max_elements);
-          !s.ok()) {
-        return s;
-      }
-      if (absl::Status s =
-              CheckElementLimit(absl::StrCat(prefix, ".output"), out_shape, max_elements);
-          !s.ok()) {
-        return s;
-      }
-      result.parameter_shapes.emplace_back(layer.name + ".weight", std::move(weight_shape));
-      if (conv->bias) {
-        result.parameter_shapes.emplace_back(layer.name + ".bias",
-                                             std::vector<int64_t>{conv->out_channels});
-      }
-      shape = std::move(out_shape);
-    } else {
-      const auto& act = std::get<ActivationSpec>(layer.op);
-      if (absl::Status s = ValidateActivation(act, prefix); !s.ok()) return s;
-    }
-    result.output_shapes.push_back(shape);
   }
   return result;
 }

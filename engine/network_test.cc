@@ -52,12 +52,12 @@ TEST(ValidateNetworkTest, ComputesShapesAndParameters) {
   EXPECT_EQ(v->output_shapes[0], (std::vector<int64_t>{2, 8, 28, 28}));
   EXPECT_EQ(v->output_shapes[1], (std::vector<int64_t>{2, 8, 28, 28}));
   EXPECT_EQ(v->output_shapes[2], (std::vector<int64_t>{2, 16, 13, 13}));
-  ASSERT_EQ(v->parameter_shapes.size(), 3u);
-  EXPECT_EQ(v->parameter_shapes[0].first, "c1.weight");
-  EXPECT_EQ(v->parameter_shapes[0].second, (std::vector<int64_t>{8, 1, 3, 3}));
-  EXPECT_EQ(v->parameter_shapes[1].first, "c2.weight");
-  EXPECT_EQ(v->parameter_shapes[2].first, "c2.bias");
-  EXPECT_EQ(v->parameter_shapes[2].second, (std::vector<int64_t>{16}));
+  ASSERT_EQ(v->parameters.size(), 3u);
+  EXPECT_EQ(v->parameters[0].name, "c1.weight");
+  EXPECT_EQ(v->parameters[0].shape, (std::vector<int64_t>{8, 1, 3, 3}));
+  EXPECT_EQ(v->parameters[1].name, "c2.weight");
+  EXPECT_EQ(v->parameters[2].name, "c2.bias");
+  EXPECT_EQ(v->parameters[2].shape, (std::vector<int64_t>{16}));
 }
 
 TEST(ValidateNetworkTest, GroupedWeightsHaveInPerGroupChannels) {
@@ -67,7 +67,7 @@ TEST(ValidateNetworkTest, GroupedWeightsHaveInPerGroupChannels) {
   net.layers = {Conv("g", conv)};
   absl::StatusOr<ValidatedNetwork> v = ValidateNetwork(net, {1, 6, 5, 5}, kNoLimit);
   ASSERT_TRUE(v.ok()) << v.status();
-  EXPECT_EQ(v->parameter_shapes[0].second, (std::vector<int64_t>{9, 2, 3, 3}));
+  EXPECT_EQ(v->parameters[0].shape, (std::vector<int64_t>{9, 2, 3, 3}));
 }
 
 struct BadNetworkCase {

@@ -3,13 +3,17 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <unordered_map>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "engine/layers/layer_kind.h"
+#include "engine/layers/lowering.h"
 
 namespace gradengine {
 namespace {
@@ -17,99 +21,6 @@ namespace {
 using dnnl::memory;
 using Tag = memory::format_tag;
 using DataType = memory::data_type;
-
-memory::desc PlainDesc(const std::vector<int64_t>& shape) {
-  Tag tag = Tag::undef;
-  switch (shape.size()) {
-    case 1:
-      tag = Tag::a;
-      break;
-    case 4:
-      tag = Tag::abcd;
-      break;
-    case 5:
-      tag = Tag::abcde;
-      break;
-  }
-  return memory::desc(memory::dims(shape.begin(), shape.end()), DataType::f32, tag);
-}
-
-memory::desc AnyDesc(const std::vector<int64_t>& shape) {
-  return memory::desc(memory::dims(shape.begin(), shape.end()), DataType::f32, Tag::any);
-}
-
-// oneDNN's weights dims: OIHW, or GOIHW for grouped convolutions. Both have PyTorch's
-// [out, in/groups, kh, kw] memory order.
-std::vector<int64_t> OneDnnWeightsShape(const Conv2dSpec& conv) {
-  if (conv.groups == 1) {
-    return {conv.out_channels, conv.in_channels, conv.kernel_h, conv.kernel_w};
-  }
-  return {conv.groups, conv.out_channels / conv.groups, conv.in_channels / conv.groups,
-          conv.kernel_h, conv.kernel_w};
-}
-
-struct EltwiseAlgorithm {
-  dnnl::algorithm forward;
-  // The algorithm for the backward pass; a *_use_dst_for_bwd variant when one exists, which
-  // lets the backward pass read the activation's output instead of keeping its input.
-  dnnl::algorithm backward;
-  bool backward_uses_dst = false;
-  float alpha = 0.0f;
-  float beta = 0.0f;
-};
-
-EltwiseAlgorithm ToEltwise(const ActivationSpec& act) {
-  using A = dnnl::algorithm;
-  switch (act.kind) {
-    case ActivationKind::kRelu:
-      return {A::eltwise_relu, A::eltwise_relu_use_dst_for_bwd, true, 0.0f};
-    case ActivationKind::kLeakyRelu:
-      // The dst-based backward needs dst > 0 exactly when src > 0, true for slope >= 0.
-      if (act.alpha >= 0.0f) {
-        return {A::eltwise_relu, A::eltwise_relu_use_dst_for_bwd, true, act.alpha};
-      }
-      return {A::eltwise_relu, A::eltwise_relu, false, act.alpha};
-    case ActivationKind::kTanh:
-      return {A::eltwise_tanh, A::eltwise_tanh_use_dst_for_bwd, true};
-    case ActivationKind::kSigmoid:
-      return {A::eltwise_logistic, A::eltwise_logistic_use_dst_for_bwd, true};
-    case ActivationKind::kElu:
-      if (act.alpha >= 0.0f) {
-        return {A::eltwise_elu, A::eltwise_elu_use_dst_for_bwd, true, act.alpha};
-      }
-      return {A::eltwise_elu, A::eltwise_elu, false, act.alpha};
-    case ActivationKind::kGeluErf:
-      return {A::eltwise_gelu_erf, A::eltwise_gelu_erf, false};
-    case ActivationKind::kGeluTanh:
-      return {A::eltwise_gelu_tanh, A::eltwise_gelu_tanh, false};
-  }
-  return {A::eltwise_relu, A::eltwise_relu, false};
-}
-
-// Creates a convolution primitive descriptor, preferring oneDNN's Winograd F(4x4, 3x3)
-// kernels (about half the arithmetic of a direct 3x3 convolution) where `winograd` allows and
-// oneDNN implements them for this shape and CPU, and the direct algorithm otherwise.
-template <typename PrimitiveDesc, typename MakeDesc, typename... Hint>
-PrimitiveDesc CreateConvPd(const MakeDesc& make_desc, const dnnl::primitive_attr& attr,
-                           const dnnl::engine& cpu, bool winograd, const Hint&... hint) {
-  if (winograd) {
-    PrimitiveDesc pd(make_desc(dnnl::algorithm::convolution_winograd), attr, cpu, hint...,
-                     /*allow_empty=*/true);
-    if (pd) return pd;
-  }
-  return PrimitiveDesc(make_desc(dnnl::algorithm::convolution_direct), attr, cpu, hint...);
-}
-
-// Winograd pays off on channel-rich 3x3 convolutions (measured here: 1.3-1.6x on 32->64 and
-// 64->64 layers, but 3-15x slower on 1->8 and 8->16 ones). Symmetric padding only: oneDNN
-// 2.6.3's Winograd backward-data accepts asymmetric padding but computes wrong input gradients.
-bool UseWinograd(const Conv2dSpec& c, const EngineOptions& options) {
-  return options.winograd && c.kernel_h == 3 && c.kernel_w == 3 && c.stride_h == 1 &&
-         c.stride_w == 1 && c.dilation_h == 1 && c.dilation_w == 1 && c.groups == 1 &&
-         c.pad_top == c.pad_bottom && c.pad_left == c.pad_right &&
-         c.in_channels >= options.winograd_min_channels &&
-         c.out_channels >= options.winograd_min_channels;
-}
 
 // Sets the calling thread's OpenMP team size for a scope and restores it, so that running a
 // plan never changes the caller's own OpenMP settings.
@@ -129,22 +40,18 @@ class ScopedOmpThreads {
 // 1.2x longer on 2 threads than on 1; the 3.6 GFLOP seed4_b32 step halves on 2.
 constexpr double kMinFlopsPerThread = 64e6;
 
-// The arithmetic of one call: 2 * N * OC * OH * OW * (IC / groups) * KH * KW per convolution
-// pass (forward, and in training up to two backward passes), and a nominal 10 per element of
-// each activation pass.
+// The arithmetic of one call: each layer's forward pass (LayerKind::Flops), three times over
+// in training (forward, and up to two backward passes).
 int ThreadsFor(const NetworkSpec& network, const ValidatedNetwork& validated,
-               const PlanNeeds& needs, int max_threads) {
+               const std::vector<int64_t>& input_shape, const PlanNeeds& needs, int max_threads) {
   const double passes = needs.training ? 3.0 : 1.0;
   double flops = 0.0;
   for (size_t i = 0; i < network.layers.size(); ++i) {
-    const std::vector<int64_t>& out = validated.output_shapes[i];
-    const double out_elements = static_cast<double>(out[0]) * out[1] * out[2] * out[3];
-    if (const auto* c = std::get_if<Conv2dSpec>(&network.layers[i].op)) {
-      flops += passes * 2.0 * out_elements * static_cast<double>(c->in_channels / c->groups) *
-               static_cast<double>(c->kernel_h * c->kernel_w);
-    } else {
-      flops += passes * 10.0 * out_elements;
-    }
+    const int source = validated.input_sources[i];
+    const std::vector<int64_t>& in = source < 0 ? input_shape : validated.output_shapes[source];
+    flops += passes * VisitLayer(network.layers[i].op, [&](auto kind, const auto& spec) {
+               return kind.Flops(spec, in, validated.output_shapes[i]);
+             });
   }
   const double useful = std::max(1.0, flops / kMinFlopsPerThread);
   return static_cast<int>(std::min<double>(max_threads, useful));
@@ -228,10 +135,52 @@ void ZeroChannelPadding(const memory::desc& desc, void* data) {
   }
 }
 
-dnnl::primitive_attr UserScratchpadAttr() {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  return attr;
+// F.cross_entropy(logits, labels, ignore_index, label_smoothing) with mean reduction, and its
+// gradient into `grad` (shaped like the logits). Logits are [N, C] or [N, C, H, W] (C-order);
+// each of the N*H*W positions is one sample. Per sample, with log-softmax p (computed after
+// subtracting the largest logit) and smoothing e: loss = -(1-e) p[label] - e/C sum_c p[c],
+// d/dlogit_c = softmax_c - (1-e) [c = label] - e/C. The mean is over samples not ignored.
+double CrossEntropy(const Objective& objective, const std::vector<int64_t>& shape,
+                    const float* logits, float* grad) {
+  const int64_t batch = shape[0];
+  const int64_t classes = shape[1];
+  const int64_t pixels = shape.size() == 4 ? shape[2] * shape[3] : 1;
+  const int64_t samples = batch * pixels;
+  const double smoothing = objective.label_smoothing;
+  int64_t counted = 0;
+  for (int64_t s = 0; s < samples; ++s)
+    counted += objective.labels.data[s] != objective.ignore_index;
+  const double scale = 1.0 / static_cast<double>(counted);  // Inf (then NaN loss) if none
+  double loss = 0.0;
+#pragma omp parallel for reduction(+ : loss) schedule(static) if (samples * classes >= 65536)
+  for (int64_t s = 0; s < samples; ++s) {
+    const int64_t n = s / pixels;
+    const int64_t pixel = s % pixels;
+    const float* x = logits + n * classes * pixels + pixel;
+    float* g = grad + n * classes * pixels + pixel;
+    const int64_t label = objective.labels.data[s];
+    if (label == objective.ignore_index) {
+      for (int64_t c = 0; c < classes; ++c) g[c * pixels] = 0.0f;
+      continue;
+    }
+    double largest = -std::numeric_limits<double>::infinity();
+    for (int64_t c = 0; c < classes; ++c) largest = std::max(largest, double{x[c * pixels]});
+    double total = 0.0;
+    for (int64_t c = 0; c < classes; ++c) total += std::exp(double{x[c * pixels]} - largest);
+    const double log_total = std::log(total) + largest;
+    double sample_loss = -(1.0 - smoothing) * (double{x[label * pixels]} - log_total);
+    double sum_log_p = 0.0;
+    for (int64_t c = 0; c < classes; ++c) {
+      const double log_p = double{x[c * pixels]} - log_total;
+      sum_log_p += log_p;
+      const double target =
+          (c == label ? 1.0 - smoothing : 0.0) + smoothing / static_cast<double>(classes);
+      g[c * pixels] = static_cast<float>((std::exp(log_p) - target) * scale);
+    }
+    sample_loss -= smoothing / static_cast<double>(classes) * sum_log_p;
+    loss += sample_loss;
+  }
+  return loss * scale;
 }
 
 }  // namespace
@@ -241,17 +190,12 @@ std::string PlanKey(const NetworkSpec& network, const std::vector<int64_t>& inpu
   std::string key = absl::StrCat(needs.training ? "T" : "I", needs.input_grad ? "1" : "0", "|");
   for (int64_t d : input_shape) absl::StrAppend(&key, d, ",");
   for (const LayerSpec& layer : network.layers) {
-    absl::StrAppend(&key, "|", layer.name.size(), ":", layer.name, "=");
-    if (const auto* c = std::get_if<Conv2dSpec>(&layer.op)) {
-      absl::StrAppend(&key, "conv", c->in_channels, ",", c->out_channels, ",", c->kernel_h, ",",
-                      c->kernel_w, ",", c->stride_h, ",", c->stride_w, ",", c->pad_top, ",",
-                      c->pad_bottom, ",", c->pad_left, ",", c->pad_right, ",", c->dilation_h, ",",
-                      c->dilation_w, ",", c->groups, ",", c->bias ? 1 : 0);
-    } else {
-      const auto& a = std::get<ActivationSpec>(layer.op);
-      absl::StrAppend(&key, "act", static_cast<int>(a.kind), ",",
-                      absl::StrFormat("%a", static_cast<double>(a.alpha)));
-    }
+    absl::StrAppend(&key, "|", layer.name.size(), ":", layer.name, "<", layer.input.size(), ":",
+                    layer.input, "=");
+    VisitLayer(layer.op, [&](auto kind, const auto& spec) {
+      absl::StrAppend(&key, kind.kName, ":");
+      kind.AppendKey(spec, &key);
+    });
   }
   for (const std::string& name : needs.parameter_grads) {
     absl::StrAppend(&key, "|g", name.size(), ":", name);
@@ -266,84 +210,8 @@ struct Plan::Workspace {
   std::vector<memory> memories;  // one per slot
   std::vector<std::unordered_map<int, memory>> forward_args;
   std::vector<std::unordered_map<int, memory>> backward_args;
-  std::vector<float> diff_output;  // dL/dy for the mse and sum objectives
+  std::vector<float> diff_output;  // dL/dy for the mse, sum and cross_entropy objectives
 };
-
-// Assembles a Plan: slots, primitive descriptors and ops, in execution order.
-class Plan::Builder {
- public:
-  Builder(Plan* plan, const dnnl::engine& cpu) : plan_(plan), cpu_(cpu) {
-    plan_->scratchpad_slot_ = AddSlot(memory::desc());
-  }
-
-  int AddSlot(const memory::desc& desc, Role role = Role::kNone, std::string parameter = "") {
-    plan_->slots_.push_back(Slot{desc, role, std::move(parameter)});
-    return static_cast<int>(plan_->slots_.size()) - 1;
-  }
-
-  const memory::desc& DescOf(int slot) const { return plan_->slots_[slot].desc; }
-  Slot& SlotAt(int slot) { return plan_->slots_[slot]; }
-
-  // Appends `primitive` to `ops`, recording how much scratchpad it needs.
-  template <typename PrimitiveDesc>
-  void AddOp(std::vector<Op>* ops, const PrimitiveDesc& pd, dnnl::primitive primitive,
-             std::vector<std::pair<int, int>> args) {
-    scratchpad_bytes_ = std::max(scratchpad_bytes_, pd.scratchpad_desc().get_size());
-    args.emplace_back(DNNL_ARG_SCRATCHPAD, plan_->scratchpad_slot_);
-    ops->push_back(Op{std::move(primitive), std::move(args), false, {}});
-  }
-
-  // Returns a slot holding `from`'s contents in layout `want`: `from` itself when the layouts
-  // already agree, otherwise a new slot filled by a reorder appended to `ops`.
-  int Convert(std::vector<Op>* ops, int from, const memory::desc& want) {
-    if (DescOf(from) == want) return from;
-    int to = AddSlot(want);
-    ConvertInto(ops, from, to);
-    return to;
-  }
-
-  void ConvertInto(std::vector<Op>* ops, int from, int to) {
-    dnnl::reorder::primitive_desc pd(cpu_, DescOf(from), cpu_, DescOf(to), UserScratchpadAttr());
-    AddOp(ops, pd, dnnl::reorder(pd), {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}});
-  }
-
-  void Finish() { SlotAt(plan_->scratchpad_slot_).desc = ScratchpadDesc(); }
-
- private:
-  memory::desc ScratchpadDesc() const {
-    return memory::desc({static_cast<memory::dim>(std::max<size_t>(scratchpad_bytes_, 1))},
-                        DataType::u8, Tag::a);
-  }
-
-  Plan* plan_;
-  dnnl::engine cpu_;
-  size_t scratchpad_bytes_ = 0;
-};
-
-namespace {
-
-// One forward step after fusion: a convolution (possibly with its following activation fused
-// as a post-op) or a standalone activation.
-struct Step {
-  int first_layer = 0;
-  const Conv2dSpec* conv = nullptr;
-  std::string conv_name;
-  const ActivationSpec* activation = nullptr;  // standalone, or fused into `conv`
-  EltwiseAlgorithm eltwise;
-
-  int src_slot = -1;  // the step's input, in the layout its forward primitive reads
-  int dst_slot = -1;
-  // Convolution only.
-  int weights_user_slot = -1;
-  int weights_slot = -1;
-  int bias_slot = -1;
-  dnnl::convolution_forward::primitive_desc conv_pd;
-  memory::dims strides, dilates, padding_l, padding_r;
-  // Activation only.
-  dnnl::eltwise_forward::primitive_desc eltwise_pd;
-};
-
-}  // namespace
 
 absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
     const dnnl::engine& cpu, const NetworkSpec& network, const ValidatedNetwork& validated,
@@ -351,265 +219,124 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
   std::unique_ptr<Plan> plan(new Plan());
   plan->budget_ = options.memory_budget;
   plan->cpu_ = cpu;
-  plan->threads_ = ThreadsFor(network, validated, needs, options.threads_per_call);
+  plan->threads_ = ThreadsFor(network, validated, input_shape, needs, options.threads_per_call);
   // oneDNN sizes its kernels' work split for the thread count in force at creation.
   ScopedOmpThreads threads(plan->threads_);
+  const int layers = static_cast<int>(network.layers.size());
   try {
-    Builder b(plan.get(), cpu);
-    const dnnl::prop_kind prop =
-        needs.training ? dnnl::prop_kind::forward_training : dnnl::prop_kind::forward_inference;
-
-    // ---- Group layers into steps, fusing an activation into the convolution before it when
-    // its backward pass can be computed from the fused output.
-    std::vector<Step> steps;
-    for (size_t i = 0; i < network.layers.size(); ++i) {
-      const LayerSpec& layer = network.layers[i];
-      Step step;
-      step.first_layer = static_cast<int>(i);
-      if (const auto* conv = std::get_if<Conv2dSpec>(&layer.op)) {
-        step.conv = conv;
-        step.conv_name = layer.name;
-        if (i + 1 < network.layers.size()) {
-          if (const auto* act = std::get_if<ActivationSpec>(&network.layers[i + 1].op)) {
-            EltwiseAlgorithm alg = ToEltwise(*act);
-            if (!needs.training || alg.backward_uses_dst) {
-              step.activation = act;
-              step.eltwise = alg;
-              ++i;
-            }
-          }
-        }
-      } else {
-        step.activation = &std::get<ActivationSpec>(layer.op);
-        step.eltwise = ToEltwise(*step.activation);
-      }
-      steps.push_back(std::move(step));
+    PlanBuilder b(plan.get(), cpu, needs, options);
+    // How many layers read each layer's output: a lowering may fuse the next layer only when
+    // that layer is the only reader.
+    std::vector<int> readers(layers, 0);
+    for (int i = 0; i < layers; ++i) {
+      if (validated.input_sources[i] >= 0) ++readers[validated.input_sources[i]];
+      if (validated.add_sources[i] >= 0) ++readers[validated.add_sources[i]];
     }
 
-    // ---- Forward.
-    int current = b.AddSlot(PlainDesc(input_shape), Role::kInput);
-    std::vector<int64_t> shape = input_shape;
-    for (Step& step : steps) {
-      const size_t first_op = plan->forward_ops_.size();
-      const std::vector<int64_t>& out_shape = validated.output_shapes[step.first_layer];
-      if (step.conv != nullptr) {
-        const Conv2dSpec& c = *step.conv;
-        const std::vector<int64_t> weights_shape = OneDnnWeightsShape(c);
-        step.strides = {c.stride_h, c.stride_w};
-        step.dilates = {c.dilation_h - 1, c.dilation_w - 1};  // oneDNN: 0 = dense
-        step.padding_l = {c.pad_top, c.pad_left};
-        // oneDNN requires (in + pad_l + pad_r - span) / stride + 1 == out exactly; trailing
-        // padding that no output reads is dropped (it may even go negative) so that the
-        // primitive sees precisely PyTorch's output size.
-        const int64_t span_h = c.dilation_h * (c.kernel_h - 1) + 1;
-        const int64_t span_w = c.dilation_w * (c.kernel_w - 1) + 1;
-        step.padding_r = {(out_shape[2] - 1) * c.stride_h + span_h - shape[2] - c.pad_top,
-                          (out_shape[3] - 1) * c.stride_w + span_w - shape[3] - c.pad_left};
-        const bool winograd = UseWinograd(c, options);
-        const memory::desc bias_any = c.bias ? AnyDesc({c.out_channels}) : memory::desc();
-        auto make_desc = [&](dnnl::algorithm algorithm) {
-          return dnnl::convolution_forward::desc(
-              prop, algorithm, AnyDesc(shape), AnyDesc(weights_shape), bias_any, AnyDesc(out_shape),
-              step.strides, step.dilates, step.padding_l, step.padding_r);
-        };
-        dnnl::primitive_attr attr = UserScratchpadAttr();
-        if (step.activation != nullptr) {
-          dnnl::post_ops ops;
-          ops.append_eltwise(1.0f, step.eltwise.forward, step.eltwise.alpha, step.eltwise.beta);
-          attr.set_post_ops(ops);
-        }
-        step.conv_pd =
-            CreateConvPd<dnnl::convolution_forward::primitive_desc>(make_desc, attr, cpu, winograd);
-
-        step.src_slot = b.Convert(&plan->forward_ops_, current, step.conv_pd.src_desc());
-        step.weights_user_slot =
-            b.AddSlot(PlainDesc(weights_shape), Role::kParameter, step.conv_name + ".weight");
-        step.weights_slot =
-            b.Convert(&plan->forward_ops_, step.weights_user_slot, step.conv_pd.weights_desc());
-        std::vector<std::pair<int, int>> args = {{DNNL_ARG_SRC, step.src_slot},
-                                                 {DNNL_ARG_WEIGHTS, step.weights_slot}};
-        if (c.bias) {
-          const int bias_user =
-              b.AddSlot(PlainDesc({c.out_channels}), Role::kParameter, step.conv_name + ".bias");
-          step.bias_slot = b.Convert(&plan->forward_ops_, bias_user, step.conv_pd.bias_desc());
-          args.emplace_back(DNNL_ARG_BIAS, step.bias_slot);
-        }
-        step.dst_slot = b.AddSlot(step.conv_pd.dst_desc());
-        args.emplace_back(DNNL_ARG_DST, step.dst_slot);
-        b.AddOp(&plan->forward_ops_, step.conv_pd, dnnl::convolution_forward(step.conv_pd),
-                std::move(args));
-      } else {
-        dnnl::eltwise_forward::desc desc(prop, step.eltwise.forward, b.DescOf(current),
-                                         step.eltwise.alpha, step.eltwise.beta);
-        step.eltwise_pd = dnnl::eltwise_forward::primitive_desc(desc, UserScratchpadAttr(), cpu);
-        step.src_slot = current;
-        step.dst_slot = b.AddSlot(step.eltwise_pd.dst_desc());
-        b.AddOp(&plan->forward_ops_, step.eltwise_pd, dnnl::eltwise_forward(step.eltwise_pd),
-                {{DNNL_ARG_SRC, step.src_slot}, {DNNL_ARG_DST, step.dst_slot}});
+    // ---- Forward: one LoweredLayer per layer, or per layer and the next one it fused.
+    struct Unit {
+      int first = 0;
+      int last = 0;
+      std::unique_ptr<LoweredLayer> lowered;
+    };
+    std::vector<Unit> units;
+    std::vector<int> unit_of(layers, -1);
+    const int input_slot = b.AddSlot(PlainDesc(input_shape), Role::kInput);
+    std::vector<int> output_slot(layers, -1);
+    auto slot_of = [&](int source) { return source < 0 ? input_slot : output_slot[source]; };
+    for (int i = 0; i < layers;) {
+      ForwardContext context;
+      context.layer = &network.layers[i];
+      const int source = validated.input_sources[i];
+      context.src = slot_of(source);
+      context.in_shape = source < 0 ? input_shape : validated.output_shapes[source];
+      context.out_shape = validated.output_shapes[i];
+      if (std::holds_alternative<AddSpec>(context.layer->op)) {
+        context.other = slot_of(validated.add_sources[i]);
       }
+      if (i + 1 < layers && validated.input_sources[i + 1] == i && readers[i] == 1 &&
+          !std::holds_alternative<AddSpec>(network.layers[i + 1].op)) {
+        context.fusable_next = &network.layers[i + 1];
+      }
+      const size_t first_op = plan->forward_ops_.size();
+      Unit unit;
+      unit.first = i;
+      unit.lowered = LowerForward(b, context);
+      unit.last = unit.lowered->fused_next ? i + 1 : i;
       // The caller's ContinueCheck runs before each layer, whichever op comes first in it.
-      plan->forward_ops_[first_op].starts_layer = true;
-      current = step.dst_slot;
-      shape = out_shape;
+      if (first_op < plan->forward_ops_.size()) plan->forward_ops_[first_op].starts_layer = true;
+      output_slot[unit.last] = unit.lowered->dst;
+      for (int k = unit.first; k <= unit.last; ++k) unit_of[k] = static_cast<int>(units.size());
+      i = unit.last + 1;
+      units.push_back(std::move(unit));
     }
     // The network's output goes straight into the caller's tensor when the last primitive
-    // already writes plain NCHW; otherwise one reorder at the edge.
-    const memory::desc output_desc = PlainDesc(shape);
-    if (b.DescOf(current) == output_desc) {
-      b.SlotAt(current).role = Role::kOutput;
+    // already writes it plain; otherwise one reorder at the edge. (The input itself is never
+    // the output: every layer writes a slot of its own.)
+    const std::vector<int64_t>& output_shape = validated.output_shapes.back();
+    const memory::desc output_desc = PlainDesc(output_shape);
+    const int last_output = output_slot[layers - 1];
+    if (b.DescOf(last_output) == output_desc && b.SlotAt(last_output).role == Role::kNone) {
+      b.SlotAt(last_output).role = Role::kOutput;
     } else {
-      b.ConvertInto(&plan->forward_ops_, current, b.AddSlot(output_desc, Role::kOutput));
+      b.ConvertInto(&plan->forward_ops_, last_output, b.AddSlot(output_desc, Role::kOutput));
     }
 
-    // ---- Backward.
+    // ---- Backward, in reverse, over the units whose gradients anyone wants.
     if (needs.training) {
-      // lowest_needed: the earliest step whose gradients anyone wants; nothing below it runs.
-      int lowest_needed = needs.input_grad ? 0 : static_cast<int>(steps.size());
-      for (size_t k = 0; k < steps.size(); ++k) {
-        const Step& s = steps[k];
-        if (s.conv != nullptr && (needs.parameter_grads.count(s.conv_name + ".weight") > 0 ||
-                                  needs.parameter_grads.count(s.conv_name + ".bias") > 0)) {
-          lowest_needed = std::min(lowest_needed, static_cast<int>(k));
+      // needed[u]: whether unit u's backward pass runs: it has a wanted parameter gradient, or
+      // what it reads needs dL/d(it).
+      std::vector<bool> needed(units.size(), false);
+      auto wants_diff = [&](int source) {
+        return source < 0 ? needs.input_grad : static_cast<bool>(needed[unit_of[source]]);
+      };
+      for (size_t u = 0; u < units.size(); ++u) {
+        bool own = false;
+        for (int k = units[u].first; k <= units[u].last; ++k) {
+          for (const ParameterInfo& parameter : LayerParameters(network.layers[k])) {
+            own |= needs.parameter_grads.count(parameter.name) > 0;
+          }
         }
+        const int first = units[u].first;
+        const bool is_add = std::holds_alternative<AddSpec>(network.layers[first].op);
+        needed[u] = own || wants_diff(validated.input_sources[first]) ||
+                    (is_add && wants_diff(validated.add_sources[first]));
       }
       plan->diff_output_slot_ = b.AddSlot(output_desc, Role::kDiffOutput);
-      int diff = plan->diff_output_slot_;  // dL/d(output of step k)
-      std::vector<size_t> layer_starts;    // index of each step's first backward op
-      for (int k = static_cast<int>(steps.size()) - 1; k >= lowest_needed; --k) {
-        Step& step = steps[k];
-        const bool need_diff_src = needs.input_grad || k > lowest_needed;
-        layer_starts.push_back(plan->backward_ops_.size());
-
-        // Activation backward: standalone, or the fused one of a convolution.
-        if (step.activation != nullptr && (step.conv != nullptr || need_diff_src)) {
-          const int data_slot = step.eltwise.backward_uses_dst ? step.dst_slot : step.src_slot;
-          const memory::desc& data_desc = b.DescOf(data_slot);
-          dnnl::eltwise_forward::desc hint_desc(dnnl::prop_kind::forward_training,
-                                                step.eltwise.backward, data_desc,
-                                                step.eltwise.alpha, step.eltwise.beta);
-          dnnl::eltwise_forward::primitive_desc hint(hint_desc, cpu);
-          dnnl::eltwise_backward::desc desc(step.eltwise.backward, data_desc, data_desc,
-                                            step.eltwise.alpha, step.eltwise.beta);
-          dnnl::eltwise_backward::primitive_desc pd(desc, UserScratchpadAttr(), cpu, hint);
-          const int diff_dst = b.Convert(&plan->backward_ops_, diff, pd.diff_dst_desc());
-          const int diff_src = b.AddSlot(pd.diff_src_desc());
-          b.AddOp(&plan->backward_ops_, pd, dnnl::eltwise_backward(pd),
-                  {{DNNL_ARG_DIFF_DST, diff_dst},
-                   {step.eltwise.backward_uses_dst ? DNNL_ARG_DST : DNNL_ARG_SRC, data_slot},
-                   {DNNL_ARG_DIFF_SRC, diff_src}});
-          diff = diff_src;
+      // dL/d(output of layer k), accumulated as the layers that read it are differentiated.
+      std::vector<int> diff(layers, -1);
+      int diff_input = -1;
+      diff[layers - 1] = plan->diff_output_slot_;
+      auto deliver = [&](int source, int slot) {
+        int& target = source < 0 ? diff_input : diff[source];
+        target = target < 0 ? slot : b.Accumulate(&plan->backward_ops_, target, slot);
+      };
+      for (int u = static_cast<int>(units.size()) - 1; u >= 0; --u) {
+        if (!needed[u]) continue;
+        const Unit& unit = units[u];
+        const int source = validated.input_sources[unit.first];
+        const bool is_add = std::holds_alternative<AddSpec>(network.layers[unit.first].op);
+        const int other = validated.add_sources[unit.first];
+        BackwardContext context;
+        context.diff_dst = diff[unit.last];
+        context.want_diff_src = wants_diff(source);
+        context.want_diff_other = is_add && wants_diff(other);
+        const size_t first_op = plan->backward_ops_.size();
+        BackwardResult result;
+        unit.lowered->Backward(b, context, &result);
+        if (first_op < plan->backward_ops_.size()) {
+          plan->backward_ops_[first_op].starts_layer = true;
         }
-        if (step.conv == nullptr) continue;
-
-        const Conv2dSpec& c = *step.conv;
-        const std::vector<int64_t> weights_shape = OneDnnWeightsShape(c);
-        const std::vector<int64_t> in_shape(b.DescOf(step.src_slot).dims());
-        const std::vector<int64_t> out_shape(step.conv_pd.dst_desc().dims());
-        const std::string weight_name = step.conv_name + ".weight";
-        const std::string bias_name = step.conv_name + ".bias";
-        const bool want_weight = needs.parameter_grads.count(weight_name) > 0;
-        const bool winograd = UseWinograd(c, options);
-        const bool want_bias = c.bias && needs.parameter_grads.count(bias_name) > 0;
-
-        if (want_bias && !want_weight) {
-          // Only the bias gradient: a sum of dL/dy over N, H and W is all it takes.
-          const memory::dims bias_dims = {1, c.out_channels, 1, 1};
-          const int bias_grad_user = b.AddSlot(memory::desc(bias_dims, DataType::f32, Tag::abcd),
-                                               Role::kParameterGrad, bias_name);
-          if (b.DescOf(diff).dims() == bias_dims) {
-            // N = OH = OW = 1: nothing to sum (oneDNN rejects such a reduction); dL/dy is it.
-            b.ConvertInto(&plan->backward_ops_, diff, bias_grad_user);
-          } else {
-            dnnl::reduction::desc desc(dnnl::algorithm::reduction_sum, b.DescOf(diff),
-                                       memory::desc(bias_dims, DataType::f32, Tag::any), 0.0f,
-                                       0.0f);
-            dnnl::reduction::primitive_desc pd(desc, UserScratchpadAttr(), cpu);
-            const int bias_grad = b.DescOf(bias_grad_user) == pd.dst_desc()
-                                      ? bias_grad_user
-                                      : b.AddSlot(pd.dst_desc());
-            b.AddOp(&plan->backward_ops_, pd, dnnl::reduction(pd),
-                    {{DNNL_ARG_SRC, diff}, {DNNL_ARG_DST, bias_grad}});
-            if (bias_grad != bias_grad_user) {
-              b.ConvertInto(&plan->backward_ops_, bias_grad, bias_grad_user);
-            }
-          }
-        } else if (want_weight || want_bias) {
-          auto make_desc = [&](dnnl::algorithm algorithm) {
-            return dnnl::convolution_backward_weights::desc(
-                algorithm, AnyDesc(in_shape), AnyDesc(weights_shape),
-                c.bias ? AnyDesc({c.out_channels}) : memory::desc(), AnyDesc(out_shape),
-                step.strides, step.dilates, step.padding_l, step.padding_r);
-          };
-          const auto pd = CreateConvPd<dnnl::convolution_backward_weights::primitive_desc>(
-              make_desc, UserScratchpadAttr(), cpu, winograd, step.conv_pd);
-          const int src = b.Convert(&plan->backward_ops_, step.src_slot, pd.src_desc());
-          const int diff_dst = b.Convert(&plan->backward_ops_, diff, pd.diff_dst_desc());
-
-          // Gradients land directly in the caller's tensors when the layouts agree.
-          const int weight_grad_user =
-              want_weight ? b.AddSlot(PlainDesc(weights_shape), Role::kParameterGrad, weight_name)
-                          : -1;
-          const int weight_grad =
-              (weight_grad_user >= 0 && b.DescOf(weight_grad_user) == pd.diff_weights_desc())
-                  ? weight_grad_user
-                  : b.AddSlot(pd.diff_weights_desc());
-          std::vector<std::pair<int, int>> args = {{DNNL_ARG_SRC, src},
-                                                   {DNNL_ARG_DIFF_DST, diff_dst},
-                                                   {DNNL_ARG_DIFF_WEIGHTS, weight_grad}};
-          int bias_grad = -1;
-          int bias_grad_user = -1;
-          if (c.bias) {
-            bias_grad_user =
-                want_bias ? b.AddSlot(PlainDesc({c.out_channels}), Role::kParameterGrad, bias_name)
-                          : -1;
-            bias_grad = (bias_grad_user >= 0 && b.DescOf(bias_grad_user) == pd.diff_bias_desc())
-                            ? bias_grad_user
-                            : b.AddSlot(pd.diff_bias_desc());
-            args.emplace_back(DNNL_ARG_DIFF_BIAS, bias_grad);
-          }
-          b.AddOp(&plan->backward_ops_, pd, dnnl::convolution_backward_weights(pd),
-                  std::move(args));
-          if (weight_grad_user >= 0 && weight_grad != weight_grad_user) {
-            b.ConvertInto(&plan->backward_ops_, weight_grad, weight_grad_user);
-          }
-          if (bias_grad_user >= 0 && bias_grad != bias_grad_user) {
-            b.ConvertInto(&plan->backward_ops_, bias_grad, bias_grad_user);
-          }
-        }
-
-        if (need_diff_src) {
-          auto make_desc = [&](dnnl::algorithm algorithm) {
-            return dnnl::convolution_backward_data::desc(
-                algorithm, AnyDesc(in_shape), AnyDesc(weights_shape), AnyDesc(out_shape),
-                step.strides, step.dilates, step.padding_l, step.padding_r);
-          };
-          const auto pd = CreateConvPd<dnnl::convolution_backward_data::primitive_desc>(
-              make_desc, UserScratchpadAttr(), cpu, winograd, step.conv_pd);
-          // Reuse the weights the forward pass already reordered when the layouts agree.
-          const int weights =
-              b.DescOf(step.weights_slot) == pd.weights_desc()
-                  ? step.weights_slot
-                  : b.Convert(&plan->backward_ops_, step.weights_user_slot, pd.weights_desc());
-          const int diff_dst = b.Convert(&plan->backward_ops_, diff, pd.diff_dst_desc());
-          const int diff_src = b.AddSlot(pd.diff_src_desc());
-          b.AddOp(&plan->backward_ops_, pd, dnnl::convolution_backward_data(pd),
-                  {{DNNL_ARG_DIFF_DST, diff_dst},
-                   {DNNL_ARG_WEIGHTS, weights},
-                   {DNNL_ARG_DIFF_SRC, diff_src}});
-          diff = diff_src;
-        }
-      }
-      // The caller's ContinueCheck runs before each layer's backward pass.
-      for (size_t start : layer_starts) {
-        if (start < plan->backward_ops_.size()) plan->backward_ops_[start].starts_layer = true;
+        if (context.want_diff_src) deliver(source, result.diff_src);
+        if (context.want_diff_other) deliver(other, result.diff_other);
       }
       if (needs.input_grad) {
         const memory::desc input_desc = PlainDesc(input_shape);
-        if (b.DescOf(diff) == input_desc && b.SlotAt(diff).role == Role::kNone) {
-          b.SlotAt(diff).role = Role::kInputGrad;
+        if (b.DescOf(diff_input) == input_desc && b.SlotAt(diff_input).role == Role::kNone) {
+          b.SlotAt(diff_input).role = Role::kInputGrad;
         } else {
           const int input_grad = b.AddSlot(input_desc, Role::kInputGrad);
-          b.ConvertInto(&plan->backward_ops_, diff, input_grad);
+          b.ConvertInto(&plan->backward_ops_, diff_input, input_grad);
         }
       }
     }
@@ -723,7 +450,10 @@ std::unique_ptr<Plan::Workspace> Plan::NewWorkspace() const {
   workspace->stream = dnnl::stream(cpu_);
   workspace->memories.reserve(slots_.size());
   for (const Slot& slot : slots_) {
-    if (slot.role == Role::kNone) {
+    if (slot.role == Role::kConstant) {
+      workspace->memories.push_back(
+          memory(slot.desc, cpu_, const_cast<float*>(constants_[slot.constant].data())));
+    } else if (slot.role == Role::kNone) {
       memory m(slot.desc, cpu_);
       std::memset(m.get_data_handle(), 0, slot.desc.get_size());
       workspace->memories.push_back(std::move(m));
@@ -735,7 +465,10 @@ std::unique_ptr<Plan::Workspace> Plan::NewWorkspace() const {
                        std::vector<std::unordered_map<int, memory>>* out) {
     for (const Op& op : ops) {
       std::unordered_map<int, memory> args;
-      for (const auto& [arg, slot] : op.args) args.emplace(arg, workspace->memories[slot]);
+      // A host op reads its slots' handles when it runs.
+      if (!op.host) {
+        for (const auto& [arg, slot] : op.args) args.emplace(arg, workspace->memories[slot]);
+      }
       out->push_back(std::move(args));
     }
   };
@@ -779,6 +512,7 @@ void Plan::Bind(const PlanBindings& bindings, Workspace& workspace) {
     void* handle = nullptr;
     switch (slot.role) {
       case Role::kNone:
+      case Role::kConstant:
         continue;
       case Role::kInput:
         // oneDNN takes non-const handles; inputs are only ever read.
@@ -801,6 +535,9 @@ void Plan::Bind(const PlanBindings& bindings, Workspace& workspace) {
       case Role::kParameterGrad:
         handle = bindings.parameter_grads->at(slot.parameter).data.data();
         break;
+      case Role::kRunningStat:
+        handle = bindings.running_stats->at(slot.parameter).data.data();
+        break;
     }
     workspace.memories[i].set_data_handle(handle);
   }
@@ -813,6 +550,16 @@ absl::Status Plan::RunOps(const std::vector<Op>& ops, Workspace& workspace,
   for (size_t i = 0; i < ops.size(); ++i) {
     if (ops[i].starts_layer && should_continue) {
       if (absl::Status status = should_continue(); !status.ok()) return status;
+    }
+    if (ops[i].host) {
+      workspace.stream.wait();
+      std::vector<void*> buffers;
+      buffers.reserve(ops[i].args.size());
+      for (const auto& [arg, slot] : ops[i].args) {
+        buffers.push_back(workspace.memories[slot].get_data_handle());
+      }
+      ops[i].host(buffers);
+      continue;
     }
     ops[i].primitive.execute(workspace.stream, args[i]);
     for (int slot : ops[i].zero_padding_after) {
@@ -854,6 +601,9 @@ void Plan::ApplyObjective(const PlanBindings& bindings, Workspace& workspace) {
     case ObjectiveKind::kGradOutput:
       // dL/dy is the caller's tensor, bound directly; there is no loss.
       bindings.loss->reset();
+      break;
+    case ObjectiveKind::kCrossEntropy:
+      *bindings.loss = CrossEntropy(*bindings.objective, bindings.output->shape, y, grad);
       break;
   }
 }

@@ -23,6 +23,7 @@
 #define ENGINE_PLAN_H_
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <set>
@@ -66,6 +67,8 @@ struct PlanBindings {
   std::optional<double>* loss = nullptr;
   Tensor* input_grad = nullptr;                 // null unless PlanNeeds::input_grad
   ParameterTensors* parameter_grads = nullptr;  // one entry per PlanNeeds::parameter_grads
+  // One entry per updated buffer (ParameterInfo::updated) of the network.
+  ParameterTensors* running_stats = nullptr;
   // Optional: set to when the forward pass (and the objective) finished.
   std::chrono::steady_clock::time_point* forward_done = nullptr;
 };
@@ -122,18 +125,35 @@ class Plan {
   // Bytes held by idle workspaces right now.
   int64_t idle_bytes() const ABSL_LOCKS_EXCLUDED(pool_mu_);
 
-  // What binds a slot to the caller's tensors; kNone slots are owned by the workspace.
-  enum class Role { kNone, kInput, kOutput, kDiffOutput, kInputGrad, kParameter, kParameterGrad };
+  // What binds a slot to the caller's tensors; kNone slots are owned by the workspace and
+  // kConstant ones by the plan.
+  enum class Role {
+    kNone,
+    kInput,
+    kOutput,
+    kDiffOutput,
+    kInputGrad,
+    kParameter,
+    kParameterGrad,
+    kRunningStat,
+    kConstant,
+  };
 
   struct Slot {
     dnnl::memory::desc desc;
     Role role = Role::kNone;
-    std::string parameter;  // for kParameter / kParameterGrad
+    std::string parameter;  // for kParameter, kParameterGrad and kRunningStat
+    int constant = -1;      // for kConstant: the index in constants_
   };
+
+  // A step computed on the host instead of by a primitive; it gets the data of the op's slots
+  // (Op::args' second members), in order.
+  using HostFunction = std::function<void(const std::vector<void*>& buffers)>;
 
   struct Op {
     dnnl::primitive primitive;
-    std::vector<std::pair<int, int>> args;  // (DNNL_ARG_*, slot index)
+    std::vector<std::pair<int, int>> args;  // (DNNL_ARG_*, slot index); for a host op (0, slot)
+    HostFunction host;                      // set for a host op, which has no primitive
     // Whether the caller's ContinueCheck runs before this op: true for each layer's first.
     bool starts_layer = false;
     // Slots this op writes in a layout padded past the tensor's channels, whose padding is set
@@ -144,8 +164,7 @@ class Plan {
   };
 
  private:
-  class Builder;
-  friend class Builder;
+  friend class PlanBuilder;
 
   Plan() = default;
 
@@ -166,6 +185,7 @@ class Plan {
   // is so small that waking more threads costs more than it saves.
   int threads_ = 1;
   std::vector<Slot> slots_;
+  std::vector<std::vector<float>> constants_;
   int scratchpad_slot_ = -1;
   int diff_output_slot_ = -1;
   std::vector<Op> forward_ops_;

@@ -31,12 +31,30 @@ absl::Status ValidateTensorData(const std::string& what, const TensorView& tenso
 // Names the layer a parameter belongs to, for messages: "layers[2] (\"conv3\")".
 std::string OwnerOf(const NetworkSpec& network, const std::string& parameter) {
   for (size_t i = 0; i < network.layers.size(); ++i) {
-    const std::string& name = network.layers[i].name;
-    if (parameter == name + ".weight" || parameter == name + ".bias") {
-      return absl::StrCat("layers[", i, "] (", Quote(name), ")");
+    for (const ParameterInfo& info : LayerParameters(network.layers[i])) {
+      if (info.name == parameter) {
+        return absl::StrCat("layers[", i, "] (", Quote(network.layers[i].name), ")");
+      }
     }
   }
   return "no layer";
+}
+
+// What the layer named by the prefix of `name` takes, for a message about a parameter it does
+// not take: "layers[2] (\"c3\") takes \"c3.weight\"" or "... takes no parameters".
+std::string WhatTheLayerTakes(const NetworkSpec& network, const std::string& name) {
+  for (size_t i = 0; i < network.layers.size(); ++i) {
+    const LayerSpec& layer = network.layers[i];
+    if (!absl::StartsWith(name, layer.name + ".")) continue;
+    std::string takes;
+    for (const ParameterInfo& info : LayerParameters(layer)) {
+      absl::StrAppend(&takes, takes.empty() ? "" : ", ", Quote(info.name));
+    }
+    return absl::StrCat(" but layers[", i, "] (", Quote(layer.name), ", ", LayerKindName(layer.op),
+                        ") takes ", takes.empty() ? "no parameters" : takes);
+  }
+  return ", but it does not belong to any layer (expected \"<layer>.weight\", \"<layer>.bias\", "
+         "...)";
 }
 
 absl::Status ValidateParameters(const NetworkSpec& network, const ValidatedNetwork& validated,
@@ -46,41 +64,70 @@ absl::Status ValidateParameters(const NetworkSpec& network, const ValidatedNetwo
       !s.ok()) {
     return s;
   }
-  std::map<std::string, const std::vector<int64_t>*> expected;
-  for (const auto& [name, shape] : validated.parameter_shapes) {
-    expected.emplace(name, &shape);
-    auto it = parameters.find(name);
+  std::map<std::string, const ParameterInfo*> expected;
+  for (const ParameterInfo& info : validated.parameters) {
+    expected.emplace(info.name, &info);
+    auto it = parameters.find(info.name);
     if (it == parameters.end()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("parameters[", Quote(name), "] is missing: ", OwnerOf(network, name),
-                       " needs a tensor of shape ", ShapeToString(shape)));
+      if (!info.required) continue;
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameters[", Quote(info.name), "] is missing: ", OwnerOf(network, info.name),
+          " needs a tensor of shape ", ShapeToString(info.shape)));
     }
-    const std::string what = absl::StrCat("parameters[", Quote(name), "]");
-    if (it->second.shape != shape) {
+    const std::string what = absl::StrCat("parameters[", Quote(info.name), "]");
+    if (it->second.shape != info.shape) {
       return absl::InvalidArgumentError(
           absl::StrCat(what, ".shape=", ShapeToString(it->second.shape), " must be ",
-                       ShapeToString(shape), " for ", OwnerOf(network, name)));
+                       ShapeToString(info.shape), " for ", OwnerOf(network, info.name)));
     }
     if (absl::Status s = ValidateTensorData(what, it->second); !s.ok()) return s;
   }
   for (const auto& [name, tensor] : parameters) {
     if (expected.count(name) > 0) continue;
-    for (size_t i = 0; i < network.layers.size(); ++i) {
-      const LayerSpec& layer = network.layers[i];
-      if (name == layer.name + ".bias" && std::holds_alternative<Conv2dSpec>(layer.op)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "parameters[", Quote(name), "] is given but layers[", i, "].conv2d.bias is false"));
-      }
-      if (absl::StartsWith(name, layer.name + ".") &&
-          std::holds_alternative<ActivationSpec>(layer.op)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("parameters[", Quote(name), "] is given but layers[", i, "] (",
-                         Quote(layer.name), ") is an activation without parameters"));
-      }
-    }
-    return absl::InvalidArgumentError(absl::StrCat(
-        "parameters[", Quote(name),
-        "] does not belong to any layer (expected \"<layer>.weight\" or \"<layer>.bias\")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("parameters[", Quote(name), "] is given", WhatTheLayerTakes(network, name)));
+  }
+  return absl::OkStatus();
+}
+
+// The labels of a cross_entropy objective against logits of `output_shape`.
+absl::Status ValidateCrossEntropy(const Objective& objective,
+                                  const std::vector<int64_t>& output_shape) {
+  const std::string what = "objective.cross_entropy";
+  if (output_shape.size() != 2 && output_shape.size() != 4) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " needs logits [N, C] or [N, C, H, W], but the network's output is ",
+                     ShapeToString(output_shape)));
+  }
+  std::vector<int64_t> labels_shape = {output_shape[0]};
+  if (output_shape.size() == 4) {
+    labels_shape.push_back(output_shape[2]);
+    labels_shape.push_back(output_shape[3]);
+  }
+  const LabelsView& labels = objective.labels;
+  if (labels.shape != labels_shape) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ".target.shape=", ShapeToString(labels.shape), " must be ",
+                     ShapeToString(labels_shape), " for logits ", ShapeToString(output_shape)));
+  }
+  absl::StatusOr<int64_t> count = CheckedNumElements(labels.shape, what + ".target");
+  if (!count.ok()) return count.status();
+  if (labels.size != *count || (labels.size > 0 && labels.data == nullptr)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ".target has ", labels.size,
+                                                   " values but its shape ",
+                                                   ShapeToString(labels.shape), " needs ", *count));
+  }
+  if (!(objective.label_smoothing >= 0.0 && objective.label_smoothing <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ".label_smoothing=", objective.label_smoothing, " must be in [0, 1]"));
+  }
+  const int64_t classes = output_shape[1];
+  for (int64_t i = 0; i < labels.size; ++i) {
+    const int64_t label = labels.data[i];
+    if (label == objective.ignore_index || (label >= 0 && label < classes)) continue;
+    return absl::InvalidArgumentError(absl::StrCat(what, ".target[", i, "]=", label,
+                                                   " is not a class index in [0, ", classes,
+                                                   ") nor ignore_index=", objective.ignore_index));
   }
   return absl::OkStatus();
 }
@@ -130,6 +177,9 @@ absl::StatusOr<ValidatedNetwork> ValidateGradientRequest(const GradientRequest& 
                          ShapeToString(objective.tensor.shape), " was given"));
       }
       break;
+    case ObjectiveKind::kCrossEntropy:
+      if (absl::Status s = ValidateCrossEntropy(objective, output_shape); !s.ok()) return s;
+      break;
     default:
       return absl::InvalidArgumentError(absl::StrCat(
           "objective.kind=", static_cast<int>(objective.kind), " is not a known objective"));
@@ -139,13 +189,18 @@ absl::StatusOr<ValidatedNetwork> ValidateGradientRequest(const GradientRequest& 
     // Checked even when all_parameters is set, so a misspelled name never passes silently.
     const std::vector<std::string>& names = request.gradients.parameters;
     for (size_t i = 0; i < names.size(); ++i) {
-      const bool known =
-          std::any_of(validated->parameter_shapes.begin(), validated->parameter_shapes.end(),
-                      [&](const auto& entry) { return entry.first == names[i]; });
-      if (!known) {
+      const auto it =
+          std::find_if(validated->parameters.begin(), validated->parameters.end(),
+                       [&](const ParameterInfo& info) { return info.name == names[i]; });
+      if (it == validated->parameters.end()) {
         return absl::InvalidArgumentError(absl::StrCat("gradients.parameters[", i,
                                                        "]=", Quote(names[i]),
                                                        " is not a parameter of the network"));
+      }
+      if (!it->trainable) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("gradients.parameters[", i, "]=", Quote(names[i]),
+                         " is a running statistic, which has no gradient"));
       }
     }
   }

@@ -1,5 +1,6 @@
-// The compute engine: forward and backward passes of conv/activation chains on the CPU,
-// implemented with oneDNN.
+// The compute engine: forward and backward passes of CNNs (network.h: convolutions,
+// activations, pooling, batch norm, linear layers, residual adds) on the CPU, implemented with
+// oneDNN.
 //
 // Thread safety: an Engine is safe for concurrent use from any number of threads without
 // external synchronization, and concurrent calls give exactly the results serial calls
