@@ -1,6 +1,6 @@
 // Proves the reference: a few cases worked out by hand, and every gradient of every op,
-// objective and a chain checked against central finite differences of the reference's own
-// forward pass in double precision.
+// objective and of small whole networks (chains, a LeNet, residual blocks) checked against
+// central finite differences of the reference's own forward pass in double precision.
 
 #include "tests/reference/reference.h"
 
@@ -8,7 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <iostream>
+#include <limits>
 #include <random>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -23,10 +25,18 @@ namespace {
 
 using gradengine::ActivationKind;
 using gradengine::ActivationSpec;
+using gradengine::AddSpec;
+using gradengine::AvgPool2dSpec;
+using gradengine::BatchNorm2dSpec;
 using gradengine::Conv2dSpec;
+using gradengine::kNetworkInput;
 using gradengine::LayerSpec;
+using gradengine::LinearSpec;
+using gradengine::MaxPool2dSpec;
 using gradengine::NetworkSpec;
 using gradengine::ObjectiveKind;
+using ::testing::DoubleNear;
+using ::testing::ElementsAre;
 using ::testing::ElementsAreArray;
 
 // Central differences (f(v + h) - f(v - h)) / 2h in double: the truncation error is about
@@ -38,6 +48,11 @@ constexpr double kFiniteDifferenceTolerance = 1e-6;
 // Inputs of relu, leaky_relu and elu must stay this far from 0 so that the step never
 // crosses the kink.
 constexpr double kKinkMargin = 1e-3;
+// Likewise the largest value of a max_pool2d window must lead the next one by this much, so
+// that the step (which moves any value by ~1e-6) never changes which one wins; the only ties
+// allowed are windows whose maximum is exactly 0, which only a relu's flat side produces
+// (and keeps flat under the step, see kKinkMargin).
+constexpr double kTieMargin = 1e-3;
 
 int64_t finite_difference_checks = 0;
 
@@ -64,9 +79,58 @@ RefTensor RandomTensor(std::vector<int64_t> shape, std::mt19937_64* rng) {
   return t;
 }
 
-LayerSpec ConvLayer(std::string name, const Conv2dSpec& spec) { return {std::move(name), spec}; }
+// Values 0.05 apart (far beyond kTieMargin) in a random order, centred on 0.
+RefTensor DistinctValues(std::vector<int64_t> shape, uint64_t seed) {
+  RefTensor t = RefTensor::Zeros(std::move(shape));
+  const double middle = 0.5 * static_cast<double>(t.data.size());
+  for (size_t i = 0; i < t.data.size(); ++i) t.data[i] = 0.05 * (static_cast<double>(i) - middle);
+  std::mt19937_64 rng(seed);
+  std::shuffle(t.data.begin(), t.data.end(), rng);
+  return t;
+}
+
+// A layer of any kind; `input` as LayerSpec::input (empty: the previous layer).
+LayerSpec Layer(std::string name, gradengine::LayerOp op, std::string input = "") {
+  return {std::move(name), std::move(op), std::move(input)};
+}
+LayerSpec ConvLayer(std::string name, const Conv2dSpec& spec) {
+  return Layer(std::move(name), spec);
+}
 LayerSpec ActivationLayer(std::string name, ActivationKind kind, float alpha = 0.0f) {
-  return {std::move(name), ActivationSpec{kind, alpha}};
+  return Layer(std::move(name), ActivationSpec{kind, alpha});
+}
+LayerSpec AddLayer(std::string name, std::string other, std::string input = "") {
+  return Layer(std::move(name), AddSpec{std::move(other)}, std::move(input));
+}
+
+MaxPool2dSpec MaxPool(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w) {
+  MaxPool2dSpec spec;
+  spec.kernel_h = kernel_h;
+  spec.kernel_w = kernel_w;
+  spec.stride_h = stride_h;
+  spec.stride_w = stride_w;
+  return spec;
+}
+
+AvgPool2dSpec AvgPool(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w) {
+  AvgPool2dSpec spec;
+  spec.kernel_h = kernel_h;
+  spec.kernel_w = kernel_w;
+  spec.stride_h = stride_h;
+  spec.stride_w = stride_w;
+  return spec;
+}
+
+BatchNorm2dSpec BatchNorm(int64_t num_features, bool training, bool affine = true) {
+  BatchNorm2dSpec spec;
+  spec.num_features = num_features;
+  spec.training = training;
+  spec.affine = affine;
+  return spec;
+}
+
+LinearSpec Linear(int64_t in_features, int64_t out_features, bool bias = true) {
+  return LinearSpec{in_features, out_features, bias};
 }
 
 Conv2dSpec Conv(int64_t in_channels, int64_t out_channels, int64_t kernel_h, int64_t kernel_w) {
@@ -91,23 +155,63 @@ std::vector<int64_t> OutputShape(const Case& c) {
   return ReferenceForward(c.network, c.parameters, c.input).shape;
 }
 
-// A case with random parameters, input and objective tensor for `network` on `input_shape`.
+// The names of the network's trainable parameters, from gradengine::LayerParameters.
+std::set<std::string> TrainableParameters(const NetworkSpec& network) {
+  std::set<std::string> names;
+  for (const LayerSpec& layer : network.layers) {
+    for (const gradengine::ParameterInfo& info : gradengine::LayerParameters(layer)) {
+      if (info.trainable) names.insert(info.name);
+    }
+  }
+  return names;
+}
+
+// Labels for cross-entropy logits of `logits_shape` ([N, C] or [N, C, H, W]), uniform in
+// [0, C).
+void SetRandomLabels(const std::vector<int64_t>& logits_shape, std::mt19937_64* rng,
+                     RefObjective* objective) {
+  objective->labels_shape = {logits_shape[0]};
+  if (logits_shape.size() == 4) {
+    objective->labels_shape.push_back(logits_shape[2]);
+    objective->labels_shape.push_back(logits_shape[3]);
+  }
+  int64_t count = 1;
+  for (int64_t d : objective->labels_shape) count *= d;
+  std::uniform_int_distribution<int64_t> label(0, logits_shape[1] - 1);
+  objective->labels.resize(static_cast<size_t>(count));
+  for (int64_t& l : objective->labels) l = label(*rng);
+}
+
+// A case with random parameters, buffers, input and objective tensor (or labels) for
+// `network` on `input_shape`. Every parameter and buffer gradengine::LayerParameters lists is
+// supplied; buffers (running statistics) are drawn from [0.5, 1.5], valid variances.
 Case RandomCase(NetworkSpec network, std::vector<int64_t> input_shape, ObjectiveKind objective,
                 uint64_t seed) {
   std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> positive(0.5, 1.5);
   Case c;
   c.network = std::move(network);
   for (const LayerSpec& layer : c.network.layers) {
-    if (const auto* conv = std::get_if<Conv2dSpec>(&layer.op)) {
-      c.parameters[layer.name + ".weight"] = RandomTensor(
-          {conv->out_channels, conv->in_channels / conv->groups, conv->kernel_h, conv->kernel_w},
-          &rng);
-      if (conv->bias) c.parameters[layer.name + ".bias"] = RandomTensor({conv->out_channels}, &rng);
+    for (const gradengine::ParameterInfo& info : gradengine::LayerParameters(layer)) {
+      RefTensor& tensor = c.parameters[info.name] = RandomTensor(info.shape, &rng);
+      if (!info.trainable) {
+        for (double& v : tensor.data) v = positive(rng);
+      }
     }
   }
   c.input = RandomTensor(std::move(input_shape), &rng);
   c.objective.kind = objective;
-  if (objective != ObjectiveKind::kSum) c.objective.tensor = RandomTensor(OutputShape(c), &rng);
+  switch (objective) {
+    case ObjectiveKind::kMse:
+    case ObjectiveKind::kGradOutput:
+      c.objective.tensor = RandomTensor(OutputShape(c), &rng);
+      break;
+    case ObjectiveKind::kSum:
+      break;
+    case ObjectiveKind::kCrossEntropy:
+      SetRandomLabels(OutputShape(c), &rng, &c.objective);
+      break;
+  }
   return c;
 }
 
@@ -129,18 +233,63 @@ bool HasKink(ActivationKind kind) {
          kind == ActivationKind::kElu;
 }
 
+// The tensor layers[i] of `c` reads, given every layer's output.
+const RefTensor& LayerInput(const Case& c, const std::vector<RefTensor>& outputs, size_t i) {
+  const int source = RefInputSource(c.network, i);
+  return source < 0 ? c.input : outputs[static_cast<size_t>(source)];
+}
+
 // Every input of a kinked activation is at least kKinkMargin away from 0.
 ::testing::AssertionResult AwayFromKinks(const Case& c) {
   const std::vector<RefTensor> outputs = ReferenceLayerOutputs(c.network, c.parameters, c.input);
   for (size_t i = 0; i < c.network.layers.size(); ++i) {
     const auto* activation = std::get_if<ActivationSpec>(&c.network.layers[i].op);
     if (activation == nullptr || !HasKink(activation->kind)) continue;
-    const RefTensor& x = i == 0 ? c.input : outputs[i - 1];
+    const RefTensor& x = LayerInput(c, outputs, i);
     for (size_t j = 0; j < x.data.size(); ++j) {
       if (std::abs(x.data[j]) < kKinkMargin) {
         return ::testing::AssertionFailure()
                << "layers[" << i << "] input[" << j << "] = " << x.data[j]
                << " is too close to the kink; pick another seed";
+      }
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// In every max_pool2d window the maximum leads the runner-up by kTieMargin, or is exactly 0.
+// The window is walked here independently of the reference: taps (kh, kw) at
+// (oh * stride - pad + k * dilation) that fall inside the input.
+::testing::AssertionResult AwayFromTies(const Case& c) {
+  const std::vector<RefTensor> outputs = ReferenceLayerOutputs(c.network, c.parameters, c.input);
+  for (size_t i = 0; i < c.network.layers.size(); ++i) {
+    const auto* pool = std::get_if<MaxPool2dSpec>(&c.network.layers[i].op);
+    if (pool == nullptr) continue;
+    const RefTensor& x = LayerInput(c, outputs, i);
+    const RefTensor& y = outputs[i];
+    for (int64_t n = 0; n < y.shape[0]; ++n) {
+      for (int64_t ch = 0; ch < y.shape[1]; ++ch) {
+        for (int64_t oh = 0; oh < y.shape[2]; ++oh) {
+          for (int64_t ow = 0; ow < y.shape[3]; ++ow) {
+            std::vector<double> window;
+            for (int64_t kh = 0; kh < pool->kernel_h; ++kh) {
+              for (int64_t kw = 0; kw < pool->kernel_w; ++kw) {
+                const int64_t ih = oh * pool->stride_h - pool->pad_h + kh * pool->dilation_h;
+                const int64_t iw = ow * pool->stride_w - pool->pad_w + kw * pool->dilation_w;
+                if (ih < 0 || ih >= x.shape[2] || iw < 0 || iw >= x.shape[3]) continue;
+                window.push_back(x.at(n, ch, ih, iw));
+              }
+            }
+            std::sort(window.rbegin(), window.rend());
+            if (window.size() < 2 || window[0] == 0.0 || window[0] - window[1] > kTieMargin) {
+              continue;
+            }
+            return ::testing::AssertionFailure()
+                   << "layers[" << i << "] window [" << n << ", " << ch << ", " << oh << ", " << ow
+                   << "] has a near-tie " << window[0] << " vs " << window[1]
+                   << "; pick other values";
+          }
+        }
       }
     }
   }
@@ -174,9 +323,11 @@ void ExpectMatchesFiniteDifferences(const std::string& what, Case* c, RefTensor*
   }
 }
 
-// Checks the gradient of the input and of every parameter of `c`.
+// Checks the gradient of the input and of every trainable parameter of `c`; buffers have
+// none.
 void ExpectGradientsMatchFiniteDifferences(Case c) {
   ASSERT_TRUE(AwayFromKinks(c));
+  ASSERT_TRUE(AwayFromTies(c));
   const ReferenceResult result = RunReference(c.network, c.parameters, c.input, c.objective);
   ASSERT_EQ(result.output.shape, OutputShape(c));
   ASSERT_EQ(result.loss.has_value(), c.objective.kind != ObjectiveKind::kGradOutput);
@@ -185,8 +336,12 @@ void ExpectGradientsMatchFiniteDifferences(Case c) {
   }
 
   ExpectMatchesFiniteDifferences("input", &c, &c.input, result.input_grad);
-  ASSERT_EQ(result.parameter_grads.size(), c.parameters.size());
+  const std::set<std::string> trainable = TrainableParameters(c.network);
+  std::set<std::string> returned;
+  for (const auto& [name, grad] : result.parameter_grads) returned.insert(name);
+  ASSERT_EQ(returned, trainable);
   for (auto& [name, parameter] : c.parameters) {
+    if (trainable.count(name) == 0) continue;  // a buffer: not differentiated
     auto it = result.parameter_grads.find(name);
     ASSERT_NE(it, result.parameter_grads.end()) << name;
     ExpectMatchesFiniteDifferences(name, &c, &parameter, it->second);
@@ -393,6 +548,324 @@ TEST(ReferenceByHand, FloatRequestMatchesDoublePath) {
             expected.output.data);
 }
 
+TEST(ReferenceByHand, PoolOutputSize) {
+  EXPECT_EQ(RefPoolOutputSize(6, 3, 2, 1, 1, false), 3);  // floor((6 + 2 - 3) / 2) + 1
+  EXPECT_EQ(RefPoolOutputSize(6, 3, 2, 1, 1, true), 4);   // ceil(5 / 2) + 1
+  EXPECT_EQ(RefPoolOutputSize(8, 3, 2, 0, 1, true), 4);   // ceil(5 / 2) + 1; starts at 6 < 8
+  // ceil(5 / 2) + 1 = 4, but the 4th window would start at row 3*2 - 1 = 5 of a 5-row input,
+  // entirely in the right padding, so PyTorch drops it.
+  EXPECT_EQ(RefPoolOutputSize(5, 2, 2, 1, 1, true), 3);
+  EXPECT_EQ(RefPoolOutputSize(5, 2, 2, 1, 1, false), 3);  // floor(5 / 2) + 1
+  EXPECT_EQ(RefPoolOutputSize(7, 3, 1, 0, 2, false), 3);  // span 2*(3-1)+1 = 5
+  // A kernel larger than the input fits only in ceil_mode: floor(-1 / 2) + 1 = 0, but
+  // floor((-1 + 1) / 2) + 1 = 1.
+  EXPECT_EQ(RefPoolOutputSize(3, 4, 2, 0, 1, false), 0);
+  EXPECT_EQ(RefPoolOutputSize(3, 4, 2, 0, 1, true), 1);
+}
+
+//  1  3 |  2  0      windows (2x2, stride 2) and their maxima, the first in row order on ties:
+//  3  2 |  5  5        [1 3; 3 2] -> 3 at (0,1)   [2 0; 5 5] -> 5 at (1,2)
+// ------+------        [-1 -4; -2 -3] -> -1 at (2,0)   [7 9; 9 6] -> 9 at (2,3)
+// -1 -4 |  7  9
+// -2 -3 |  9  6
+const RefTensor kPoolInput =
+    MakeTensor({1, 1, 4, 4}, {1, 3, 2, 0, 3, 2, 5, 5, -1, -4, 7, 9, -2, -3, 9, 6});
+
+TEST(ReferenceByHand, MaxPoolForwardAndTies) {
+  const MaxPool2dSpec spec = MaxPool(2, 2, 2, 2);
+  EXPECT_THAT(MaxPool2dForward(spec, kPoolInput).data, ElementsAreArray({3.0, 5.0, -1.0, 9.0}));
+  const RefTensor grad_output = MakeTensor({1, 1, 2, 2}, {1, 2, 3, 4});
+  EXPECT_THAT(MaxPool2dBackward(spec, kPoolInput, grad_output).data,
+              ElementsAreArray({0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0,  //
+                                3.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0}));
+}
+
+TEST(ReferenceByHand, MaxPoolPaddingIsMinusInfinity) {
+  // Padding 1 shifts the windows by one: out = (4 + 2 - 2) / 2 + 1 = 3. Window (2, 0) covers
+  // rows 3..4 and columns -1..0, so only x[3][0] = -2 is real: -2, not a padding 0.
+  // Window (0, 0) is x[0][0] = 1 alone; window (1, 1) is [2 5; -4 7] -> 7.
+  MaxPool2dSpec spec = MaxPool(2, 2, 2, 2);
+  spec.pad_h = spec.pad_w = 1;
+  const RefTensor y = MaxPool2dForward(spec, kPoolInput);
+  EXPECT_EQ(y.shape, std::vector<int64_t>({1, 1, 3, 3}));
+  EXPECT_EQ(y.at(0, 0, 2, 0), -2.0);
+  EXPECT_EQ(y.at(0, 0, 0, 0), 1.0);
+  EXPECT_EQ(y.at(0, 0, 1, 1), 7.0);
+  // Dilation 2, no padding: one 2x2 window on rows {0, 2}, columns {0, 2}: max(1, 2, -1, 7).
+  MaxPool2dSpec dilated = MaxPool(2, 2, 2, 2);
+  dilated.dilation_h = dilated.dilation_w = 2;
+  EXPECT_THAT(MaxPool2dForward(dilated, kPoolInput).data, ElementsAreArray({7.0}));
+}
+
+TEST(ReferenceByHand, AvgPoolCeilModeDivisors) {
+  // x = 1..16 in a 4x4, kernel 3, stride 2, pad 1, ceil_mode: out = ceil((4 + 2 - 3) / 2) + 1
+  // = 3 (the last window starts at 3 < 4 + 1). Per dim the windows are [-1, 2), [1, 4) and
+  // [3, 6) clipped to the padded input [-1, 5) as [3, 5): count_include_pad sizes 3, 3, 2;
+  // real input elements 2, 3, 1.
+  //   (0,0): 1+2+5+6 = 14,   divisor 3*3 = 9 or 2*2 = 4
+  //   (0,2): 4+8 = 12,       divisor 3*2 = 6 or 2*1 = 2
+  //   (1,1): 6+7+8+10+11+12+14+15+16 = 99, divisor 9 either way
+  //   (2,2): 16,             divisor 2*2 = 4 or 1*1 = 1
+  std::vector<double> values;
+  for (int i = 1; i <= 16; ++i) values.push_back(i);
+  const RefTensor x = MakeTensor({1, 1, 4, 4}, values);
+  AvgPool2dSpec spec = AvgPool(3, 3, 2, 2);
+  spec.pad_h = spec.pad_w = 1;
+  spec.ceil_mode = true;
+  spec.count_include_pad = true;
+  const RefTensor with_pad = AvgPool2dForward(spec, x);
+  ASSERT_EQ(with_pad.shape, std::vector<int64_t>({1, 1, 3, 3}));
+  EXPECT_DOUBLE_EQ(with_pad.at(0, 0, 0, 0), 14.0 / 9);
+  EXPECT_DOUBLE_EQ(with_pad.at(0, 0, 0, 2), 2.0);
+  EXPECT_DOUBLE_EQ(with_pad.at(0, 0, 1, 1), 11.0);
+  EXPECT_DOUBLE_EQ(with_pad.at(0, 0, 2, 2), 4.0);
+  spec.count_include_pad = false;
+  const RefTensor without_pad = AvgPool2dForward(spec, x);
+  EXPECT_DOUBLE_EQ(without_pad.at(0, 0, 0, 0), 3.5);
+  EXPECT_DOUBLE_EQ(without_pad.at(0, 0, 0, 2), 6.0);
+  EXPECT_DOUBLE_EQ(without_pad.at(0, 0, 1, 1), 11.0);
+  EXPECT_DOUBLE_EQ(without_pad.at(0, 0, 2, 2), 16.0);
+  // Backward: output (2,2) alone sends 1/divisor to x[3][3], the only element it reads.
+  RefTensor grad_output = RefTensor::Zeros({1, 1, 3, 3});
+  grad_output.at(0, 0, 2, 2) = 1.0;
+  EXPECT_DOUBLE_EQ(AvgPool2dBackward(spec, x, grad_output).at(0, 0, 3, 3), 1.0);
+  spec.count_include_pad = true;
+  EXPECT_DOUBLE_EQ(AvgPool2dBackward(spec, x, grad_output).at(0, 0, 3, 3), 0.25);
+}
+
+TEST(ReferenceByHand, Linear) {
+  // x = [1 2 3; 4 5 6], W = [1 0 -1; 2 1 0], b = [0.5, -1]:
+  //   y = [1 - 3 + 0.5, 2 + 2 - 1; 4 - 6 + 0.5, 8 + 5 - 1] = [-1.5 3; -1.5 12].
+  // Under sum: dL/dx = column sums of W = [3 1 -1] per row, dL/dW = column sums of x for every
+  // row of W = [5 7 9], dL/db = N = 2. A [2, 3, 1, 1] input is flattened to the same rows.
+  const RefTensor weight = MakeTensor({2, 3}, {1, 0, -1, 2, 1, 0});
+  const RefTensor bias = MakeTensor({2}, {0.5, -1});
+  for (const std::vector<int64_t>& shape :
+       {std::vector<int64_t>{2, 3}, std::vector<int64_t>{2, 3, 1, 1}}) {
+    const RefTensor x = MakeTensor(shape, {1, 2, 3, 4, 5, 6});
+    const RefTensor y = LinearForward(Linear(3, 2), x, weight, &bias);
+    EXPECT_EQ(y.shape, std::vector<int64_t>({2, 2}));
+    EXPECT_THAT(y.data, ElementsAreArray({-1.5, 3.0, -1.5, 12.0}));
+    const LinearGrads grads =
+        LinearBackward(Linear(3, 2), x, weight, MakeTensor({2, 2}, {1, 1, 1, 1}));
+    EXPECT_EQ(grads.input_grad.shape, shape);
+    EXPECT_THAT(grads.input_grad.data, ElementsAreArray({3.0, 1.0, -1.0, 3.0, 1.0, -1.0}));
+    EXPECT_THAT(grads.weight_grad.data, ElementsAreArray({5.0, 7.0, 9.0, 5.0, 7.0, 9.0}));
+    EXPECT_THAT(grads.bias_grad.data, ElementsAreArray({2.0, 2.0}));
+  }
+}
+
+// x [2, 2, 1, 2]: channel 0 holds 1 3 (n = 0) and 5 7 (n = 1): mean 4, biased variance
+// (9 + 1 + 1 + 9) / 4 = 5, unbiased 20/3; channel 1 holds 0 0 and 2 -2: mean 0, variance
+// 8/4 = 2, unbiased 8/3.
+const RefTensor kNormInput = MakeTensor({2, 2, 1, 2}, {1, 3, 0, 0, 5, 7, 2, -2});
+
+TEST(ReferenceByHand, BatchNormTrainingUpdatesRunningStats) {
+  // running_mean [1, -1], running_var [2, 0.5], momentum 0.1:
+  //   mean' = 0.9 * [1, -1] + 0.1 * [4, 0]   = [1.3, -0.9]
+  //   var'  = 0.9 * [2, 0.5] + 0.1 * [20/3, 8/3] = [1.8 + 2/3, 0.45 + 0.8/3]
+  // y = (x - mean) / sqrt(var + eps) * weight + bias with the batch's mean and variance.
+  const BatchNorm2dSpec spec = BatchNorm(2, /*training=*/true);
+  const NetworkSpec network{{Layer("bn", spec)}};
+  RefParameters parameters{{"bn.weight", MakeTensor({2}, {2, -1})},
+                           {"bn.bias", MakeTensor({2}, {0.5, 1})},
+                           {"bn.running_mean", MakeTensor({2}, {1, -1})},
+                           {"bn.running_var", MakeTensor({2}, {2, 0.5})}};
+  RefObjective sum;
+  sum.kind = ObjectiveKind::kSum;
+  const ReferenceResult result = RunReference(network, parameters, kNormInput, sum);
+  ASSERT_EQ(result.running_stats.size(), 2u);
+  EXPECT_DOUBLE_EQ(result.running_stats.at("bn.running_mean").data[0], 1.3);
+  EXPECT_DOUBLE_EQ(result.running_stats.at("bn.running_mean").data[1], -0.9);
+  EXPECT_DOUBLE_EQ(result.running_stats.at("bn.running_var").data[0], 1.8 + 2.0 / 3);
+  EXPECT_DOUBLE_EQ(result.running_stats.at("bn.running_var").data[1], 0.45 + 0.8 / 3);
+  const double eps = spec.eps;
+  EXPECT_DOUBLE_EQ(result.output.at(0, 0, 0, 0), (1 - 4) / std::sqrt(5 + eps) * 2 + 0.5);
+  EXPECT_DOUBLE_EQ(result.output.at(1, 1, 0, 1), (-2 - 0) / std::sqrt(2 + eps) * -1 + 1);
+  // Buffers are not differentiated; under sum, dL/dbias = N*H*W = 4 and dL/dweight =
+  // sum(x_hat) = 0 per channel, and dL/dx = 0 (the normalised batch always sums to 0).
+  EXPECT_EQ(result.parameter_grads.count("bn.running_mean"), 0u);
+  EXPECT_EQ(result.parameter_grads.count("bn.running_var"), 0u);
+  EXPECT_THAT(result.parameter_grads.at("bn.bias").data, ElementsAreArray({4.0, 4.0}));
+  for (double g : result.parameter_grads.at("bn.weight").data) EXPECT_NEAR(g, 0.0, 1e-12);
+  for (double g : result.input_grad.data) EXPECT_NEAR(g, 0.0, 1e-12);
+
+  // Without running statistics they start at PyTorch's 0 and 1:
+  //   mean' = 0.1 * [4, 0] = [0.4, 0], var' = 0.9 + 0.1 * [20/3, 8/3].
+  parameters.erase("bn.running_mean");
+  parameters.erase("bn.running_var");
+  const ReferenceResult fresh = RunReference(network, parameters, kNormInput, sum);
+  EXPECT_DOUBLE_EQ(fresh.running_stats.at("bn.running_mean").data[0], 0.4);
+  EXPECT_DOUBLE_EQ(fresh.running_stats.at("bn.running_mean").data[1], 0.0);
+  EXPECT_DOUBLE_EQ(fresh.running_stats.at("bn.running_var").data[0], 0.9 + 2.0 / 3);
+  EXPECT_DOUBLE_EQ(fresh.running_stats.at("bn.running_var").data[1], 0.9 + 0.8 / 3);
+  EXPECT_EQ(fresh.output.data, result.output.data);  // training mode ignores them
+}
+
+TEST(ReferenceByHand, BatchNormInferenceUsesRunningStats) {
+  // y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, nothing updated;
+  // under sum dL/dx = weight / sqrt(running_var + eps) everywhere in the channel.
+  const BatchNorm2dSpec spec = BatchNorm(2, /*training=*/false);
+  const NetworkSpec network{{Layer("bn", spec)}};
+  const RefParameters parameters{{"bn.weight", MakeTensor({2}, {2, -1})},
+                                 {"bn.bias", MakeTensor({2}, {0.5, 1})},
+                                 {"bn.running_mean", MakeTensor({2}, {1, -1})},
+                                 {"bn.running_var", MakeTensor({2}, {3, 0.5})}};
+  RefObjective sum;
+  sum.kind = ObjectiveKind::kSum;
+  const ReferenceResult result = RunReference(network, parameters, kNormInput, sum);
+  EXPECT_TRUE(result.running_stats.empty());
+  const double eps = spec.eps;
+  EXPECT_DOUBLE_EQ(result.output.at(1, 0, 0, 1), (7 - 1) / std::sqrt(3 + eps) * 2 + 0.5);
+  EXPECT_DOUBLE_EQ(result.output.at(0, 1, 0, 0), (0 + 1) / std::sqrt(0.5 + eps) * -1 + 1);
+  EXPECT_DOUBLE_EQ(result.input_grad.at(0, 0, 0, 0), 2 / std::sqrt(3 + eps));
+  EXPECT_DOUBLE_EQ(result.input_grad.at(1, 1, 0, 1), -1 / std::sqrt(0.5 + eps));
+  EXPECT_EQ(result.parameter_grads.size(), 2u);
+}
+
+TEST(ReferenceByHand, CrossEntropy) {
+  // Logits log 1, log 2, log 3 make p = 1/6, 2/6, 3/6. With label 2:
+  //   loss = -log(1/2), dL/dz = p - onehot = [1/6, 1/3, -1/2].
+  // With label_smoothing 0.3 (target 0.7 onehot + 0.1 each):
+  //   loss = 0.7 (-log 1/2) + 0.1 (-log 1/6 - log 1/3 - log 1/2) = 0.7 log 2 + 0.1 log 36,
+  //   dL/dz = p - [0.1, 0.1, 0.8].
+  // A second row labelled ignore_index adds nothing and takes no gradient; the mean is over
+  // the one row counted.
+  const RefTensor logits =
+      MakeTensor({2, 3}, {std::log(1.0), std::log(2.0), std::log(3.0), 5.0, -7.0, 2.0});
+  RefObjective objective;
+  objective.kind = ObjectiveKind::kCrossEntropy;
+  objective.labels = {2, -100};
+  objective.labels_shape = {2};
+  EXPECT_DOUBLE_EQ(ObjectiveLoss(objective, logits).value(), std::log(2.0));
+  const RefTensor grad = ObjectiveGrad(objective, logits);
+  EXPECT_DOUBLE_EQ(grad.at(0, 0), 1.0 / 6);
+  EXPECT_DOUBLE_EQ(grad.at(0, 1), 1.0 / 3);
+  EXPECT_DOUBLE_EQ(grad.at(0, 2), -0.5);
+  EXPECT_THAT(std::vector<double>(grad.data.begin() + 3, grad.data.end()),
+              ElementsAreArray({0.0, 0.0, 0.0}));
+
+  objective.label_smoothing = 0.3;
+  EXPECT_DOUBLE_EQ(ObjectiveLoss(objective, logits).value(),
+                   0.7 * std::log(2.0) + 0.1 * std::log(36.0));
+  const RefTensor smoothed = ObjectiveGrad(objective, logits);
+  EXPECT_DOUBLE_EQ(smoothed.at(0, 0), 1.0 / 6 - 0.1);
+  EXPECT_DOUBLE_EQ(smoothed.at(0, 1), 1.0 / 3 - 0.1);
+  EXPECT_DOUBLE_EQ(smoothed.at(0, 2), 0.5 - 0.8);
+
+  // Counting both rows halves the gradient of each: the second row's label 0 has
+  // p = softmax(5, -7, 2).
+  objective.label_smoothing = 0.0;
+  objective.labels = {2, 0};
+  const double second = -(5.0 - std::log(std::exp(5.0) + std::exp(-7.0) + std::exp(2.0)));
+  EXPECT_DOUBLE_EQ(ObjectiveLoss(objective, logits).value(), (std::log(2.0) + second) / 2);
+  EXPECT_DOUBLE_EQ(ObjectiveGrad(objective, logits).at(0, 2), -0.25);
+
+  // Every label ignored: 0 / 0 = NaN, and PyTorch's gradient is 0.
+  objective.labels = {-100, -100};
+  EXPECT_TRUE(std::isnan(ObjectiveLoss(objective, logits).value()));
+  for (double g : ObjectiveGrad(objective, logits).data) EXPECT_EQ(g, 0.0);
+  // Another ignore_index: label 7 is ignored instead of -100.
+  objective.ignore_index = 7;
+  objective.labels = {2, 7};
+  EXPECT_DOUBLE_EQ(ObjectiveLoss(objective, logits).value(), std::log(2.0));
+}
+
+TEST(ReferenceByHand, CrossEntropyIsStable) {
+  // Logits 1000 and 1000 + log 3: exp overflows, the shifted form gives p = 1/4, 3/4.
+  const RefTensor logits = MakeTensor({1, 2}, {1000.0, 1000.0 + std::log(3.0)});
+  RefObjective objective;
+  objective.kind = ObjectiveKind::kCrossEntropy;
+  objective.labels = {0};
+  objective.labels_shape = {1};
+  EXPECT_NEAR(ObjectiveLoss(objective, logits).value(), std::log(4.0), 1e-12);
+  EXPECT_NEAR(ObjectiveGrad(objective, logits).data[0], 0.25 - 1.0, 1e-12);
+}
+
+TEST(ReferenceByHand, CrossEntropySpatial) {
+  // [N=1, C=2, H=1, W=2]: pixel (0, w) has logits (y[0,0,0,w], y[0,1,0,w]) and label[0][0][w].
+  // Pixel 0: logits (0, 0), label 1 -> log 2. Pixel 1: logits (log 3, 0), label 0 -> log 4/3.
+  const RefTensor logits = MakeTensor({1, 2, 1, 2}, {0.0, std::log(3.0), 0.0, 0.0});
+  RefObjective objective;
+  objective.kind = ObjectiveKind::kCrossEntropy;
+  objective.labels = {1, 0};
+  objective.labels_shape = {1, 1, 2};
+  EXPECT_DOUBLE_EQ(ObjectiveLoss(objective, logits).value(),
+                   (std::log(2.0) + std::log(4.0 / 3)) / 2);
+  // dL/dlogit = (p - onehot) / 2: pixel 0 (0.5 - 0, 0.5 - 1) / 2, pixel 1 (0.75 - 1, 0.25 - 0)
+  // / 2, in memory order (c0 w0, c0 w1, c1 w0, c1 w1).
+  EXPECT_THAT(ObjectiveGrad(objective, logits).data,
+              ElementsAre(DoubleNear(0.25, 1e-15), DoubleNear(-0.125, 1e-15),
+                          DoubleNear(-0.25, 1e-15), DoubleNear(0.125, 1e-15)));
+}
+
+TEST(ReferenceByHand, AddRoutesAndAccumulates) {
+  // twice = x + x; thrice = x + twice (reading the network's input by name). Under sum,
+  // x reaches the loss three times: dL/dx = 3; the input tensor has three readers.
+  const NetworkSpec network{
+      {AddLayer("twice", kNetworkInput), AddLayer("thrice", "twice", /*input=*/kNetworkInput)}};
+  RefObjective sum;
+  sum.kind = ObjectiveKind::kSum;
+  const RefTensor x = MakeTensor({1, 1, 1, 2}, {1.5, -2});
+  const ReferenceResult result = RunReference(network, {}, x, sum);
+  EXPECT_THAT(result.output.data, ElementsAreArray({4.5, -6.0}));
+  EXPECT_THAT(result.input_grad.data, ElementsAreArray({3.0, 3.0}));
+  EXPECT_EQ(ReferenceLayerOutputs(network, {}, x)[0].data, std::vector<double>({3.0, -4.0}));
+  EXPECT_EQ(RefInputSource(network, 0), -1);
+  EXPECT_EQ(RefInputSource(network, 1), -1);
+  EXPECT_EQ(RefLayerIndex(network, "twice", 1), 0);
+}
+
+TEST(ReferenceByHand, FloatRequestWithLabelsAndRunningStats) {
+  // The GradientRequest overload converts the labels and the cross-entropy options, and reads
+  // absent optional buffers as their fill; the numbers are those of the double path.
+  const std::vector<float> input = {1, 3, 0, 0, 5, 7, 2, -2};
+  const std::vector<float> norm_weight = {2, -1};
+  const std::vector<float> norm_bias = {0.5f, 1};
+  const std::vector<float> fc_weight = {1, 0, -1, 2, 0.5f, 0.25f, 0, 1, -2, 1, 1, 1};
+  const std::vector<float> fc_bias = {0.5f, -1, 0};
+  const std::vector<int64_t> labels = {2, 1};
+  gradengine::GradientRequest request;
+  request.network = NetworkSpec{{Layer("bn", BatchNorm(2, true)), Layer("fc", Linear(4, 3))}};
+  request.parameters["bn.weight"] = gradengine::TensorView({2}, norm_weight);
+  request.parameters["bn.bias"] = gradengine::TensorView({2}, norm_bias);
+  request.parameters["fc.weight"] = gradengine::TensorView({3, 4}, fc_weight);
+  request.parameters["fc.bias"] = gradengine::TensorView({3}, fc_bias);
+  request.input = gradengine::TensorView({2, 2, 1, 2}, input);
+  request.objective.kind = ObjectiveKind::kCrossEntropy;
+  request.objective.labels = {{2}, labels.data(), 2};
+  request.objective.label_smoothing = 0.25;
+  request.objective.ignore_index = 1;
+
+  RefObjective objective;
+  objective.kind = ObjectiveKind::kCrossEntropy;
+  objective.labels = {2, 1};
+  objective.labels_shape = {2};
+  objective.label_smoothing = 0.25;
+  objective.ignore_index = 1;
+  const RefParameters parameters{
+      {"bn.weight", MakeTensor({2}, {2, -1})},
+      {"bn.bias", MakeTensor({2}, {0.5, 1})},
+      {"fc.weight", MakeTensor({3, 4}, {1, 0, -1, 2, 0.5, 0.25, 0, 1, -2, 1, 1, 1})},
+      {"fc.bias", MakeTensor({3}, {0.5, -1, 0})},
+      {"bn.running_mean", MakeTensor({2}, {0, 0})},
+      {"bn.running_var", MakeTensor({2}, {1, 1})}};
+  const ReferenceResult expected = RunReference(request.network, parameters, kNormInput, objective);
+  const ReferenceResult actual = RunReference(request);
+  ASSERT_TRUE(actual.loss.has_value());
+  EXPECT_EQ(*actual.loss, *expected.loss);
+  EXPECT_EQ(actual.output.data, expected.output.data);
+  EXPECT_EQ(actual.input_grad.data, expected.input_grad.data);
+  ASSERT_EQ(actual.parameter_grads.size(), 4u);
+  for (const auto& [name, grad] : expected.parameter_grads) {
+    EXPECT_EQ(actual.parameter_grads.at(name).data, grad.data) << name;
+  }
+  ASSERT_EQ(actual.running_stats.size(), 2u);
+  for (const auto& [name, stat] : expected.running_stats) {
+    EXPECT_EQ(actual.running_stats.at(name).data, stat.data) << name;
+  }
+}
+
 // ---- Finite differences: conv hyperparameters, one at a time and together. ----
 
 TEST(ReferenceFiniteDifferences, ConvPlain) { CheckConv(Conv(2, 3, 3, 3), {1, 2, 5, 6}); }
@@ -535,6 +1008,248 @@ TEST(ReferenceFiniteDifferences, ChainWithReluSigmoidGelu) {
                        ActivationLayer("c_act", ActivationKind::kGeluErf)}};
   ExpectGradientsMatchFiniteDifferences(
       RandomCase(std::move(network), {1, 2, 5, 6}, ObjectiveKind::kGradOutput, 11));
+}
+
+// ---- Finite differences: pooling. ----
+
+// One max_pool2d layer under mse, on distinct values (no near-ties).
+void CheckMaxPool(const MaxPool2dSpec& spec, std::vector<int64_t> input_shape, uint64_t seed) {
+  Case c = RandomCase(NetworkSpec{{Layer("pool", spec)}}, input_shape, ObjectiveKind::kMse, seed);
+  c.input = DistinctValues(std::move(input_shape), seed);
+  ExpectGradientsMatchFiniteDifferences(std::move(c));
+}
+
+TEST(ReferenceFiniteDifferences, MaxPoolPlain) {
+  CheckMaxPool(MaxPool(2, 2, 2, 2), {2, 2, 4, 6}, 1);
+}
+
+TEST(ReferenceFiniteDifferences, MaxPoolOverlapping) {
+  // Stride 1 < kernel 3: one input can win several windows, whose gradients add up.
+  CheckMaxPool(MaxPool(3, 3, 1, 1), {1, 2, 5, 5}, 2);
+}
+
+TEST(ReferenceFiniteDifferences, MaxPoolPaddingDilationCeilMode) {
+  MaxPool2dSpec spec = MaxPool(3, 2, 2, 1);
+  spec.pad_h = 1;
+  spec.pad_w = 1;
+  spec.dilation_h = 2;
+  spec.ceil_mode = true;
+  CheckMaxPool(spec, {2, 2, 8, 5}, 3);
+}
+
+TEST(ReferenceFiniteDifferences, MaxPoolCeilModeNonSquare) {
+  MaxPool2dSpec spec = MaxPool(2, 3, 2, 2);
+  spec.ceil_mode = true;
+  CheckMaxPool(spec, {1, 3, 5, 7}, 4);
+}
+
+void CheckAvgPool(const AvgPool2dSpec& spec, std::vector<int64_t> input_shape, uint64_t seed) {
+  ExpectGradientsMatchFiniteDifferences(RandomCase(
+      NetworkSpec{{Layer("pool", spec)}}, std::move(input_shape), ObjectiveKind::kMse, seed));
+}
+
+TEST(ReferenceFiniteDifferences, AvgPoolPlain) {
+  CheckAvgPool(AvgPool(2, 2, 2, 2), {2, 2, 4, 6}, 1);
+}
+
+// ceil_mode with padding: 6 rows, kernel 3, stride 2, pad 1 give 4 windows, the last one
+// running past the padded input (divisor 2 rows with count_include_pad, 1 real row without);
+// 5 columns, kernel 2, stride 2, pad 1 give 3 (a 4th would start in the right padding).
+AvgPool2dSpec CeilModePaddedAvgPool(bool count_include_pad) {
+  AvgPool2dSpec spec = AvgPool(3, 2, 2, 2);
+  spec.pad_h = 1;
+  spec.pad_w = 1;
+  spec.ceil_mode = true;
+  spec.count_include_pad = count_include_pad;
+  return spec;
+}
+
+TEST(ReferenceFiniteDifferences, AvgPoolCeilModePaddingCountIncludePad) {
+  CheckAvgPool(CeilModePaddedAvgPool(true), {2, 2, 6, 5}, 2);
+}
+
+TEST(ReferenceFiniteDifferences, AvgPoolCeilModePaddingExcludePad) {
+  CheckAvgPool(CeilModePaddedAvgPool(false), {2, 2, 6, 5}, 2);
+}
+
+TEST(ReferenceFiniteDifferences, AvgPoolCountIncludePadMatters) {
+  // The two cases above differ (else one of them would not test its divisor).
+  const RefTensor x = DistinctValues({1, 1, 6, 5}, 3);
+  const std::vector<int64_t> expected_shape = {1, 1, 4, 3};
+  const RefTensor with_pad = AvgPool2dForward(CeilModePaddedAvgPool(true), x);
+  const RefTensor without_pad = AvgPool2dForward(CeilModePaddedAvgPool(false), x);
+  EXPECT_EQ(with_pad.shape, expected_shape);
+  EXPECT_EQ(without_pad.shape, expected_shape);
+  EXPECT_NE(with_pad.data, without_pad.data);
+  // The inner window (1, 1) has no padding: the same either way.
+  EXPECT_EQ(with_pad.at(0, 0, 1, 1), without_pad.at(0, 0, 1, 1));
+}
+
+// ---- Finite differences: batch norm, linear, add. ----
+
+void CheckBatchNorm(const BatchNorm2dSpec& spec, std::vector<int64_t> input_shape, uint64_t seed) {
+  ExpectGradientsMatchFiniteDifferences(RandomCase(
+      NetworkSpec{{Layer("bn", spec)}}, std::move(input_shape), ObjectiveKind::kMse, seed));
+}
+
+TEST(ReferenceFiniteDifferences, BatchNormTraining) {
+  CheckBatchNorm(BatchNorm(3, /*training=*/true), {2, 3, 3, 4}, 1);
+}
+
+TEST(ReferenceFiniteDifferences, BatchNormTrainingWithoutAffine) {
+  BatchNorm2dSpec spec = BatchNorm(2, /*training=*/true, /*affine=*/false);
+  spec.eps = 1e-3;
+  CheckBatchNorm(spec, {3, 2, 2, 3}, 2);
+}
+
+TEST(ReferenceFiniteDifferences, BatchNormTrainingOneRowPerChannelPixel) {
+  // N = 4, H = W = 1: statistics over the batch alone.
+  CheckBatchNorm(BatchNorm(3, /*training=*/true), {4, 3, 1, 1}, 3);
+}
+
+TEST(ReferenceFiniteDifferences, BatchNormInference) {
+  CheckBatchNorm(BatchNorm(3, /*training=*/false), {2, 3, 3, 4}, 4);
+}
+
+TEST(ReferenceFiniteDifferences, BatchNormInferenceWithoutAffine) {
+  CheckBatchNorm(BatchNorm(2, /*training=*/false, /*affine=*/false), {2, 2, 3, 3}, 5);
+}
+
+TEST(ReferenceFiniteDifferences, BatchNormTrainingAfterConv) {
+  // The running statistics returned are those of the conv's output, not of the input. The
+  // conv has no bias: the batch mean cancels it, so its gradient would be exactly 0.
+  Conv2dSpec conv = Conv(2, 3, 2, 2);
+  conv.bias = false;
+  Case c = RandomCase(
+      NetworkSpec{{ConvLayer("conv", conv), Layer("bn", BatchNorm(3, /*training=*/true))}},
+      {2, 2, 4, 4}, ObjectiveKind::kMse, 6);
+  const ReferenceResult result = RunReference(c.network, c.parameters, c.input, c.objective);
+  const RefTensor conv_output = ReferenceLayerOutputs(c.network, c.parameters, c.input)[0];
+  const RefTensor expected =
+      BatchNorm2dForward(BatchNorm(3, true), conv_output, &c.parameters.at("bn.weight"),
+                         &c.parameters.at("bn.bias"), c.parameters.at("bn.running_mean"),
+                         c.parameters.at("bn.running_var"))
+          .running_mean;
+  EXPECT_EQ(result.running_stats.at("bn.running_mean").data, expected.data);
+  ExpectGradientsMatchFiniteDifferences(std::move(c));
+}
+
+TEST(ReferenceFiniteDifferences, LinearOnNchw) {
+  ExpectGradientsMatchFiniteDifferences(
+      RandomCase(NetworkSpec{{Layer("fc", Linear(12, 5))}}, {3, 2, 2, 3}, ObjectiveKind::kMse, 1));
+}
+
+TEST(ReferenceFiniteDifferences, LinearChainOn2d) {
+  // Linear, an activation on [N, F], linear without bias.
+  NetworkSpec network{{Layer("fc1", Linear(6, 4)), ActivationLayer("act", ActivationKind::kTanh),
+                       Layer("fc2", Linear(4, 3, /*bias=*/false))}};
+  ExpectGradientsMatchFiniteDifferences(
+      RandomCase(std::move(network), {2, 6}, ObjectiveKind::kGradOutput, 2));
+}
+
+TEST(ReferenceFiniteDifferences, AddOfTwoBranches) {
+  // Two convs read the input; the add sums them; the input's gradient adds both paths.
+  Conv2dSpec padded = Conv(2, 2, 3, 3);
+  padded.pad_top = padded.pad_bottom = padded.pad_left = padded.pad_right = 1;
+  NetworkSpec network{
+      {ConvLayer("left", padded), ActivationLayer("left_act", ActivationKind::kTanh),
+       Layer("right", Conv(2, 2, 1, 1), kNetworkInput), AddLayer("sum", "left_act")}};
+  ExpectGradientsMatchFiniteDifferences(
+      RandomCase(std::move(network), {2, 2, 3, 4}, ObjectiveKind::kMse, 3));
+}
+
+// ---- Finite differences: cross-entropy. ----
+
+// Logits from a linear layer on a [4, 2, 1, 3] input, 5 classes.
+Case LinearCrossEntropyCase(uint64_t seed) {
+  return RandomCase(NetworkSpec{{Layer("fc", Linear(6, 5))}}, {4, 2, 1, 3},
+                    ObjectiveKind::kCrossEntropy, seed);
+}
+
+TEST(ReferenceFiniteDifferences, CrossEntropy) {
+  ExpectGradientsMatchFiniteDifferences(LinearCrossEntropyCase(1));
+}
+
+TEST(ReferenceFiniteDifferences, CrossEntropyLabelSmoothing) {
+  Case c = LinearCrossEntropyCase(2);
+  c.objective.label_smoothing = 0.2;
+  ExpectGradientsMatchFiniteDifferences(std::move(c));
+}
+
+TEST(ReferenceFiniteDifferences, CrossEntropyIgnoreIndexAndLabelSmoothing) {
+  Case c = LinearCrossEntropyCase(3);
+  c.objective.label_smoothing = 0.1;
+  c.objective.ignore_index = 3;
+  c.objective.labels = {3, 0, 4, 3};  // two of four rows ignored
+  const ReferenceResult result = RunReference(c.network, c.parameters, c.input, c.objective);
+  // The ignored rows' logits take no gradient.
+  for (int64_t k = 0; k < 5; ++k) {
+    EXPECT_EQ(ObjectiveGrad(c.objective, result.output).at(0, k), 0.0);
+    EXPECT_EQ(ObjectiveGrad(c.objective, result.output).at(3, k), 0.0);
+  }
+  ExpectGradientsMatchFiniteDifferences(std::move(c));
+}
+
+TEST(ReferenceFiniteDifferences, CrossEntropySpatialWithIgnoreIndex) {
+  // [N, C, H, W] logits from a conv, [N, H, W] labels, some ignored (default -100).
+  Case c = RandomCase(NetworkSpec{{ConvLayer("conv", Conv(2, 4, 2, 2))}}, {2, 2, 3, 4},
+                      ObjectiveKind::kCrossEntropy, 4);
+  ASSERT_EQ(c.objective.labels_shape, std::vector<int64_t>({2, 2, 3}));
+  c.objective.labels[1] = c.objective.labels[6] = c.objective.labels[7] = -100;
+  c.objective.label_smoothing = 0.3;
+  ExpectGradientsMatchFiniteDifferences(std::move(c));
+}
+
+// ---- Finite differences: small whole networks. ----
+
+TEST(ReferenceFiniteDifferences, LeNet) {
+  // conv -> relu -> max pool -> conv -> relu -> max pool -> linear -> relu -> linear,
+  // under cross-entropy.
+  Conv2dSpec conv1 = Conv(1, 3, 3, 3);
+  conv1.pad_top = conv1.pad_bottom = conv1.pad_left = conv1.pad_right = 1;
+  NetworkSpec network{{ConvLayer("conv1", conv1), ActivationLayer("relu1", ActivationKind::kRelu),
+                       Layer("pool1", MaxPool(2, 2, 2, 2)), ConvLayer("conv2", Conv(3, 4, 2, 2)),
+                       ActivationLayer("relu2", ActivationKind::kRelu),
+                       Layer("pool2", MaxPool(2, 2, 1, 1)), Layer("fc1", Linear(16, 6)),
+                       ActivationLayer("relu3", ActivationKind::kRelu),
+                       Layer("fc2", Linear(6, 3))}};
+  ExpectGradientsMatchFiniteDifferences(
+      RandomCase(std::move(network), {3, 1, 8, 8}, ObjectiveKind::kCrossEntropy, 2));
+}
+
+TEST(ReferenceFiniteDifferences, ResidualBlockWithBatchNorm) {
+  // ResNet's basic block and a classifier head:
+  //   x -> conv -> bn -> relu -> conv -> bn -> (+ x) -> relu -> avg pool -> linear.
+  Conv2dSpec conv = Conv(2, 2, 3, 3);
+  conv.pad_top = conv.pad_bottom = conv.pad_left = conv.pad_right = 1;
+  conv.bias = false;
+  NetworkSpec network{{ConvLayer("conv1", conv), Layer("bn1", BatchNorm(2, true)),
+                       ActivationLayer("relu1", ActivationKind::kRelu), ConvLayer("conv2", conv),
+                       Layer("bn2", BatchNorm(2, true)), AddLayer("residual", kNetworkInput),
+                       ActivationLayer("relu2", ActivationKind::kRelu),
+                       Layer("pool", AvgPool(2, 2, 2, 2)), Layer("fc", Linear(8, 3))}};
+  Case c = RandomCase(std::move(network), {2, 2, 4, 4}, ObjectiveKind::kCrossEntropy, 2);
+  const ReferenceResult result = RunReference(c.network, c.parameters, c.input, c.objective);
+  EXPECT_EQ(result.running_stats.size(), 4u);
+  ExpectGradientsMatchFiniteDifferences(std::move(c));
+}
+
+TEST(ReferenceFiniteDifferences, ResidualBranchesByName) {
+  // A projection shortcut read by name, a tensor read by three layers, an add of two named
+  // outputs and a batch norm in inference mode:
+  //   stem = conv(x); a = tanh(stem); b = conv(a); shortcut = conv1x1(stem) (input "stem");
+  //   join = b + shortcut; again = join + a (other "a"); out = bn(again).
+  Conv2dSpec same = Conv(3, 3, 3, 3);
+  same.pad_top = same.pad_bottom = same.pad_left = same.pad_right = 1;
+  NetworkSpec network{{ConvLayer("stem", Conv(2, 3, 2, 2)),
+                       ActivationLayer("a", ActivationKind::kTanh), ConvLayer("b", same),
+                       Layer("shortcut", Conv(3, 3, 1, 1), "stem"),
+                       AddLayer("join", "shortcut", "b"), AddLayer("again", "a"),
+                       Layer("out", BatchNorm(3, /*training=*/false))}};
+  ASSERT_EQ(RefInputSource(network, 3), 0);
+  ASSERT_EQ(RefInputSource(network, 4), 2);
+  ExpectGradientsMatchFiniteDifferences(
+      RandomCase(std::move(network), {2, 2, 4, 5}, ObjectiveKind::kMse, 3));
 }
 
 // The checker itself must be able to fail: a gradient off by a small amount in one element
