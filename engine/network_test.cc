@@ -185,5 +185,114 @@ TEST(ValidateNetworkTest, PaddingASideBeyondInt64IsRejected) {
   EXPECT_EQ(v->output_shapes[0], (std::vector<int64_t>{1, 1, kNoLimit, 1}));
 }
 
+TEST(ValidateNetworkTest, ShapesOfTheNewKindsAndBranches) {
+  BatchNorm2dSpec bn;
+  bn.num_features = 8;
+  NetworkSpec net;
+  net.layers = {Conv("c1", Conv2dSpec::Square(3, 8, 3, 2, 1, false)),
+                LayerSpec{"bn1", bn},
+                Act("r1", ActivationKind::kRelu),
+                LayerSpec{"proj", Conv2dSpec::Square(3, 8, 1, 2, 0, false), kNetworkInput},
+                LayerSpec{"add", AddSpec{"r1"}},
+                LayerSpec{"pool", MaxPool2dSpec::Square(3, 2, 1)},
+                LayerSpec{"avg", AvgPool2dSpec::Square(2)},
+                LayerSpec{"fc", LinearSpec{8 * 2 * 2, 10, true}},
+                Act("t", ActivationKind::kTanh)};
+  absl::StatusOr<ValidatedNetwork> v = ValidateNetwork(net, {2, 3, 15, 15}, kNoLimit);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->output_shapes[3], (std::vector<int64_t>{2, 8, 8, 8}));
+  EXPECT_EQ(v->output_shapes[5], (std::vector<int64_t>{2, 8, 4, 4}));
+  EXPECT_EQ(v->output_shapes[8], (std::vector<int64_t>{2, 10}));
+  EXPECT_EQ(v->input_sources, (std::vector<int>{-1, 0, 1, -1, 3, 4, 5, 6, 7}));
+  EXPECT_EQ(v->add_sources[4], 2);
+  EXPECT_TRUE(v->mixes_batch);
+  std::vector<std::string> names;
+  for (const ParameterInfo& p : v->parameters) names.push_back(p.name);
+  EXPECT_THAT(names,
+              ::testing::ElementsAre("c1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean",
+                                     "bn1.running_var", "proj.weight", "fc.weight", "fc.bias"));
+  EXPECT_FALSE(v->parameters[3].trainable);
+  EXPECT_FALSE(v->parameters[3].required);  // training mode: PyTorch's initial values
+  EXPECT_TRUE(v->parameters[3].updated);
+  EXPECT_EQ(v->parameters[6].shape, (std::vector<int64_t>{10, 32}));
+}
+
+TEST(ValidateNetworkTest, RejectsMalformedNewKindsWithFieldAndValue) {
+  const std::vector<int64_t> in = {2, 4, 6, 6};
+  const auto kInvalid = absl::StatusCode::kInvalidArgument;
+  auto with = [](std::vector<LayerSpec> layers) {
+    NetworkSpec net;
+    net.layers = std::move(layers);
+    return net;
+  };
+  BatchNorm2dSpec bn;
+  bn.num_features = 4;
+  BatchNorm2dSpec bn_wrong = bn;
+  bn_wrong.num_features = 5;
+  BatchNorm2dSpec bn_eps = bn;
+  bn_eps.eps = 0.0;
+  MaxPool2dSpec pad_too_big = MaxPool2dSpec::Square(2, 2, 2);
+  std::vector<BadNetworkCase> cases = {
+      {"pool kernel too big", with({LayerSpec{"p", MaxPool2dSpec::Square(8, 1, 0)}}), in, kInvalid,
+       "layers[0].max_pool2d.kernel_size=[8, 8] with dilation=[1, 1] is larger than the "
+       "padded input"},
+      {"pool padding over half the kernel", with({LayerSpec{"p", pad_too_big}}), in, kInvalid,
+       "layers[0].max_pool2d.padding[0]=2 must be at most half the kernel size 2"},
+      {"avg pool zero stride", with({LayerSpec{"p", AvgPool2dSpec{2, 2, 0, 1}}}), in, kInvalid,
+       "layers[0].avg_pool2d.stride[0]=0 must be positive"},
+      {"bn features", with({LayerSpec{"b", bn_wrong}}), in, kInvalid,
+       "layers[0].batch_norm2d.num_features=5 does not match the 4 channels"},
+      {"bn eps", with({LayerSpec{"b", bn_eps}}), in, kInvalid,
+       "layers[0].batch_norm2d.eps=0 must be positive"},
+      {"bn one value per channel",
+       with({LayerSpec{"b", bn}}),
+       {1, 4, 1, 1},
+       kInvalid,
+       "layers[0].batch_norm2d.training=true needs more than one value per channel"},
+      {"linear in_features", with({LayerSpec{"fc", LinearSpec{100, 3, true}}}), in, kInvalid,
+       "layers[0].linear.in_features=100 does not match its input [2, 4, 6, 6], flattened to "
+       "C*H*W=144"},
+      {"conv after linear",
+       with({LayerSpec{"fc", LinearSpec{144, 3, true}},
+             LayerSpec{"c", Conv2dSpec::Square(3, 3, 1)}}),
+       in, kInvalid, "layers[1] (conv2d) needs an NCHW input, but its input is [2, 3]"},
+      {"add later layer", with({LayerSpec{"a", AddSpec{"r"}}, Act("r", ActivationKind::kRelu)}), in,
+       kInvalid, "layers[0].add.other=\"r\" names layers[1], a later layer"},
+      {"add itself", with({LayerSpec{"a", AddSpec{"a"}}}), in, kInvalid,
+       "layers[0].add.other=\"a\" names layers[0], the layer itself"},
+      {"add unknown", with({LayerSpec{"a", AddSpec{"nope"}}}), in, kInvalid,
+       "layers[0].add.other=\"nope\" names no layer"},
+      {"add shapes",
+       with({LayerSpec{"p", MaxPool2dSpec::Square(2)}, LayerSpec{"a", AddSpec{kNetworkInput}}}), in,
+       kInvalid,
+       "layers[1].add.other=\"input\" has shape [2, 4, 6, 6], but the layer's input is "
+       "[2, 4, 3, 3]"},
+      {"input unknown",
+       with({Act("r", ActivationKind::kRelu), LayerSpec{"t", ActivationSpec{}, "x"}}), in, kInvalid,
+       "layers[1].input=\"x\" names no layer"},
+      {"reserved name", with({Act("input", ActivationKind::kRelu)}), in, kInvalid,
+       "layers[0].name=\"input\" is reserved"},
+      {"dead output",
+       with({Act("r", ActivationKind::kRelu),
+             LayerSpec{"t", ActivationSpec{ActivationKind::kTanh}, kNetworkInput}}),
+       in, kInvalid, "layers[0] (\"r\")'s output is never used"},
+  };
+  for (const BadNetworkCase& c : cases) {
+    absl::StatusOr<ValidatedNetwork> v = ValidateNetwork(c.network, c.input_shape, kNoLimit);
+    EXPECT_EQ(v.status().code(), c.code) << c.label << ": " << v.status();
+    EXPECT_THAT(std::string(v.status().message()), HasSubstr(c.message)) << c.label;
+  }
+}
+
+TEST(PoolOutputSizeTest, MatchesPyTorchIncludingCeilMode) {
+  EXPECT_EQ(PoolOutputSize(28, 2, 2, 0, 1, false), 14);
+  EXPECT_EQ(PoolOutputSize(7, 2, 2, 0, 1, false), 3);
+  EXPECT_EQ(PoolOutputSize(7, 2, 2, 0, 1, true), 4);
+  // The last window would start in the right padding only: dropped, as PyTorch does.
+  EXPECT_EQ(PoolOutputSize(5, 3, 2, 1, 1, true), 3);
+  EXPECT_EQ(PoolOutputSize(6, 3, 2, 1, 1, true), 4);
+  EXPECT_EQ(PoolOutputSize(2, 3, 1, 0, 1, false), 0);
+}
+
 }  // namespace
 }  // namespace gradengine
