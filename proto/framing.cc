@@ -48,6 +48,50 @@ void AddResult(Frame* frame, int field, const grad::v1::Tensor& header,
   AddTensor(frame, field, header, tensor.data.data(), tensor.data.size(), tensor.data.owner());
 }
 
+// The cross-entropy objective: the target's header, then its int64 bytes as a referenced
+// range, then the fields after the target.
+void AddCrossEntropy(Frame* frame, int field, const grad::v1::CrossEntropy& skeleton,
+                     const gradengine::LabelsView& labels,
+                     const std::shared_ptr<const void>& owner) {
+  Frame cross_entropy;
+  if (skeleton.has_target()) {
+    Frame target;
+    target.AppendFields(skeleton.target());
+    if (!skeleton.target().has_shared_memory() && labels.size > 0) {
+      target.AddExternal(grad::v1::Tensor::kDataFieldNumber, labels.data,
+                         static_cast<size_t>(labels.size) * sizeof(int64_t), owner);
+    }
+    cross_entropy.AddFrame(grad::v1::CrossEntropy::kTargetFieldNumber, std::move(target));
+  }
+  grad::v1::CrossEntropy rest = skeleton;
+  rest.clear_target();
+  cross_entropy.AppendFields(rest);
+  frame->AddFrame(field, std::move(cross_entropy));
+}
+
+// Named results in the order of `tensors` (a map), which is the order the skeleton lists them.
+void AddNamedResults(Frame* frame, int field,
+                     const google::protobuf::RepeatedPtrField<grad::v1::NamedTensor>& skeleton,
+                     const gradengine::ParameterTensors& tensors) {
+  auto tensor = tensors.begin();
+  for (const grad::v1::NamedTensor& named : skeleton) {
+    AddNamedTensor(frame, field, named, tensor->second.data.data(), tensor->second.data.size(),
+                   tensor->second.data.owner());
+    ++tensor;
+  }
+}
+
+// The headers of results that always travel as bytes (running statistics).
+void AddNamedHeaders(const gradengine::ParameterTensors& tensors,
+                     google::protobuf::RepeatedPtrField<grad::v1::NamedTensor>* out) {
+  out->Reserve(static_cast<int>(tensors.size()));
+  for (const auto& [name, tensor] : tensors) {
+    grad::v1::NamedTensor* named = out->Add();
+    named->set_name(name);
+    EncodeTensorHeader(tensor.shape, named->mutable_tensor());
+  }
+}
+
 // The fields both requests start with: network (1), parameters (2), input (3).
 template <typename WireRequest, typename EngineRequest>
 void FrameNetworkParametersInput(const WireRequest& skeleton, const EngineRequest& request,
@@ -236,6 +280,10 @@ Frame FrameGradientRequest(const grad::v1::ComputeGradientsRequest& skeleton,
       AddTensor(&child, grad::v1::Objective::kGradOutputFieldNumber, objective.grad_output(), data,
                 elements, owner);
     }
+    if (objective.has_cross_entropy()) {
+      AddCrossEntropy(&child, grad::v1::Objective::kCrossEntropyFieldNumber,
+                      objective.cross_entropy(), request.objective.labels, owner);
+    }
     frame.AddFrame(Wire::kObjectiveFieldNumber, std::move(child));
   }
   if (skeleton.has_gradients()) frame.AddMessage(Wire::kGradientsFieldNumber, skeleton.gradients());
@@ -254,6 +302,8 @@ Frame FrameForwardResponse(const grad::v1::ForwardResponse& skeleton,
   if (skeleton.has_output())
     AddResult(&frame, Wire::kOutputFieldNumber, skeleton.output(), result.output);
   AddRequestIdAndTiming(skeleton, &frame);
+  AddNamedResults(&frame, Wire::kRunningStatsFieldNumber, skeleton.running_stats(),
+                  result.running_stats);
   return frame;
 }
 
@@ -268,13 +318,11 @@ Frame FrameGradientResponse(const grad::v1::ComputeGradientsResponse& skeleton,
     AddResult(&frame, Wire::kInputGradFieldNumber, skeleton.input_grad(), *result.input_grad);
   }
   // The skeleton lists the gradients in the order of the result's map.
-  auto grad = result.parameter_grads.begin();
-  for (const grad::v1::NamedTensor& named : skeleton.parameter_grads()) {
-    AddNamedTensor(&frame, Wire::kParameterGradsFieldNumber, named, grad->second.data.data(),
-                   grad->second.data.size(), grad->second.data.owner());
-    ++grad;
-  }
+  AddNamedResults(&frame, Wire::kParameterGradsFieldNumber, skeleton.parameter_grads(),
+                  result.parameter_grads);
   AddRequestIdAndTiming(skeleton, &frame);
+  AddNamedResults(&frame, Wire::kRunningStatsFieldNumber, skeleton.running_stats(),
+                  result.running_stats);
   return frame;
 }
 
@@ -283,6 +331,7 @@ void EncodeForwardResponseSkeleton(const gradengine::ForwardResult& result,
                                    grad::v1::ForwardResponse* out) {
   AddSharedRefOrHeader(result.output, placement.has_output() ? &placement.output() : nullptr,
                        out->mutable_output());
+  AddNamedHeaders(result.running_stats, out->mutable_running_stats());
 }
 
 void EncodeGradientResponseSkeleton(const gradengine::GradientResult& result, bool include_output,
@@ -308,6 +357,7 @@ void EncodeGradientResponseSkeleton(const gradengine::GradientResult& result, bo
     }
     AddSharedRefOrHeader(grad, ref, named->mutable_tensor());
   }
+  AddNamedHeaders(result.running_stats, out->mutable_running_stats());
 }
 
 }  // namespace gradwire

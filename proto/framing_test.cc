@@ -300,5 +300,58 @@ TEST(FramingTest, SharedMemoryReferencesOnParametersTheObjectiveAndResults) {
   }
 }
 
+TEST(FramingCrossEntropyTest, GradientRequestIsWhatTheSerializerWrites) {
+  // Enough labels (> kMinExternalBytes) to be referenced rather than copied.
+  std::vector<int64_t> labels(300);
+  for (size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<int64_t>(i % 7) - 1;
+  std::vector<float> input(2 * 3 * 4 * 4, 0.5f);
+  for (int64_t ignore_index : {int64_t{-100}, int64_t{-1}}) {
+    gradengine::GradientRequest request;
+    request.network.layers.push_back({"fc", gradengine::LinearSpec{48, 7, true}});
+    request.input = gradengine::TensorView({2, 3, 4, 4}, input);
+    request.objective.kind = gradengine::ObjectiveKind::kCrossEntropy;
+    request.objective.labels = {{300}, labels.data(), 300};
+    request.objective.label_smoothing = 0.25;
+    request.objective.ignore_index = ignore_index;
+    grad::v1::ComputeGradientsRequest full;
+    EncodeGradientRequest(request, &full);
+    grad::v1::ComputeGradientsRequest skeleton;
+    EncodeGradientRequest(request, &skeleton, /*tensor_data=*/false);
+    const Frame frame = FrameGradientRequest(skeleton, request, nullptr);
+    EXPECT_EQ(frame.Flatten(), full.SerializeAsString());
+    EXPECT_GE(frame.external_bytes(), labels.size() * sizeof(int64_t));
+  }
+}
+
+TEST(FramingCrossEntropyTest, ResponsesCarryRunningStats) {
+  gradengine::GradientResult result;
+  result.output = gradengine::Tensor({1, 2}, {1, 2});
+  result.loss = 0.5;
+  result.parameter_grads["bn.weight"] = gradengine::Tensor({2}, {3, 4});
+  result.running_stats["bn.running_mean"] = gradengine::Tensor({2}, {5, 6});
+  result.running_stats["bn.running_var"] = gradengine::Tensor({300}, std::vector<float>(300, 7));
+  grad::v1::ComputeGradientsResponse full;
+  EncodeGradientResult(result, /*include_output=*/true, &full);
+  full.set_request_id("r");
+  full.mutable_timing()->set_forward_ns(1);
+  grad::v1::ComputeGradientsResponse skeleton;
+  EncodeGradientResponseSkeleton(result, true, grad::v1::ResultPlacement(), &skeleton);
+  skeleton.set_request_id("r");
+  skeleton.mutable_timing()->set_forward_ns(1);
+  EXPECT_EQ(FrameGradientResponse(skeleton, result).Flatten(), full.SerializeAsString());
+
+  gradengine::ForwardResult forward;
+  forward.output = gradengine::Tensor({1}, {1});
+  forward.running_stats = result.running_stats;
+  grad::v1::ForwardResponse forward_full;
+  EncodeForwardResult(forward, &forward_full);
+  forward_full.set_request_id("f");
+  grad::v1::ForwardResponse forward_skeleton;
+  EncodeForwardResponseSkeleton(forward, grad::v1::ResultPlacement(), &forward_skeleton);
+  forward_skeleton.set_request_id("f");
+  EXPECT_EQ(FrameForwardResponse(forward_skeleton, forward).Flatten(),
+            forward_full.SerializeAsString());
+}
+
 }  // namespace
 }  // namespace gradwire

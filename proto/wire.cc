@@ -6,6 +6,7 @@
 #include <limits>
 #include <tuple>
 #include <utility>
+#include <variant>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
@@ -21,17 +22,31 @@ namespace gradwire {
 namespace {
 
 static_assert(sizeof(float) == 4, "FLOAT32 tensors are 4-byte IEEE 754 values");
+static_assert(sizeof(int64_t) == 8, "INT64 tensors are 8-byte two's complement values");
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "tensor bytes are little-endian on the wire and are used in place");
 
 using gradengine::ActivationKind;
 using gradengine::ActivationSpec;
+using gradengine::AddSpec;
+using gradengine::AvgPool2dSpec;
+using gradengine::BatchNorm2dSpec;
 using gradengine::Conv2dSpec;
 using gradengine::LayerSpec;
+using gradengine::LinearSpec;
+using gradengine::MaxPool2dSpec;
 using gradengine::NetworkSpec;
 using gradengine::ObjectiveKind;
 using gradengine::Tensor;
 using gradengine::TensorView;
+
+// The overload set std::visit dispatches a LayerOp to.
+template <typename... Ts>
+struct Overloaded : Ts... {
+  using Ts::operator()...;
+};
+template <typename... Ts>
+Overloaded(Ts...) -> Overloaded<Ts...>;
 
 // The wire enum for each engine activation, and back.
 constexpr std::pair<ActivationKind, grad::v1::ActivationKind> kActivations[] = {
@@ -51,9 +66,10 @@ std::string DataTypeText(int dtype) {
   return absl::StrCat(dtype);
 }
 
-// The number of elements and bytes of a FLOAT32 tensor of `shape`; errors name `field`.
-absl::StatusOr<int64_t> CheckedByteCount(const grad::v1::Tensor& tensor,
-                                         absl::string_view field) {
+// The number of bytes of a tensor of `shape` with `element_bytes` per element; errors name
+// `field`.
+absl::StatusOr<int64_t> CheckedByteCount(const grad::v1::Tensor& tensor, absl::string_view field,
+                                         int64_t element_bytes) {
   int64_t elements = 1;
   for (int i = 0; i < tensor.shape_size(); ++i) {
     const int64_t dim = tensor.shape(i);
@@ -61,14 +77,14 @@ absl::StatusOr<int64_t> CheckedByteCount(const grad::v1::Tensor& tensor,
       return absl::InvalidArgumentError(
           absl::StrCat(field, ".shape[", i, "]=", dim, " must be >= 0"));
     }
-    if (dim != 0 && elements > std::numeric_limits<int64_t>::max() / 4 / dim) {
+    if (dim != 0 && elements > std::numeric_limits<int64_t>::max() / element_bytes / dim) {
       return absl::InvalidArgumentError(absl::StrCat(
           field, ".shape=[", absl::StrJoin(tensor.shape(), ", "),
           "] has more elements than a 64-bit byte count can hold"));
     }
     elements *= dim;
   }
-  return elements * static_cast<int64_t>(sizeof(float));
+  return elements * element_bytes;
 }
 
 absl::Status CheckDataType(const grad::v1::Tensor& tensor, absl::string_view field) {
@@ -79,6 +95,11 @@ absl::Status CheckDataType(const grad::v1::Tensor& tensor, absl::string_view fie
       return absl::UnimplementedError(
           absl::StrCat(field, ".dtype=", DataTypeText(tensor.dtype()),
                        " is not supported yet; send DATA_TYPE_FLOAT32"));
+    case grad::v1::DATA_TYPE_INT64:
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".dtype=", DataTypeText(tensor.dtype()),
+                       " is only for class indices (objective.cross_entropy.target); send "
+                       "DATA_TYPE_FLOAT32"));
     default:
       return absl::InvalidArgumentError(
           absl::StrCat(field, ".dtype=", DataTypeText(tensor.dtype()),
@@ -86,11 +107,12 @@ absl::Status CheckDataType(const grad::v1::Tensor& tensor, absl::string_view fie
   }
 }
 
-// Checks dtype, shape and byte count; returns the element count. A tensor that names shared
-// memory must carry no data and a byte_size equal to what its shape needs.
-absl::StatusOr<int64_t> CheckTensor(const grad::v1::Tensor& tensor, absl::string_view field) {
-  if (absl::Status s = CheckDataType(tensor, field); !s.ok()) return s;
-  absl::StatusOr<int64_t> bytes = CheckedByteCount(tensor, field);
+// Checks shape and byte count for elements of `element_bytes` (of `dtype_name`); returns the
+// element count. A tensor that names shared memory must carry no data and a byte_size equal to
+// what its shape needs.
+absl::StatusOr<int64_t> CheckTensorBytes(const grad::v1::Tensor& tensor, absl::string_view field,
+                                         int64_t element_bytes, absl::string_view dtype_name) {
+  absl::StatusOr<int64_t> bytes = CheckedByteCount(tensor, field, element_bytes);
   if (!bytes.ok()) return bytes.status();
   if (tensor.has_shared_memory()) {
     if (!tensor.data().empty()) {
@@ -101,14 +123,20 @@ absl::StatusOr<int64_t> CheckTensor(const grad::v1::Tensor& tensor, absl::string
       return absl::InvalidArgumentError(absl::StrCat(
           field, ".shared_memory.byte_size=", tensor.shared_memory().byte_size(),
           ", but shape=[", absl::StrJoin(tensor.shape(), ", "),
-          "] of DATA_TYPE_FLOAT32 needs ", *bytes));
+          "] of ", dtype_name, " needs ", *bytes));
     }
   } else if (static_cast<int64_t>(tensor.data().size()) != *bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         field, ".data has ", tensor.data().size(), " bytes, but shape=[",
-        absl::StrJoin(tensor.shape(), ", "), "] of DATA_TYPE_FLOAT32 needs ", *bytes));
+        absl::StrJoin(tensor.shape(), ", "), "] of ", dtype_name, " needs ", *bytes));
   }
-  return *bytes / static_cast<int64_t>(sizeof(float));
+  return *bytes / element_bytes;
+}
+
+// Checks a FLOAT32 tensor's dtype, shape and byte count; returns the element count.
+absl::StatusOr<int64_t> CheckTensor(const grad::v1::Tensor& tensor, absl::string_view field) {
+  if (absl::Status s = CheckDataType(tensor, field); !s.ok()) return s;
+  return CheckTensorBytes(tensor, field, sizeof(float), "DATA_TYPE_FLOAT32");
 }
 
 // The memory `ref` (at path `field`) names, recorded in `storage` for the overlap check.
@@ -307,6 +335,189 @@ grad::v1::ActivationKind EncodeActivationKind(ActivationKind kind) {
   return grad::v1::ACTIVATION_KIND_UNSPECIFIED;
 }
 
+// The kernel_size, stride and padding both pooling messages have; the stride defaults to the
+// kernel, as in PyTorch.
+template <typename WirePool, typename Spec>
+absl::Status DecodePoolWindow(const WirePool& pool, const std::string& prefix, Spec* spec) {
+  if (pool.kernel_size().empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, "kernel_size is not set; give [k] or [kh, kw]"));
+  }
+  if (absl::Status s = DecodePair(pool.kernel_size(), prefix + "kernel_size", 0, &spec->kernel_h,
+                                  &spec->kernel_w);
+      !s.ok()) {
+    return s;
+  }
+  if (pool.stride().empty()) {
+    spec->stride_h = spec->kernel_h;
+    spec->stride_w = spec->kernel_w;
+  } else if (absl::Status s = DecodePair(pool.stride(), prefix + "stride", 0, &spec->stride_h,
+                                         &spec->stride_w);
+             !s.ok()) {
+    return s;
+  }
+  return DecodePair(pool.padding(), prefix + "padding", 0, &spec->pad_h, &spec->pad_w);
+}
+
+absl::StatusOr<MaxPool2dSpec> DecodeMaxPool2d(const grad::v1::MaxPool2d& pool,
+                                              const std::string& prefix) {
+  MaxPool2dSpec spec;
+  if (absl::Status s = DecodePoolWindow(pool, prefix, &spec); !s.ok()) return s;
+  if (absl::Status s = DecodePair(pool.dilation(), prefix + "dilation", 1, &spec.dilation_h,
+                                  &spec.dilation_w);
+      !s.ok()) {
+    return s;
+  }
+  spec.ceil_mode = pool.ceil_mode();
+  return spec;
+}
+
+absl::StatusOr<AvgPool2dSpec> DecodeAvgPool2d(const grad::v1::AvgPool2d& pool,
+                                              const std::string& prefix) {
+  AvgPool2dSpec spec;
+  if (absl::Status s = DecodePoolWindow(pool, prefix, &spec); !s.ok()) return s;
+  spec.ceil_mode = pool.ceil_mode();
+  spec.count_include_pad = !pool.has_count_include_pad() || pool.count_include_pad();
+  return spec;
+}
+
+absl::StatusOr<BatchNorm2dSpec> DecodeBatchNorm2d(const grad::v1::BatchNorm2d& norm,
+                                                  const std::string& prefix) {
+  // No default: which statistics normalise is the difference between model.train() and
+  // model.eval(), and a guess would silently compute the other one.
+  if (!norm.has_training()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        prefix, "training is not set; it is required: true normalises with the batch's "
+                "statistics (model.train()), false with the running ones (model.eval())"));
+  }
+  BatchNorm2dSpec spec;
+  spec.num_features = norm.num_features();
+  if (norm.has_eps()) spec.eps = norm.eps();
+  if (norm.has_momentum()) spec.momentum = norm.momentum();
+  if (norm.has_affine()) spec.affine = norm.affine();
+  spec.training = norm.training();
+  return spec;
+}
+
+LinearSpec DecodeLinear(const grad::v1::Linear& linear) {
+  LinearSpec spec;
+  spec.in_features = linear.in_features();
+  spec.out_features = linear.out_features();
+  spec.bias = linear.bias();
+  return spec;
+}
+
+// The wire form of every layer kind.
+void EncodeLayerOp(const gradengine::LayerOp& op, grad::v1::Layer* wire) {
+  std::visit(
+      Overloaded{
+          [wire](const Conv2dSpec& conv) {
+            grad::v1::Conv2d* c = wire->mutable_conv2d();
+            c->set_in_channels(conv.in_channels);
+            c->set_out_channels(conv.out_channels);
+            c->add_kernel_size(conv.kernel_h);
+            c->add_kernel_size(conv.kernel_w);
+            c->add_stride(conv.stride_h);
+            c->add_stride(conv.stride_w);
+            for (int64_t p : {conv.pad_top, conv.pad_bottom, conv.pad_left, conv.pad_right}) {
+              c->add_padding(p);
+            }
+            c->add_dilation(conv.dilation_h);
+            c->add_dilation(conv.dilation_w);
+            c->set_groups(conv.groups);
+            c->set_bias(conv.bias);
+          },
+          [wire](const ActivationSpec& act) {
+            grad::v1::Activation* a = wire->mutable_activation();
+            a->set_kind(EncodeActivationKind(act.kind));
+            a->set_alpha(act.alpha);
+          },
+          [wire](const MaxPool2dSpec& pool) {
+            grad::v1::MaxPool2d* m = wire->mutable_max_pool2d();
+            m->add_kernel_size(pool.kernel_h);
+            m->add_kernel_size(pool.kernel_w);
+            m->add_stride(pool.stride_h);
+            m->add_stride(pool.stride_w);
+            m->add_padding(pool.pad_h);
+            m->add_padding(pool.pad_w);
+            m->add_dilation(pool.dilation_h);
+            m->add_dilation(pool.dilation_w);
+            m->set_ceil_mode(pool.ceil_mode);
+          },
+          [wire](const AvgPool2dSpec& pool) {
+            grad::v1::AvgPool2d* a = wire->mutable_avg_pool2d();
+            a->add_kernel_size(pool.kernel_h);
+            a->add_kernel_size(pool.kernel_w);
+            a->add_stride(pool.stride_h);
+            a->add_stride(pool.stride_w);
+            a->add_padding(pool.pad_h);
+            a->add_padding(pool.pad_w);
+            a->set_ceil_mode(pool.ceil_mode);
+            a->set_count_include_pad(pool.count_include_pad);
+          },
+          [wire](const BatchNorm2dSpec& norm) {
+            grad::v1::BatchNorm2d* b = wire->mutable_batch_norm2d();
+            b->set_num_features(norm.num_features);
+            b->set_eps(norm.eps);
+            b->set_momentum(norm.momentum);
+            b->set_affine(norm.affine);
+            b->set_training(norm.training);
+          },
+          [wire](const LinearSpec& linear) {
+            grad::v1::Linear* l = wire->mutable_linear();
+            l->set_in_features(linear.in_features);
+            l->set_out_features(linear.out_features);
+            l->set_bias(linear.bias);
+          },
+          [wire](const AddSpec& add) { wire->mutable_add()->set_other(add.other); },
+      },
+      op);
+}
+
+// The INT64 header of `labels` (shape and dtype), and its bytes if `data`.
+void EncodeLabels(const gradengine::LabelsView& labels, bool data, grad::v1::Tensor* out) {
+  out->mutable_shape()->Assign(labels.shape.begin(), labels.shape.end());
+  out->set_dtype(grad::v1::DATA_TYPE_INT64);
+  if (data && labels.size > 0) {
+    out->mutable_data()->assign(reinterpret_cast<const char*>(labels.data),
+                                static_cast<size_t>(labels.size) * sizeof(int64_t));
+  }
+}
+
+// A view of the class indices in `tensor`, which must be an INT64 tensor; copied into
+// `storage` only if misaligned, as DecodeTensorView does for floats.
+absl::StatusOr<gradengine::LabelsView> DecodeLabels(const grad::v1::Tensor& tensor,
+                                                    const std::string& field,
+                                                    DecodeStorage* storage) {
+  if (tensor.dtype() != grad::v1::DATA_TYPE_INT64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".dtype=", DataTypeText(tensor.dtype()),
+                     " cannot hold class indices; send DATA_TYPE_INT64"));
+  }
+  absl::StatusOr<int64_t> elements =
+      CheckTensorBytes(tensor, field, sizeof(int64_t), "DATA_TYPE_INT64");
+  if (!elements.ok()) return elements.status();
+  gradengine::LabelsView labels;
+  labels.shape.assign(tensor.shape().begin(), tensor.shape().end());
+  labels.size = *elements;
+  const char* bytes = tensor.data().data();
+  if (tensor.has_shared_memory()) {
+    absl::StatusOr<SharedMemorySpan> span = ResolveShared(
+        tensor.shared_memory(), absl::StrCat(field, ".shared_memory"), /*written=*/false, storage);
+    if (!span.ok()) return span.status();
+    bytes = reinterpret_cast<const char*>(span->data);
+  }
+  if (reinterpret_cast<uintptr_t>(bytes) % alignof(int64_t) == 0) {
+    labels.data = reinterpret_cast<const int64_t*>(bytes);
+  } else {
+    std::vector<int64_t>& copy =
+        storage->label_copies.emplace_back(static_cast<size_t>(*elements));
+    if (*elements > 0) std::memcpy(copy.data(), bytes, copy.size() * sizeof(int64_t));
+    labels.data = copy.data();
+  }
+  return labels;
+}
+
 absl::StatusOr<Tensor> TakeTensorOrShared(grad::v1::Tensor* tensor, absl::string_view field,
                                           SharedMemoryResolver* shared_memory);
 
@@ -326,6 +537,17 @@ void EncodeParameters(const gradengine::ParameterViews& parameters, bool data,
     grad::v1::NamedTensor* named = out->Add();
     named->set_name(name);
     EncodeTensorOrHeader(view, data, named->mutable_tensor());
+  }
+}
+
+// Results by name, as bytes.
+void EncodeNamedTensors(const gradengine::ParameterTensors& tensors,
+                        google::protobuf::RepeatedPtrField<grad::v1::NamedTensor>* out) {
+  out->Reserve(static_cast<int>(tensors.size()));
+  for (const auto& [name, tensor] : tensors) {
+    grad::v1::NamedTensor* named = out->Add();
+    named->set_name(name);
+    EncodeTensor(tensor, named->mutable_tensor());
   }
 }
 
@@ -484,27 +706,8 @@ void EncodeNetwork(const NetworkSpec& network, grad::v1::Network* out) {
   for (const LayerSpec& layer : network.layers) {
     grad::v1::Layer* wire = out->add_layers();
     wire->set_name(layer.name);
-    if (const auto* conv = std::get_if<Conv2dSpec>(&layer.op)) {
-      grad::v1::Conv2d* c = wire->mutable_conv2d();
-      c->set_in_channels(conv->in_channels);
-      c->set_out_channels(conv->out_channels);
-      c->add_kernel_size(conv->kernel_h);
-      c->add_kernel_size(conv->kernel_w);
-      c->add_stride(conv->stride_h);
-      c->add_stride(conv->stride_w);
-      for (int64_t p : {conv->pad_top, conv->pad_bottom, conv->pad_left, conv->pad_right}) {
-        c->add_padding(p);
-      }
-      c->add_dilation(conv->dilation_h);
-      c->add_dilation(conv->dilation_w);
-      c->set_groups(conv->groups);
-      c->set_bias(conv->bias);
-    } else {
-      const auto& act = std::get<ActivationSpec>(layer.op);
-      grad::v1::Activation* a = wire->mutable_activation();
-      a->set_kind(EncodeActivationKind(act.kind));
-      a->set_alpha(act.alpha);
-    }
+    EncodeLayerOp(layer.op, wire);
+    wire->set_input(layer.input);
   }
 }
 
@@ -525,6 +728,7 @@ absl::StatusOr<NetworkSpec> DecodeNetwork(const grad::v1::Network& network) {
     const std::string prefix = absl::StrCat("layers[", i, "]");
     LayerSpec out;
     out.name = layer.name();
+    out.input = layer.input();
     switch (layer.op_case()) {
       case grad::v1::Layer::kConv2D: {
         absl::StatusOr<Conv2dSpec> conv = DecodeConv2d(layer.conv2d(), prefix + ".conv2d.");
@@ -539,6 +743,33 @@ absl::StatusOr<NetworkSpec> DecodeNetwork(const grad::v1::Network& network) {
         out.op = *act;
         break;
       }
+      case grad::v1::Layer::kMaxPool2D: {
+        absl::StatusOr<MaxPool2dSpec> pool =
+            DecodeMaxPool2d(layer.max_pool2d(), prefix + ".max_pool2d.");
+        if (!pool.ok()) return pool.status();
+        out.op = *pool;
+        break;
+      }
+      case grad::v1::Layer::kAvgPool2D: {
+        absl::StatusOr<AvgPool2dSpec> pool =
+            DecodeAvgPool2d(layer.avg_pool2d(), prefix + ".avg_pool2d.");
+        if (!pool.ok()) return pool.status();
+        out.op = *pool;
+        break;
+      }
+      case grad::v1::Layer::kBatchNorm2D: {
+        absl::StatusOr<BatchNorm2dSpec> norm =
+            DecodeBatchNorm2d(layer.batch_norm2d(), prefix + ".batch_norm2d.");
+        if (!norm.ok()) return norm.status();
+        out.op = *norm;
+        break;
+      }
+      case grad::v1::Layer::kLinear:
+        out.op = DecodeLinear(layer.linear());
+        break;
+      case grad::v1::Layer::kAdd:
+        out.op = AddSpec{layer.add().other()};
+        break;
       case grad::v1::Layer::OP_NOT_SET: {
         const google::protobuf::UnknownFieldSet& unknown =
             layer.GetReflection()->GetUnknownFields(layer);
@@ -546,11 +777,12 @@ absl::StatusOr<NetworkSpec> DecodeNetwork(const grad::v1::Network& network) {
           return absl::UnimplementedError(absl::StrCat(
               prefix, " (", gradengine::Quote(layer.name()),
               ") has an op this server does not know (field ",
-              unknown.field(0).number(), "); it supports conv2d and activation"));
+              unknown.field(0).number(), "); it supports ",
+              absl::StrJoin(SupportedLayerNames(), ", ")));
         }
         return absl::InvalidArgumentError(absl::StrCat(
-            prefix, ".op (", gradengine::Quote(layer.name()),
-            ") is not set; set conv2d or activation"));
+            prefix, ".op (", gradengine::Quote(layer.name()), ") is not set; set one of ",
+            absl::StrJoin(SupportedLayerNames(), ", ")));
       }
     }
     spec.layers.push_back(std::move(out));
@@ -582,6 +814,13 @@ void EncodeGradientRequest(const gradengine::GradientRequest& request,
       EncodeTensorOrHeader(request.objective.tensor, tensor_data,
                            objective->mutable_grad_output());
       break;
+    case ObjectiveKind::kCrossEntropy: {
+      grad::v1::CrossEntropy* cross_entropy = objective->mutable_cross_entropy();
+      EncodeLabels(request.objective.labels, tensor_data, cross_entropy->mutable_target());
+      cross_entropy->set_label_smoothing(request.objective.label_smoothing);
+      cross_entropy->set_ignore_index(request.objective.ignore_index);
+      break;
+    }
   }
   grad::v1::GradientSelection* selection = out->mutable_gradients();
   selection->set_skip_input(!request.gradients.input);
@@ -619,10 +858,11 @@ absl::StatusOr<gradengine::GradientRequest> DecodeGradientRequest(
   if (objective.has_mse_target()) set.push_back("mse_target");
   if (objective.has_sum()) set.push_back("sum");
   if (objective.has_grad_output()) set.push_back("grad_output");
+  if (objective.has_cross_entropy()) set.push_back("cross_entropy");
   if (set.size() != 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "objective has ", set.empty() ? "none" : absl::StrJoin(set, " and "),
-        " set; set exactly one of mse_target, sum, grad_output"));
+        " set; set exactly one of mse_target, sum, grad_output, cross_entropy"));
   }
   if (objective.has_mse_target()) {
     out.objective.kind = ObjectiveKind::kMse;
@@ -632,6 +872,20 @@ absl::StatusOr<gradengine::GradientRequest> DecodeGradientRequest(
     out.objective.tensor = *std::move(target);
   } else if (objective.has_sum()) {
     out.objective.kind = ObjectiveKind::kSum;
+  } else if (objective.has_cross_entropy()) {
+    const grad::v1::CrossEntropy& cross_entropy = objective.cross_entropy();
+    out.objective.kind = ObjectiveKind::kCrossEntropy;
+    if (!cross_entropy.has_target()) {
+      return absl::InvalidArgumentError("objective.cross_entropy.target is not set");
+    }
+    absl::StatusOr<gradengine::LabelsView> labels =
+        DecodeLabels(cross_entropy.target(), "objective.cross_entropy.target", storage);
+    if (!labels.ok()) return labels.status();
+    out.objective.labels = *std::move(labels);
+    out.objective.label_smoothing = cross_entropy.label_smoothing();
+    if (cross_entropy.has_ignore_index()) {
+      out.objective.ignore_index = cross_entropy.ignore_index();
+    }
   } else {
     out.objective.kind = ObjectiveKind::kGradOutput;
     absl::StatusOr<TensorView> grad_output =
@@ -671,6 +925,7 @@ absl::StatusOr<gradengine::GradientRequest> DecodeGradientRequest(
 void EncodeForwardResult(const gradengine::ForwardResult& result,
                          grad::v1::ForwardResponse* out) {
   EncodeTensor(result.output, out->mutable_output());
+  EncodeNamedTensors(result.running_stats, out->mutable_running_stats());
 }
 
 void EncodeGradientResult(const gradengine::GradientResult& result, bool include_output,
@@ -678,12 +933,8 @@ void EncodeGradientResult(const gradengine::GradientResult& result, bool include
   if (include_output) EncodeTensor(result.output, out->mutable_output());
   if (result.loss.has_value()) out->set_loss(*result.loss);
   if (result.input_grad.has_value()) EncodeTensor(*result.input_grad, out->mutable_input_grad());
-  out->mutable_parameter_grads()->Reserve(static_cast<int>(result.parameter_grads.size()));
-  for (const auto& [name, grad] : result.parameter_grads) {
-    grad::v1::NamedTensor* named = out->add_parameter_grads();
-    named->set_name(name);
-    EncodeTensor(grad, named->mutable_tensor());
-  }
+  EncodeNamedTensors(result.parameter_grads, out->mutable_parameter_grads());
+  EncodeNamedTensors(result.running_stats, out->mutable_running_stats());
 }
 
 absl::StatusOr<gradengine::ForwardResult> TakeForwardResult(grad::v1::ForwardResponse* response,
@@ -693,6 +944,11 @@ absl::StatusOr<gradengine::ForwardResult> TakeForwardResult(grad::v1::ForwardRes
   if (!output.ok()) return output.status();
   gradengine::ForwardResult result;
   result.output = *std::move(output);
+  // Running statistics always come as bytes: no resolver.
+  absl::StatusOr<gradengine::ParameterTensors> running_stats =
+      TakeNamedTensors(response->mutable_running_stats(), "running_stats", nullptr);
+  if (!running_stats.ok()) return running_stats.status();
+  result.running_stats = *std::move(running_stats);
   result.timing.forward_ns = response->timing().forward_ns();
   return result;
 }
@@ -719,6 +975,10 @@ absl::StatusOr<gradengine::GradientResult> TakeGradientResult(
       TakeNamedTensors(response->mutable_parameter_grads(), "parameter_grads", shared_memory);
   if (!grads.ok()) return grads.status();
   result.parameter_grads = *std::move(grads);
+  absl::StatusOr<gradengine::ParameterTensors> running_stats =
+      TakeNamedTensors(response->mutable_running_stats(), "running_stats", nullptr);
+  if (!running_stats.ok()) return running_stats.status();
+  result.running_stats = *std::move(running_stats);
   return result;
 }
 
@@ -742,10 +1002,25 @@ std::vector<std::string> SupportedActivationNames() {
   return names;
 }
 
+namespace {
+
+// LayerKindName of every alternative of LayerOp, in the variant's order.
+template <size_t... I>
+std::vector<std::string> LayerKindNames(std::index_sequence<I...>) {
+  return {gradengine::LayerKindName(gradengine::LayerOp(std::in_place_index<I>))...};
+}
+
+}  // namespace
+
+std::vector<std::string> SupportedLayerNames() {
+  return LayerKindNames(std::make_index_sequence<std::variant_size_v<gradengine::LayerOp>>());
+}
+
 std::vector<std::string> SupportedObjectiveNames() {
   return {gradengine::ObjectiveName(ObjectiveKind::kMse),
           gradengine::ObjectiveName(ObjectiveKind::kSum),
-          gradengine::ObjectiveName(ObjectiveKind::kGradOutput)};
+          gradengine::ObjectiveName(ObjectiveKind::kGradOutput),
+          gradengine::ObjectiveName(ObjectiveKind::kCrossEntropy)};
 }
 
 namespace {

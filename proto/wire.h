@@ -12,14 +12,17 @@
 //
 // Zero copy: the Decode*Request functions return views into the message's `bytes` fields, so
 // the message must outlive the returned request and stay unchanged. A field whose bytes are
-// not aligned for float (never the case for protobuf's heap-allocated strings, but not
-// promised) is copied into `storage`. Tensors given as SharedMemoryRef are resolved by the
+// not aligned for its element type (never the case for protobuf's heap-allocated strings, but
+// not promised) is copied into `storage`. Tensors given as SharedMemoryRef are resolved by the
 // storage's SharedMemoryResolver into views of the mapped memory (refused without one), and a
 // request's ResultPlacement into the engine's ResultPlacement; no result may overlap another
 // tensor of the call.
 //
 // The Take*Result functions take the response's tensor bytes over (the message is left with
 // empty `data` fields), so a decoded result costs no copy beyond the parse.
+//
+// Tensors are FLOAT32 everywhere but in a cross-entropy objective's target, which holds INT64
+// class indices; either dtype where the other belongs is InvalidArgument naming the field.
 //
 // All functions are thread-compatible and keep no state. Tensor bytes are little-endian; the
 // library only builds on little-endian hosts.
@@ -79,6 +82,7 @@ class SharedMemoryResolver {
 // and the shared memory its tensors use. See above.
 struct DecodeStorage {
   std::deque<std::vector<float>> copies;
+  std::deque<std::vector<int64_t>> label_copies;  // of misaligned INT64 class indices
   // Null: tensors that name shared memory are refused (FAILED_PRECONDITION) with
   // `shared_memory_refusal` as the reason.
   SharedMemoryResolver* shared_memory = nullptr;
@@ -112,7 +116,7 @@ inline void EncodeTensor(const gradengine::Tensor& tensor, grad::v1::Tensor* out
 }
 
 // A view of `tensor`'s data. `field` is the path used in messages ("input",
-// "parameters[2].tensor"). Errors: dtype unset or unknown (InvalidArgument), BFLOAT16
+// "parameters[2].tensor"). Errors: dtype unset, unknown or INT64 (InvalidArgument), BFLOAT16
 // (Unimplemented), a negative dim or a shape whose element or byte count overflows int64
 // (InvalidArgument), data whose length is not product(shape) * 4 (InvalidArgument, giving both
 // counts).
@@ -134,7 +138,9 @@ void EncodeNetwork(const gradengine::NetworkSpec& network, grad::v1::Network* ou
 
 // Errors name the layer: "layers[2].op is not set", "layers[0].conv2d.padding has 3 values;
 // expected 1, 2 or 4", "layers[1].activation.kind=0 (ACTIVATION_KIND_UNSPECIFIED) is not an
-// activation", "layers[3] has an op this server does not know (field 9)" (Unimplemented).
+// activation", "layers[4].batch_norm2d.training is not set", "layers[3] has an op this server
+// does not know (field 15)" (Unimplemented). Defaults are PyTorch's where the message says so
+// (a pool's stride is its kernel size, batch_norm2d's eps 1e-5, momentum 0.1, affine true).
 // An empty network decodes to an empty spec; the engine rejects it.
 absl::StatusOr<gradengine::NetworkSpec> DecodeNetwork(const grad::v1::Network& network);
 
@@ -153,12 +159,15 @@ void EncodeGradientRequest(const gradengine::GradientRequest& request,
 // parameters[0]"); which names the network needs is the engine's check.
 absl::StatusOr<gradengine::ForwardRequest> DecodeForwardRequest(
     const grad::v1::ForwardRequest& request, DecodeStorage* storage);
-// Also checks the objective: exactly one of mse_target, sum, grad_output.
+// Also checks the objective: exactly one of mse_target, sum, grad_output, cross_entropy (whose
+// target must be INT64; it is a zero-copy view as the float tensors are).
 absl::StatusOr<gradengine::GradientRequest> DecodeGradientRequest(
     const grad::v1::ComputeGradientsRequest& request, DecodeStorage* storage);
 
 // ---- Results (server encodes, client decodes)
 
+// Running statistics (batch_norm2d in training mode) are always bytes, never in shared memory:
+// a running_stats entry that names shared memory does not decode.
 void EncodeForwardResult(const gradengine::ForwardResult& result,
                          grad::v1::ForwardResponse* out);
 // `include_output` false leaves `output` unset (ComputeGradientsRequest.skip_output).
@@ -180,6 +189,8 @@ absl::StatusOr<gradengine::GradientResult> DecodeGradientResult(
 
 // ---- Names the server advertises in GetInfo.
 
+// gradengine::LayerKindName of every LayerOp alternative, in the variant's order.
+std::vector<std::string> SupportedLayerNames();
 std::vector<std::string> SupportedActivationNames();
 std::vector<std::string> SupportedObjectiveNames();
 

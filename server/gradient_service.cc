@@ -516,8 +516,7 @@ grpc::ServerUnaryReactor* GradientService::GetInfo(grpc::CallbackServerContext* 
   memory->set_reservations_refused(budget.reservations_refused);
   memory->set_responses_cancelled_undrained(
       responses_cancelled_undrained_.load(std::memory_order_relaxed));
-  response->add_layers("conv2d");
-  response->add_layers("activation");
+  for (const std::string& name : gradwire::SupportedLayerNames()) response->add_layers(name);
   for (const std::string& name : gradwire::SupportedActivationNames()) {
     response->add_activations(name);
   }

@@ -184,11 +184,12 @@ TEST_F(ServiceTest, GetInfoDescribesTheServerAndCountsCalls) {
   EXPECT_EQ(info.limits().max_workspace_bytes(), int64_t{8} << 30);
   EXPECT_EQ(info.limits().max_concurrent_requests(), 2);
   EXPECT_EQ(info.limits().max_queued_requests(), 64);
-  EXPECT_THAT(info.layers(), ElementsAre("conv2d", "activation"));
+  EXPECT_THAT(info.layers(), ElementsAre("conv2d", "activation", "max_pool2d", "avg_pool2d",
+                                         "batch_norm2d", "linear", "add"));
   EXPECT_THAT(info.activations(), ElementsAreArray(gradwire::SupportedActivationNames()));
   EXPECT_THAT(info.activations(),
               ElementsAre("relu", "leaky_relu", "tanh", "sigmoid", "elu", "gelu", "gelu_tanh"));
-  EXPECT_THAT(info.objectives(), ElementsAre("mse", "sum", "grad_output"));
+  EXPECT_THAT(info.objectives(), ElementsAre("mse", "sum", "grad_output", "cross_entropy"));
   EXPECT_THAT(info.dtypes(), ElementsAre(grad::v1::DATA_TYPE_FLOAT32));
   EXPECT_EQ(info.requests_total() - before.requests_total(), 3);
   EXPECT_EQ(info.requests_failed() - before.requests_failed(), 1);
