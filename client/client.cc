@@ -464,7 +464,7 @@ class Client::Impl {
                absl::Time start) { return ComputeGradientsOnce(part, part_call, deadline, start); },
         [&request](absl::Span<const BatchSlice> slices,
                    std::vector<gradengine::GradientResult> parts) {
-          return CombineGradientResults(request.objective.kind, slices, std::move(parts));
+          return CombineGradientResults(request.objective, slices, std::move(parts));
         });
   }
 
@@ -613,6 +613,8 @@ class Client::Impl {
         break;
       case gradengine::ObjectiveKind::kSum:
         break;
+      case gradengine::ObjectiveKind::kCrossEntropy:
+        break;  // class indices go as bytes: a region holds floats
     }
     if (call.result_region != nullptr) {
       if (absl::Status s = PlaceGradientResults(request, call, skeleton.mutable_placement());
@@ -689,8 +691,11 @@ class Client::Impl {
       results.push_back({request.input.shape, placement->mutable_input_grad()});
     }
     std::vector<std::pair<std::string, std::vector<int64_t>>> wanted;
-    for (const auto& [name, shape] : shapes->parameter_shapes) {
-      if (request.gradients.WantsParameter(name)) wanted.emplace_back(name, shape);
+    for (const gradengine::ParameterInfo& parameter : shapes->parameters) {
+      // Buffers (running statistics) have no gradient, and their updates come back as bytes.
+      if (parameter.trainable && request.gradients.WantsParameter(parameter.name)) {
+        wanted.emplace_back(parameter.name, parameter.shape);
+      }
     }
     std::sort(wanted.begin(), wanted.end());
     placement->mutable_parameter_grads()->Reserve(static_cast<int>(wanted.size()));
@@ -878,6 +883,7 @@ class Client::Impl {
           absl::StrCat("shards=", call.shards, " is out of range 1..", kMaxShards));
     }
     if (absl::Status s = CheckResultRegion(call); !s.ok()) return s;
+    if (absl::Status s = CheckRowsIndependent(request.network, call.shards); !s.ok()) return s;
     CallOptions part_call = call;
     if (part_call.request_id.empty()) part_call.request_id = RandomRequestId();
     const int64_t batch = call.shards > 1 ? ShardableBatch(request) : 0;

@@ -363,9 +363,20 @@ struct NpyHeader {
   int64_t element_count = 0;
 };
 
-// Checks the dict against what numpy writes for a C-order float32 array.
+// The one dtype a reader accepts.
+struct NpyDtype {
+  const char* little;  // '<f4': the descr numpy writes on a little-endian host
+  const char* native;  // '=f4', taken as little-endian
+  const char* big;     // '>f4', refused with a hint
+  const char* name;    // "float32"
+  size_t bytes;
+};
+constexpr NpyDtype kFloat32 = {"<f4", "=f4", ">f4", "float32", sizeof(float)};
+constexpr NpyDtype kInt64 = {"<i8", "=i8", ">i8", "int64", sizeof(int64_t)};
+
+// Checks the dict against what numpy writes for a C-order array of `expected`.
 absl::StatusOr<NpyHeader> InterpretHeader(const PyLiteral& dict, absl::string_view name,
-                                          absl::string_view header_text) {
+                                          absl::string_view header_text, const NpyDtype& expected) {
   const std::string quoted_header =
       QuoteForMessage(absl::StripTrailingAsciiWhitespace(header_text), kMaxQuotedHeaderBytes);
   if (dict.kind != PyLiteral::Kind::kDict) {
@@ -399,22 +410,23 @@ absl::StatusOr<NpyHeader> InterpretHeader(const PyLiteral& dict, absl::string_vi
                      "}, expected exactly 'descr', 'fortran_order' and 'shape'"));
   }
 
+  const std::string only =
+      absl::StrCat("only little-endian ", expected.name, " '", expected.little, "'");
   if (descr->kind != PyLiteral::Kind::kString) {
     return absl::InvalidArgumentError(
         absl::StrCat(name, ": unsupported dtype: descr=", LiteralForMessage(descr->source),
-                     " (structured dtypes are not supported; only little-endian float32 '<f4')"));
+                     " (structured dtypes are not supported; ", only, ")"));
   }
   const std::string& dtype = descr->string_value;
-  if (dtype == ">f4") {
-    return absl::InvalidArgumentError(
-        absl::StrCat(name,
-                     ": unsupported dtype: descr='>f4' is big-endian float32; only little-endian "
-                     "float32 '<f4' is supported (convert with array.astype('<f4'))"));
+  if (dtype == expected.big) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, ": unsupported dtype: descr='", expected.big, "' is big-endian ", expected.name, "; ",
+        only, " is supported (convert with array.astype('", expected.little, "'))"));
   }
-  if (dtype != "<f4" && dtype != "=f4") {
+  if (dtype != expected.little && dtype != expected.native) {
     return absl::InvalidArgumentError(
-        absl::StrCat(name, ": unsupported dtype: descr=", LiteralForMessage(descr->source),
-                     "; only little-endian float32 '<f4' is supported"));
+        absl::StrCat(name, ": unsupported dtype: descr=", LiteralForMessage(descr->source), "; ",
+                     only, " is supported"));
   }
 
   if (fortran_order->kind != PyLiteral::Kind::kBool) {
@@ -475,9 +487,15 @@ absl::StatusOr<NpyHeader> InterpretHeader(const PyLiteral& dict, absl::string_vi
   return result;
 }
 
-}  // namespace
+// A parsed file: its header, and the bytes of its data, exactly element_count elements of
+// `expected`.
+struct NpyContents {
+  NpyHeader header;
+  absl::string_view data;
+};
 
-absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes, absl::string_view name) {
+absl::StatusOr<NpyContents> ParseNpyContents(absl::string_view bytes, absl::string_view name,
+                                             const NpyDtype& expected) {
   if (!absl::StartsWith(bytes, kMagic)) {
     if (absl::StartsWith(kMagic, bytes)) {
       return absl::InvalidArgumentError(absl::StrCat(name, ": truncated .npy file: ", bytes.size(),
@@ -523,30 +541,82 @@ absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes, absl::string_view nam
         name, ": malformed .npy header: ", literal.status().message(), "; header: ",
         QuoteForMessage(absl::StripTrailingAsciiWhitespace(header_text), kMaxQuotedHeaderBytes)));
   }
-  absl::StatusOr<NpyHeader> header = InterpretHeader(*literal, name, header_text);
+  absl::StatusOr<NpyHeader> header = InterpretHeader(*literal, name, header_text, expected);
   if (!header.ok()) return header.status();
 
   const absl::string_view data_bytes = bytes.substr(pos);
   const uint64_t count = static_cast<uint64_t>(header->element_count);
-  if (count > data_bytes.size() / sizeof(float)) {
+  const size_t width = expected.bytes;
+  if (count > data_bytes.size() / width) {
     return absl::InvalidArgumentError(
         absl::StrCat(name, ": truncated .npy file: shape ", ShapeRepr(header->shape), " needs ",
-                     count, " float32 values but only ", data_bytes.size(), " bytes (",
-                     data_bytes.size() / sizeof(float), " values) follow the header"));
+                     count, " ", expected.name, " values but only ", data_bytes.size(), " bytes (",
+                     data_bytes.size() / width, " values) follow the header"));
   }
-  if (data_bytes.size() != count * sizeof(float)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        name, ": ", data_bytes.size() - count * sizeof(float),
-        " extra bytes after the data: shape ", ShapeRepr(header->shape), " needs ",
-        count * sizeof(float), " bytes but ", data_bytes.size(), " follow the header"));
+  if (data_bytes.size() != count * width) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ": ", data_bytes.size() - count * width,
+                     " extra bytes after the data: shape ", ShapeRepr(header->shape), " needs ",
+                     count * width, " bytes but ", data_bytes.size(), " follow the header"));
   }
+  return NpyContents{*std::move(header), data_bytes};
+}
 
+// The complete bytes of the file at `path`; errors as ReadNpyFile documents.
+absl::StatusOr<std::string> ReadFileBytes(const std::string& path) {
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat(path, ": cannot open for reading"));
+  std::string bytes;
+  absl::Status status;
+  struct stat info;
+  if (fstat(fd, &info) != 0) {
+    status = absl::ErrnoToStatus(errno, absl::StrCat(path, ": cannot stat"));
+  } else if (S_ISDIR(info.st_mode)) {
+    status = absl::ErrnoToStatus(EISDIR, absl::StrCat(path, ": cannot read a .npy file"));
+  } else {
+    if (S_ISREG(info.st_mode) && info.st_size > 0) bytes.reserve(info.st_size);
+    char buffer[1 << 16];
+    while (true) {
+      const ssize_t n = read(fd, buffer, sizeof(buffer));
+      if (n == 0) break;
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        status = absl::ErrnoToStatus(errno, absl::StrCat(path, ": read failed"));
+        break;
+      }
+      bytes.append(buffer, static_cast<size_t>(n));
+    }
+  }
+  close(fd);
+  if (!status.ok()) return status;
+  return bytes;
+}
+
+}  // namespace
+
+absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes, absl::string_view name) {
+  absl::StatusOr<NpyContents> contents = ParseNpyContents(bytes, name, kFloat32);
+  if (!contents.ok()) return contents.status();
+  const uint64_t count = static_cast<uint64_t>(contents->header.element_count);
   NpyArray array;
-  array.shape = std::move(header->shape);
+  array.shape = std::move(contents->header.shape);
   array.data.resize(count);
   for (uint64_t i = 0; i < count; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(LoadLittleEndian(data_bytes, 4 * i, 4));
+    const uint32_t bits = static_cast<uint32_t>(LoadLittleEndian(contents->data, 4 * i, 4));
     std::memcpy(&array.data[i], &bits, sizeof(float));
+  }
+  return array;
+}
+
+absl::StatusOr<NpyInt64Array> ParseNpyInt64(absl::string_view bytes, absl::string_view name) {
+  absl::StatusOr<NpyContents> contents = ParseNpyContents(bytes, name, kInt64);
+  if (!contents.ok()) return contents.status();
+  const uint64_t count = static_cast<uint64_t>(contents->header.element_count);
+  NpyInt64Array array;
+  array.shape = std::move(contents->header.shape);
+  array.data.resize(count);
+  for (uint64_t i = 0; i < count; ++i) {
+    array.data[i] = static_cast<int64_t>(LoadLittleEndian(contents->data, 8 * i, 8));
   }
   return array;
 }
@@ -593,32 +663,15 @@ std::string SerializeNpy(absl::Span<const int64_t> shape, absl::Span<const float
 }
 
 absl::StatusOr<NpyArray> ReadNpyFile(const std::string& path) {
-  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat(path, ": cannot open for reading"));
-  std::string bytes;
-  absl::Status status;
-  struct stat info;
-  if (fstat(fd, &info) != 0) {
-    status = absl::ErrnoToStatus(errno, absl::StrCat(path, ": cannot stat"));
-  } else if (S_ISDIR(info.st_mode)) {
-    status = absl::ErrnoToStatus(EISDIR, absl::StrCat(path, ": cannot read a .npy file"));
-  } else {
-    if (S_ISREG(info.st_mode) && info.st_size > 0) bytes.reserve(info.st_size);
-    char buffer[1 << 16];
-    while (true) {
-      const ssize_t n = read(fd, buffer, sizeof(buffer));
-      if (n == 0) break;
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        status = absl::ErrnoToStatus(errno, absl::StrCat(path, ": read failed"));
-        break;
-      }
-      bytes.append(buffer, static_cast<size_t>(n));
-    }
-  }
-  close(fd);
-  if (!status.ok()) return status;
-  return ParseNpy(bytes, path);
+  absl::StatusOr<std::string> bytes = ReadFileBytes(path);
+  if (!bytes.ok()) return bytes.status();
+  return ParseNpy(*bytes, path);
+}
+
+absl::StatusOr<NpyInt64Array> ReadNpyInt64File(const std::string& path) {
+  absl::StatusOr<std::string> bytes = ReadFileBytes(path);
+  if (!bytes.ok()) return bytes.status();
+  return ParseNpyInt64(*bytes, path);
 }
 
 absl::Status WriteNpyFile(const std::string& path, absl::Span<const int64_t> shape,

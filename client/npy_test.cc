@@ -354,6 +354,77 @@ TEST(ParseNpyTest, RejectsOtherDtypesNamingThem) {
                        AllOf(HasSubstr("descr=[('x', '<f4')]"), HasSubstr("structured"))));
 }
 
+// The little-endian bytes of `values`.
+std::string Int64Bytes(const std::vector<int64_t>& values) {
+  std::string bytes;
+  for (int64_t value : values) {
+    for (int i = 0; i < 8; ++i) {
+      bytes.push_back(static_cast<char>((static_cast<uint64_t>(value) >> (8 * i)) & 0xFF));
+    }
+  }
+  return bytes;
+}
+
+TEST(ParseNpyInt64Test, ReadsInt64Arrays) {
+  const std::vector<int64_t> values = {
+      3, -100, 0, std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min(), 1};
+  for (absl::string_view descr : {"'<i8'", "'=i8'"}) {
+    absl::StatusOr<NpyInt64Array> array =
+        ParseNpyInt64(MakeNpy(Dict(descr, "False", "(2, 3)"), Int64Bytes(values)), "l.npy");
+    ASSERT_THAT(array, IsOk()) << descr;
+    EXPECT_THAT(array->shape, ElementsAre(2, 3));
+    EXPECT_EQ(array->data, values);
+  }
+  absl::StatusOr<NpyInt64Array> scalar =
+      ParseNpyInt64(MakeNpy(Dict("'<i8'", "False", "()"), Int64Bytes({7})), "s.npy");
+  ASSERT_THAT(scalar, IsOk());
+  EXPECT_THAT(scalar->shape, IsEmpty());
+  EXPECT_THAT(scalar->data, ElementsAre(7));
+  absl::StatusOr<NpyInt64Array> empty =
+      ParseNpyInt64(MakeNpy(Dict("'<i8'", "False", "(0, 4)"), "", 2), "e.npy");
+  ASSERT_THAT(empty, IsOk());
+  EXPECT_THAT(empty->data, IsEmpty());
+}
+
+TEST(ParseNpyInt64Test, RejectsOtherDtypesNamingThem) {
+  for (absl::string_view descr : {"'<f4'", "'<i4'", "'<u8'", "'|u1'", "'<f8'", "'i8'"}) {
+    EXPECT_THAT(ParseNpyInt64(MakeNpy(Dict(descr, "False", "(2,)"), Int64Bytes({1, 2})), "l.npy"),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         AllOf(HasSubstr("l.npy"), HasSubstr(absl::StrCat("descr=", descr)),
+                               HasSubstr("only little-endian int64 '<i8' is supported"))))
+        << descr;
+  }
+  EXPECT_THAT(
+      ParseNpyInt64(MakeNpy(Dict("'>i8'", "False", "(2,)"), Int64Bytes({1, 2})), "b.npy"),
+      StatusIs(absl::StatusCode::kInvalidArgument,
+               AllOf(HasSubstr("'>i8' is big-endian int64"), HasSubstr("array.astype('<i8')"))));
+  EXPECT_THAT(
+      ParseNpyInt64(MakeNpy(Dict("[('x', '<i8')]", "False", "(2,)"), Int64Bytes({1, 2})), "s.npy"),
+      StatusIs(absl::StatusCode::kInvalidArgument,
+               AllOf(HasSubstr("structured"), HasSubstr("only little-endian int64 '<i8'"))));
+  EXPECT_THAT(ParseNpyInt64(MakeNpy(Dict("'<i8'", "True", "(2,)"), Int64Bytes({1, 2})), "f.npy"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("fortran_order=True")));
+  // And the float reader keeps refusing int64 files.
+  EXPECT_THAT(ParseNpy(MakeNpy(Dict("'<i8'", "False", "(2,)"), Int64Bytes({1, 2})), "f.npy"),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("descr='<i8'"),
+                             HasSubstr("only little-endian float32 '<f4' is supported"))));
+}
+
+TEST(ParseNpyInt64Test, RejectsDataOfTheWrongLength) {
+  const std::string header = Dict("'<i8'", "False", "(2, 3)");
+  EXPECT_THAT(
+      ParseNpyInt64(MakeNpy(header, Int64Bytes({1, 2, 3, 4, 5})), "t.npy"),
+      StatusIs(absl::StatusCode::kInvalidArgument,
+               HasSubstr("shape (2, 3) needs 6 int64 values but only 40 bytes (5 values)")));
+  EXPECT_THAT(ParseNpyInt64(MakeNpy(header, Int64Bytes({1, 2, 3, 4, 5, 6}) + "xyz"), "t.npy"),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("3 extra bytes after the data: shape (2, 3) needs 48 bytes")));
+  // 6 float32 values are 24 bytes, not 6 int64 ones.
+  EXPECT_THAT(ParseNpyInt64(MakeNpy(header, FloatBytes(6)), "t.npy"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("truncated")));
+}
+
 TEST(ParseNpyTest, RejectsBigEndian) {
   EXPECT_THAT(ParseNpy(MakeNpy(Dict("'>f4'", "False", "(2, 3)"), FloatBytes(6)), "be.npy"),
               StatusIs(absl::StatusCode::kInvalidArgument,
@@ -539,6 +610,22 @@ TEST_F(NpyFileTest, WriteRejectsInconsistentArguments) {
   EXPECT_THAT(ReadNpyFile(path), StatusIs(absl::StatusCode::kNotFound, HasSubstr(path)));
 }
 
+TEST_F(NpyFileTest, ReadsInt64Files) {
+  const std::string path = absl::StrCat(dir_, "/labels.npy");
+  std::ofstream(path, std::ios::binary)
+      << MakeNpy(Dict("'<i8'", "False", "(3,)"), Int64Bytes({2, -100, 0}));
+  absl::StatusOr<NpyInt64Array> labels = ReadNpyInt64File(path);
+  ASSERT_THAT(labels, IsOk());
+  EXPECT_THAT(labels->shape, ElementsAre(3));
+  EXPECT_THAT(labels->data, ElementsAre(2, -100, 0));
+  EXPECT_THAT(ReadNpyFile(path), StatusIs(absl::StatusCode::kInvalidArgument,
+                                          AllOf(HasSubstr(path), HasSubstr("'<i8'"))));
+  const std::string missing = absl::StrCat(dir_, "/missing.npy");
+  EXPECT_THAT(ReadNpyInt64File(missing), StatusIs(absl::StatusCode::kNotFound, HasSubstr(missing)));
+  EXPECT_THAT(ReadNpyInt64File(dir_),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr(dir_)));
+}
+
 TEST_F(NpyFileTest, WriteIntoMissingDirectoryIsNotFound) {
   const std::string path = absl::StrCat(dir_, "/no/such/dir/w.npy");
   EXPECT_THAT(WriteNpyFile(path, {1}, {1.0f}),
@@ -611,6 +698,25 @@ TEST_F(NpyFileTest, InteroperatesWithNumpy) {
     for (float value : datas[i]) doubled.push_back(value * 2.0f);
     EXPECT_EQ(AllBits(array->data), AllBits(doubled)) << "array " << i;
   }
+}
+
+TEST_F(NpyFileTest, ReadsInt64FilesNumpyWrites) {
+  if (!HavePythonModule("numpy")) GTEST_SKIP() << kPython << " with numpy is not available";
+  const std::string command =
+      absl::StrCat(kPython,
+                   " -c \"import sys, numpy as np; d = sys.argv[1]; "
+                   "np.save(d + '/l1.npy', np.array([[3, -100], [0, 2**62]], dtype=np.int64)); "
+                   "np.lib.format.write_array(open(d + '/l2.npy', 'wb'), "
+                   "np.arange(-3, 3, dtype='<i8'), version=(2, 0))\" ",
+                   dir_);
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  absl::StatusOr<NpyInt64Array> first = ReadNpyInt64File(absl::StrCat(dir_, "/l1.npy"));
+  ASSERT_THAT(first, IsOk());
+  EXPECT_THAT(first->shape, ElementsAre(2, 2));
+  EXPECT_THAT(first->data, ElementsAre(3, -100, 0, int64_t{1} << 62));
+  absl::StatusOr<NpyInt64Array> second = ReadNpyInt64File(absl::StrCat(dir_, "/l2.npy"));
+  ASSERT_THAT(second, IsOk());
+  EXPECT_THAT(second->data, ElementsAre(-3, -2, -1, 0, 1, 2));
 }
 
 }  // namespace

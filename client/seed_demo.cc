@@ -44,14 +44,14 @@ NetworkSpec FourConvolutionsWithRelu() {
   return network;
 }
 
-// The names of the parameters `network` uses, in layer order.
+// The names of the learnable parameters `network` uses, in layer order: those the demo data
+// hold a value and an expected gradient for.
 std::vector<std::string> ParameterNames(const NetworkSpec& network) {
   std::vector<std::string> names;
   for (const LayerSpec& layer : network.layers) {
-    const auto* conv = std::get_if<Conv2dSpec>(&layer.op);
-    if (conv == nullptr) continue;
-    names.push_back(layer.name + ".weight");
-    if (conv->bias) names.push_back(layer.name + ".bias");
+    for (const gradengine::ParameterInfo& parameter : gradengine::LayerParameters(layer)) {
+      if (parameter.trainable) names.push_back(parameter.name);
+    }
   }
   return names;
 }

@@ -5,10 +5,14 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <variant>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/types/span.h"
 #include "gradengine/network.h"
+#include "gradengine/quote.h"
 #include "gradengine/tensor.h"
 
 namespace gradclient {
@@ -29,6 +33,40 @@ int64_t Elements(absl::Span<const int64_t> shape) {
 bool HasRows(const gradengine::TensorView& tensor, int64_t batch) {
   return !tensor.shape.empty() && tensor.shape[0] == batch && tensor.data != nullptr &&
          Elements(tensor.shape) == tensor.size;
+}
+
+// As HasRows, for class indices.
+bool HasRows(const gradengine::LabelsView& labels, int64_t batch) {
+  return !labels.shape.empty() && labels.shape[0] == batch && labels.data != nullptr &&
+         Elements(labels.shape) == labels.size;
+}
+
+template <typename... Ts>
+struct Overloaded : Ts... {
+  using Ts::operator()...;
+};
+template <typename... Ts>
+Overloaded(Ts...) -> Overloaded<Ts...>;
+
+constexpr char kBatchNormTraining[] =
+    "a batch_norm2d with training=true, which normalises with the statistics of the whole batch";
+
+// Why a layer's output rows depend on other rows of the batch, or "" if they do not. Every
+// kind answers, so that a kind added to LayerOp must.
+std::string RowMixing(const gradengine::LayerOp& op) {
+  const Overloaded mixing{
+      [](const gradengine::Conv2dSpec&) { return std::string(); },
+      [](const gradengine::ActivationSpec&) { return std::string(); },
+      [](const gradengine::MaxPool2dSpec&) { return std::string(); },
+      [](const gradengine::AvgPool2dSpec&) { return std::string(); },
+      [](const gradengine::BatchNorm2dSpec& norm) {
+        // In inference mode it is a per-channel affine map.
+        return norm.training ? std::string(kBatchNormTraining) : std::string();
+      },
+      [](const gradengine::LinearSpec&) { return std::string(); },
+      [](const gradengine::AddSpec&) { return std::string(); },
+  };
+  return std::visit(mixing, op);
 }
 
 gradengine::TensorView SliceRows(const gradengine::TensorView& tensor, BatchSlice slice) {
@@ -60,9 +98,65 @@ gradengine::Tensor ConcatRows(const std::vector<const gradengine::Tensor*>& part
   for (size_t i = 0; i < parts.size(); ++i) {
     const gradengine::TensorBuffer& data = parts[i]->data;
     const float scale = static_cast<float>(scales[i]);
-    for (float value : data) *out++ = scales[i] == 1.0 ? value : value * scale;
+    // A part of weight 0 (cross-entropy labels all ignored) may report NaN gradients of 0/0;
+    // its rows contribute nothing to the whole batch's loss.
+    for (float value : data) {
+      *out++ = scales[i] == 1.0 ? value : scales[i] == 0.0 ? 0.0f : value * scale;
+    }
   }
   return whole;
+}
+
+gradengine::LabelsView SliceRows(const gradengine::LabelsView& labels, BatchSlice slice) {
+  const int64_t row = labels.shape[0] == 0 ? 0 : labels.size / labels.shape[0];
+  gradengine::LabelsView part;
+  part.shape = labels.shape;
+  part.shape[0] = slice.rows();
+  part.data = labels.data + slice.begin * row;
+  part.size = slice.rows() * row;
+  return part;
+}
+
+// The labels of `slice` that count in cross-entropy's mean: those not equal to ignore_index.
+int64_t CountedLabels(const gradengine::Objective& objective, BatchSlice slice) {
+  const gradengine::LabelsView part = SliceRows(objective.labels, slice);
+  return static_cast<int64_t>(
+      std::count_if(part.data, part.data + part.size,
+                    [&objective](int64_t label) { return label != objective.ignore_index; }));
+}
+
+// Part k's share w_k of the whole batch's loss (sharding.h).
+std::vector<double> PartWeights(const gradengine::Objective& objective,
+                                absl::Span<const BatchSlice> slices) {
+  std::vector<double> weights;
+  weights.reserve(slices.size());
+  switch (objective.kind) {
+    case gradengine::ObjectiveKind::kMse: {
+      const int64_t batch = slices.back().end;
+      for (const BatchSlice& slice : slices) {
+        weights.push_back(static_cast<double>(slice.rows()) / static_cast<double>(batch));
+      }
+      break;
+    }
+    case gradengine::ObjectiveKind::kCrossEntropy: {
+      std::vector<int64_t> counts;
+      int64_t total = 0;
+      for (const BatchSlice& slice : slices) {
+        counts.push_back(CountedLabels(objective, slice));
+        total += counts.back();
+      }
+      for (int64_t count : counts) {
+        weights.push_back(total == 0 ? 1.0
+                                     : static_cast<double>(count) / static_cast<double>(total));
+      }
+      break;
+    }
+    case gradengine::ObjectiveKind::kSum:
+    case gradengine::ObjectiveKind::kGradOutput:
+      weights.assign(slices.size(), 1.0);
+      break;
+  }
+  return weights;
 }
 
 gradengine::ComputeTiming SlowestTiming(const std::vector<gradengine::ComputeTiming>& timings) {
@@ -91,6 +185,21 @@ std::vector<BatchSlice> SplitBatch(int64_t batch, int shards) {
   return slices;
 }
 
+absl::Status CheckRowsIndependent(const gradengine::NetworkSpec& network, int shards) {
+  if (shards <= 1) return absl::OkStatus();
+  for (size_t i = 0; i < network.layers.size(); ++i) {
+    const std::string why = RowMixing(network.layers[i].op);
+    if (!why.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "shards=", shards, " cannot be used: layers[", i, "] (",
+          gradengine::Quote(network.layers[i].name), ") is ", why,
+          ", so parts of the batch would not compute the whole batch's result; send it with "
+          "shards=1"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 int64_t ShardableBatch(const gradengine::ForwardRequest& request) {
   if (request.input.shape.size() != 4) return 0;
   const int64_t batch = request.input.shape[0];
@@ -101,11 +210,16 @@ int64_t ShardableBatch(const gradengine::GradientRequest& request) {
   if (request.input.shape.size() != 4) return 0;
   const int64_t batch = request.input.shape[0];
   if (batch < 1 || !HasRows(request.input, batch)) return 0;
-  if (request.objective.kind != gradengine::ObjectiveKind::kSum &&
-      !HasRows(request.objective.tensor, batch)) {
-    return 0;
+  switch (request.objective.kind) {
+    case gradengine::ObjectiveKind::kMse:
+    case gradengine::ObjectiveKind::kGradOutput:
+      return HasRows(request.objective.tensor, batch) ? batch : 0;
+    case gradengine::ObjectiveKind::kCrossEntropy:
+      return HasRows(request.objective.labels, batch) ? batch : 0;
+    case gradengine::ObjectiveKind::kSum:
+      return batch;
   }
-  return batch;
+  return 0;
 }
 
 gradengine::ForwardRequest SliceRequest(const gradengine::ForwardRequest& request,
@@ -124,9 +238,17 @@ gradengine::GradientRequest SliceRequest(const gradengine::GradientRequest& requ
   part.network = request.network;
   part.parameters = request.parameters;
   part.input = SliceRows(request.input, slice);
-  part.objective.kind = request.objective.kind;
-  if (request.objective.kind != gradengine::ObjectiveKind::kSum) {
-    part.objective.tensor = SliceRows(request.objective.tensor, slice);
+  part.objective = request.objective;
+  switch (request.objective.kind) {
+    case gradengine::ObjectiveKind::kMse:
+    case gradengine::ObjectiveKind::kGradOutput:
+      part.objective.tensor = SliceRows(request.objective.tensor, slice);
+      break;
+    case gradengine::ObjectiveKind::kCrossEntropy:
+      part.objective.labels = SliceRows(request.objective.labels, slice);
+      break;
+    case gradengine::ObjectiveKind::kSum:
+      break;
   }
   part.gradients = request.gradients;
   part.should_continue = request.should_continue;
@@ -148,19 +270,13 @@ gradengine::ForwardResult CombineForwardResults(absl::Span<const BatchSlice> sli
   return whole;
 }
 
-gradengine::GradientResult CombineGradientResults(gradengine::ObjectiveKind objective,
+gradengine::GradientResult CombineGradientResults(const gradengine::Objective& objective,
                                                   absl::Span<const BatchSlice> slices,
                                                   std::vector<gradengine::GradientResult> parts) {
   if (parts.size() == 1) return std::move(parts.front());
-  const int64_t batch = slices.back().end;
   // Part k's share of the whole batch's mean; sums and caller-given gradients add up as they
   // are.
-  std::vector<double> weights;
-  for (const BatchSlice& slice : slices) {
-    weights.push_back(objective == gradengine::ObjectiveKind::kMse
-                          ? static_cast<double>(slice.rows()) / static_cast<double>(batch)
-                          : 1.0);
-  }
+  const std::vector<double> weights = PartWeights(objective, slices);
 
   gradengine::GradientResult whole;
   std::vector<const gradengine::Tensor*> outputs;
@@ -177,7 +293,9 @@ gradengine::GradientResult CombineGradientResults(gradengine::ObjectiveKind obje
 
   if (parts.front().loss.has_value()) {
     double loss = 0;
-    for (size_t i = 0; i < parts.size(); ++i) loss += weights[i] * parts[i].loss.value_or(0.0);
+    for (size_t i = 0; i < parts.size(); ++i) {
+      if (weights[i] != 0.0) loss += weights[i] * parts[i].loss.value_or(0.0);
+    }
     whole.loss = loss;
   }
 
@@ -185,6 +303,7 @@ gradengine::GradientResult CombineGradientResults(gradengine::ObjectiveKind obje
   for (const auto& [name, first] : parts.front().parameter_grads) {
     std::vector<double> sum(first.data.size(), 0.0);
     for (size_t i = 0; i < parts.size(); ++i) {
+      if (weights[i] == 0.0) continue;
       const auto found = parts[i].parameter_grads.find(name);
       if (found == parts[i].parameter_grads.end()) continue;
       const gradengine::TensorBuffer& grad = found->second.data;

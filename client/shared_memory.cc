@@ -131,6 +131,7 @@ absl::Status CopyRequestInto(SharedMemoryRegion& region, gradengine::GradientReq
       views.push_back(&request->objective.tensor);
       break;
     case gradengine::ObjectiveKind::kSum:
+    case gradengine::ObjectiveKind::kCrossEntropy:  // int64 labels are sent as bytes
       break;
   }
   for (gradengine::TensorView* view : views) {

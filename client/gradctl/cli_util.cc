@@ -65,8 +65,9 @@ absl::StatusOr<StagedRequest> StageInSharedMemory(gradclient::Client& client,
   if (!shapes.ok()) return shapes.status();
   staged.results_bytes = aligned(tensor_bytes(shapes->output_shapes.back())) +
                          aligned(tensor_bytes(request->input.shape));
-  for (const auto& [name, shape] : shapes->parameter_shapes) {
-    staged.results_bytes += aligned(tensor_bytes(shape));
+  for (const gradengine::ParameterInfo& parameter : shapes->parameters) {
+    // Buffers have no gradient; running statistics come back as bytes.
+    if (parameter.trainable) staged.results_bytes += aligned(tensor_bytes(parameter.shape));
   }
   absl::StatusOr<std::shared_ptr<gradclient::SharedMemoryRegion>> region =
       gradclient::SharedMemoryRegion::Create(

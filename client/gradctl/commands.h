@@ -35,13 +35,20 @@ struct GradOptions {
   // The protobuf JSON mapping of a grad.v1.Network.
   std::string net_path;
   std::string input_path;
-  // Holds <layer>.weight.npy, and <layer>.bias.npy where the layer has a bias, for every
-  // conv2d layer.
+  // Holds <name>.npy for every parameter gradengine::LayerParameters names (<layer>.weight.npy,
+  // <layer>.bias.npy, ...); an optional one (a batch_norm2d's <layer>.running_mean.npy and
+  // <layer>.running_var.npy in training mode) is read when present.
   std::string params_dir;
-  // The objective: exactly one of target_path (MSE), grad_output_path and objective == "sum".
+  // The objective: exactly one of target_path (MSE), grad_output_path, objective == "sum" and
+  // objective == "cross_entropy" (which needs labels_path).
   std::string target_path;
   std::string grad_output_path;
   std::string objective;
+  // cross_entropy only: an int64 .npy of class indices, and F.cross_entropy's label_smoothing
+  // (default 0) and ignore_index (default -100); unset unless given.
+  std::string labels_path;
+  std::optional<double> label_smoothing;
+  std::optional<int64_t> ignore_index;
   // Return the input gradient. Default: true.
   bool input_grad = true;
   // "all", "none" or a comma-separated list of parameter names. Default: all.
@@ -60,9 +67,10 @@ struct GradOptions {
   bool shared_memory = false;
 };
 
-// Reads the network, input, parameters and objective tensor, calls the server and writes
-// <out>/output.npy, <out>/input.grad.npy and <out>/<parameter>.grad.npy; prints one JSON line
-// with the loss and the timings.
+// Reads the network, input, parameters and objective tensor (or labels), calls the server and
+// writes <out>/output.npy, <out>/input.grad.npy, <out>/<parameter>.grad.npy and, for every
+// batch_norm2d in training mode, the updated <out>/<layer>.running_mean.npy and
+// <out>/<layer>.running_var.npy; prints one JSON line with the loss and the timings.
 absl::Status RunGrad(const GradOptions& options);
 
 struct DemoOptions {

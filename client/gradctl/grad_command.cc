@@ -9,7 +9,6 @@
 #include <string>
 #include <system_error>
 #include <utility>
-#include <variant>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -62,7 +61,29 @@ struct RequestData {
   Tensor input;
   std::map<std::string, Tensor> parameters;
   Tensor objective_tensor;
+  gradclient::NpyInt64Array labels;  // --objective=cross_entropy
 };
+
+// Reads every parameter and buffer of `network` from <params_dir>/<name>.npy: the required
+// ones must be there, the optional ones (running statistics in training mode) are read when
+// present.
+absl::Status ReadParameters(const gradengine::NetworkSpec& network, const std::string& params_dir,
+                            std::map<std::string, Tensor>* parameters) {
+  for (const gradengine::LayerSpec& layer : network.layers) {
+    for (const gradengine::ParameterInfo& parameter : gradengine::LayerParameters(layer)) {
+      const std::string path =
+          (std::filesystem::path(params_dir) / (parameter.name + ".npy")).string();
+      if (!parameter.required) {
+        std::error_code error;
+        if (!std::filesystem::exists(path, error)) continue;
+      }
+      absl::StatusOr<Tensor> tensor = ReadTensor(path);
+      if (!tensor.ok()) return tensor.status();
+      (*parameters)[parameter.name] = *std::move(tensor);
+    }
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<RequestData> ReadRequestData(const GradOptions& options) {
   RequestData data;
@@ -72,17 +93,15 @@ absl::StatusOr<RequestData> ReadRequestData(const GradOptions& options) {
   absl::StatusOr<Tensor> input = ReadTensor(options.input_path);
   if (!input.ok()) return input.status();
   data.input = *std::move(input);
-  for (const gradengine::LayerSpec& layer : data.network.layers) {
-    const auto* conv = std::get_if<gradengine::Conv2dSpec>(&layer.op);
-    if (conv == nullptr) continue;
-    std::vector<std::string> names = {layer.name + ".weight"};
-    if (conv->bias) names.push_back(layer.name + ".bias");
-    for (const std::string& name : names) {
-      absl::StatusOr<Tensor> parameter =
-          ReadTensor((std::filesystem::path(options.params_dir) / (name + ".npy")).string());
-      if (!parameter.ok()) return parameter.status();
-      data.parameters[name] = *std::move(parameter);
-    }
+  if (absl::Status s = ReadParameters(data.network, options.params_dir, &data.parameters);
+      !s.ok()) {
+    return s;
+  }
+  if (options.gradients && !options.labels_path.empty()) {
+    absl::StatusOr<gradclient::NpyInt64Array> labels =
+        gradclient::ReadNpyInt64File(options.labels_path);
+    if (!labels.ok()) return labels.status();
+    data.labels = *std::move(labels);
   }
   const std::string& objective_path =
       !options.target_path.empty() ? options.target_path : options.grad_output_path;
@@ -112,19 +131,32 @@ absl::Status CheckOptions(const GradOptions& options) {
         absl::StrCat("--shards=", options.shards, " is out of range 1..", gradclient::kMaxShards));
   }
   if (!options.gradients) return absl::OkStatus();
-  if (!options.objective.empty() && options.objective != "sum") {
+  if (!options.objective.empty() && options.objective != "sum" &&
+      options.objective != "cross_entropy") {
     return UsageError(
         absl::StrCat("--objective=", options.objective,
-                     " is not an objective flag value; --objective=sum is the only "
-                     "one (MSE is --target=T.npy, a given dL/dy --grad_output=G.npy)"));
+                     " is not an objective flag value; expected sum or cross_entropy (MSE is "
+                     "--target=T.npy, a given dL/dy --grad_output=G.npy)"));
   }
   const int objectives =
       !options.target_path.empty() + !options.grad_output_path.empty() + !options.objective.empty();
   if (objectives != 1) {
     return UsageError(absl::StrCat(
-        "gradctl grad needs exactly one objective: --target=T.npy (MSE), --grad_output=G.npy or "
-        "--objective=sum; ",
+        "gradctl grad needs exactly one objective: --target=T.npy (MSE), --grad_output=G.npy, "
+        "--objective=sum or --objective=cross_entropy --labels=L.npy; ",
         objectives == 0 ? "none was given" : "several were given"));
+  }
+  const bool cross_entropy = options.objective == "cross_entropy";
+  if (cross_entropy && options.labels_path.empty()) {
+    return UsageError("--objective=cross_entropy needs --labels=L.npy (int64 class indices)");
+  }
+  if (!cross_entropy) {
+    for (const auto& [flag, given] :
+         {std::pair<const char*, bool>{"--labels", !options.labels_path.empty()},
+          std::pair<const char*, bool>{"--label_smoothing", options.label_smoothing.has_value()},
+          std::pair<const char*, bool>{"--ignore_index", options.ignore_index.has_value()}}) {
+      if (given) return UsageError(absl::StrCat(flag, " goes only with --objective=cross_entropy"));
+    }
   }
   if (options.param_grads.empty()) {
     return UsageError("--param_grads is empty; expected all, none or NAME,NAME,...");
@@ -171,6 +203,17 @@ absl::Status WriteResult(const std::string& out_dir, const std::string& file, co
   return absl::OkStatus();
 }
 
+// The updated running statistics as <out_dir>/<name>.npy ("bn1.running_mean.npy"), the names
+// --params reads them by, so that the directory can feed the next call.
+absl::Status WriteRunningStats(const std::string& out_dir,
+                               const gradengine::ParameterTensors& running_stats,
+                               std::vector<std::string>* written) {
+  for (const auto& [name, tensor] : running_stats) {
+    if (absl::Status s = WriteResult(out_dir, name + ".npy", tensor, written); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status MakeOutDir(const std::string& out_dir) {
   std::error_code error;
   std::filesystem::create_directories(out_dir, error);
@@ -213,6 +256,12 @@ absl::Status RunGrad(const GradOptions& options) {
     request.objective = {gradengine::ObjectiveKind::kMse, data->objective_tensor.view()};
   } else if (!options.grad_output_path.empty()) {
     request.objective = {gradengine::ObjectiveKind::kGradOutput, data->objective_tensor.view()};
+  } else if (options.objective == "cross_entropy") {
+    request.objective.kind = gradengine::ObjectiveKind::kCrossEntropy;
+    request.objective.labels = {data->labels.shape, data->labels.data.data(),
+                                static_cast<int64_t>(data->labels.data.size())};
+    request.objective.label_smoothing = options.label_smoothing.value_or(0.0);
+    if (options.ignore_index.has_value()) request.objective.ignore_index = *options.ignore_index;
   } else {
     request.objective = {gradengine::ObjectiveKind::kSum, {}};
   }
@@ -236,6 +285,10 @@ absl::Status RunGrad(const GradOptions& options) {
     absl::StatusOr<gradclient::ForwardReply> reply = (*client)->Forward(forward, call);
     if (!reply.ok()) return reply.status();
     if (absl::Status s = WriteResult(options.out_dir, "output.npy", reply->result.output, &written);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = WriteRunningStats(options.out_dir, reply->result.running_stats, &written);
         !s.ok()) {
       return s;
     }
@@ -266,6 +319,10 @@ absl::Status RunGrad(const GradOptions& options) {
         !s.ok()) {
       return s;
     }
+  }
+  if (absl::Status s = WriteRunningStats(options.out_dir, result.running_stats, &written);
+      !s.ok()) {
+    return s;
   }
   std::cout << "{\"loss\":" << (result.loss.has_value() ? JsonNumber(*result.loss) : "null") << ","
             << TimingJson(reply->call) << ",\"files\":" << FilesJson(written) << "}\n";

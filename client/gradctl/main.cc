@@ -63,10 +63,16 @@ ABSL_FLAG(std::string, auth_token_file, "",
 ABSL_FLAG(bool, json, false, "info, bench: print one JSON line");
 ABSL_FLAG(std::string, net, "", "grad, forward: the network, protobuf JSON of grad.v1.Network");
 ABSL_FLAG(std::string, input, "", "grad, forward: the input .npy");
-ABSL_FLAG(std::string, params, "", "grad, forward: directory of <layer>.weight.npy/.bias.npy");
+ABSL_FLAG(std::string, params, "",
+          "grad, forward: directory of <layer>.weight.npy/.bias.npy (and .running_mean.npy/"
+          ".running_var.npy)");
 ABSL_FLAG(std::string, target, "", "grad: MSE objective with this target .npy");
 ABSL_FLAG(std::string, grad_output, "", "grad: objective given as dL/d(output) .npy");
-ABSL_FLAG(std::string, objective, "", "grad: 'sum' for loss = sum(output)");
+ABSL_FLAG(std::string, objective, "",
+          "grad: 'sum' for loss = sum(output), 'cross_entropy' for F.cross_entropy with --labels");
+ABSL_FLAG(std::string, labels, "", "grad: cross_entropy's class indices, an int64 .npy");
+ABSL_FLAG(double, label_smoothing, 0.0, "grad: cross_entropy's label_smoothing");
+ABSL_FLAG(int64_t, ignore_index, -100, "grad: cross_entropy's ignore_index");
 ABSL_FLAG(bool, no_input_grad, false, "grad: do not compute the input gradient");
 ABSL_FLAG(std::string, param_grads, "all", "grad: all, none or NAME,NAME,... (e.g. conv1.bias)");
 ABSL_FLAG(bool, skip_output, false, "grad, bench: leave the output out of the response");
@@ -100,11 +106,14 @@ usage: gradctl COMMAND [flags]
   info      what the server is, runs on and accepts            [--json]
   grad      gradients of a network given as files:
               --net=NET.json --input=X.npy --params=DIR --out=OUT, and one objective:
-              --target=T.npy (MSE) | --grad_output=G.npy | --objective=sum
+              --target=T.npy (MSE) | --grad_output=G.npy | --objective=sum |
+              --objective=cross_entropy --labels=L.npy [--label_smoothing=S] [--ignore_index=I]
               [--no_input_grad] [--param_grads=all|none|NAME,...] [--skip_output]
               [--request_id=ID] [--shards=K] [--shared_memory]
             writes OUT/output.npy, input.grad.npy, <layer>.weight.grad.npy and
-            <layer>.bias.grad.npy, and prints one JSON line: loss, server timings, round trip
+            <layer>.bias.grad.npy (and a training batch_norm2d's updated
+            <layer>.running_mean.npy and <layer>.running_var.npy), and prints one JSON line:
+            loss, server timings, round trip
   forward   the network's output only: --net --input --params --out [--request_id] [--shards=K]
             [--shared_memory]
             writes OUT/output.npy and prints one JSON line
@@ -136,8 +145,9 @@ NET.json is a grad.v1.Network in protobuf's JSON mapping, for example
   {"layers": [{"name": "conv1", "conv2d": {"inChannels": 1, "outChannels": 8,
                "kernelSize": [3], "padding": [1], "bias": true}},
               {"name": "relu1", "activation": {"kind": "RELU"}}]}
-Parameters are read from DIR/<layer>.weight.npy and DIR/<layer>.bias.npy; every .npy is
-little-endian float32 in C order.
+Parameters are read from DIR/<layer>.weight.npy and DIR/<layer>.bias.npy, a batch_norm2d's
+running statistics from DIR/<layer>.running_mean.npy and DIR/<layer>.running_var.npy (optional
+in training mode); every .npy is little-endian float32 in C order, but --labels, int64 ('<i8').
 
 exit status: 0 success; 1 failure, printed as "gradctl: CODE: message"; 2 usage error.
 )";
@@ -157,8 +167,9 @@ const std::vector<Command>& Commands() {
       {"info", 0, {"json"}},
       {"grad",
        0,
-       {"net", "input", "params", "target", "grad_output", "objective", "no_input_grad",
-        "param_grads", "skip_output", "out", "request_id", "shards", "shared_memory"}},
+       {"net", "input", "params", "target", "grad_output", "objective", "labels", "label_smoothing",
+        "ignore_index", "no_input_grad", "param_grads", "skip_output", "out", "request_id",
+        "shards", "shared_memory"}},
       {"forward", 0, {"net", "input", "params", "out", "request_id", "shards", "shared_memory"}},
       {"demo", 1, {"data"}},
       {"bench",
@@ -249,6 +260,11 @@ absl::Status Run(const Command& command, const std::vector<std::string>& positio
     options.target_path = absl::GetFlag(FLAGS_target);
     options.grad_output_path = absl::GetFlag(FLAGS_grad_output);
     options.objective = absl::GetFlag(FLAGS_objective);
+    options.labels_path = absl::GetFlag(FLAGS_labels);
+    if (given.count("label_smoothing") != 0) {
+      options.label_smoothing = absl::GetFlag(FLAGS_label_smoothing);
+    }
+    if (given.count("ignore_index") != 0) options.ignore_index = absl::GetFlag(FLAGS_ignore_index);
     options.input_grad = !absl::GetFlag(FLAGS_no_input_grad);
     options.param_grads = absl::GetFlag(FLAGS_param_grads);
     options.skip_output = absl::GetFlag(FLAGS_skip_output);

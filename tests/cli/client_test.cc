@@ -227,7 +227,10 @@ TEST_F(ClientTest, GetInfoDescribesTheServer) {
   EXPECT_EQ(info->threads_per_request, kThreads);
   EXPECT_EQ(info->max_concurrent_requests, 2);
   EXPECT_EQ(info->max_message_bytes, int64_t{1024} << 20);
-  EXPECT_THAT(info->objectives, ::testing::ElementsAre("mse", "sum", "grad_output"));
+  EXPECT_THAT(info->objectives,
+              ::testing::ElementsAre("mse", "sum", "grad_output", "cross_entropy"));
+  EXPECT_THAT(info->layers, ::testing::ElementsAre("conv2d", "activation", "max_pool2d",
+                                                   "avg_pool2d", "batch_norm2d", "linear", "add"));
   EXPECT_THAT(info->activations, ::testing::Contains("relu"));
   EXPECT_THAT(info->dtypes, ::testing::ElementsAre("DATA_TYPE_FLOAT32"));
 }

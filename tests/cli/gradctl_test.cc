@@ -1,6 +1,7 @@
 // The gradctl binary end to end against an in-process gradserver::Server: `grad` on every
 // PyTorch fixture, `forward`, `demo`, `health`, `info`, `bench`, and how it reports errors.
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -8,6 +9,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -132,6 +134,16 @@ class GradctlTest : public ::testing::Test {
       case gradengine::ObjectiveKind::kSum:
         args.push_back("--objective=sum");
         break;
+      case gradengine::ObjectiveKind::kCrossEntropy:
+        args.push_back("--objective=cross_entropy");
+        args.push_back("--labels=" + fixture.directory + "/labels.npy");
+        if (fixture.spec.label_smoothing != 0.0) {
+          args.push_back(absl::StrCat("--label_smoothing=", fixture.spec.label_smoothing));
+        }
+        if (fixture.spec.ignore_index != -100) {
+          args.push_back(absl::StrCat("--ignore_index=", fixture.spec.ignore_index));
+        }
+        break;
     }
     const gradengine::GradientSelection& gradients = fixture.spec.gradients;
     if (!gradients.input) args.push_back("--no_input_grad");
@@ -186,9 +198,18 @@ std::vector<std::string> FileNames(const std::string& dir) {
   return names;
 }
 
+// Whether a row of `network`'s output depends on other rows (a batch_norm2d in training mode),
+// so that gradctl must refuse to cut its batch.
+bool MixesBatchRows(const gradengine::NetworkSpec& network) {
+  return std::any_of(network.layers.begin(), network.layers.end(), [](const auto& layer) {
+    const auto* norm = std::get_if<gradengine::BatchNorm2dSpec>(&layer.op);
+    return norm != nullptr && norm->training;
+  });
+}
+
 // Every fixture whole, with its batch cut into 3 parts (--shards=3; fixtures with a batch of 1
-// or 2 are sent whole or in 2, combined by the client), over a unix socket, and through shared
-// memory.
+// or 2 are sent whole or in 2, combined by the client; a network with a batch_norm2d in training
+// mode is refused), over a unix socket, and through shared memory.
 TEST_F(GradctlTest, GradMatchesPyTorchOnEveryFixture) {
   absl::StatusOr<std::vector<std::string>> cases = gradtest::FindFixtureCases(FixturesDir());
   ASSERT_TRUE(cases.ok()) << cases.status();
@@ -210,6 +231,12 @@ TEST_F(GradctlTest, GradMatchesPyTorchOnEveryFixture) {
       // A later --server wins over GradArgs' own.
       args.insert(args.end(), variants[variant].begin(), variants[variant].end());
       const GradctlRun run = Gradctl(args);
+      if (variant == 1 && MixesBatchRows((*fixture)->spec.network)) {
+        EXPECT_EQ(run.exit_code, 1) << run;
+        EXPECT_THAT(run.err, HasSubstr("shards=3 cannot be used")) << run;
+        EXPECT_THAT(run.err, HasSubstr("batch_norm2d with training=true")) << run;
+        continue;
+      }
       ASSERT_EQ(run.exit_code, 0) << run;
       EXPECT_EQ(std::count(run.out.begin(), run.out.end(), '\n'), 1) << run;
 
@@ -331,17 +358,20 @@ TEST_F(GradctlTest, HealthAndInfo) {
   const GradctlRun info = Gradctl({"info", ServerFlag()});
   ASSERT_EQ(info.exit_code, 0) << info;
   EXPECT_THAT(info.out, HasSubstr("oneDNN"));
-  EXPECT_THAT(info.out, HasSubstr("objectives    mse, sum, grad_output"));
+  EXPECT_THAT(info.out, HasSubstr("objectives    mse, sum, grad_output, cross_entropy\n"));
+  EXPECT_THAT(info.out, HasSubstr("layers        conv2d, activation, max_pool2d, avg_pool2d, "
+                                  "batch_norm2d, linear, add\n"));
   EXPECT_THAT(info.out, HasSubstr("messages 1 GiB"));
-  EXPECT_THAT(info.out, HasSubstr("network       up to 1024 layers, 2048 parameters, names of 256 "
+  EXPECT_THAT(info.out, HasSubstr("network       up to 1024 layers, 4096 parameters, names of 256 "
                                   "bytes, 1 MiB of spec"));
   EXPECT_THAT(info.out, HasSubstr("memory        budget "));
 
   const GradctlRun json = Gradctl({"info", ServerFlag(), "--json"});
   ASSERT_EQ(json.exit_code, 0) << json;
-  EXPECT_THAT(json.out, HasSubstr("\"objectives\":[\"mse\",\"sum\",\"grad_output\"]"));
+  EXPECT_THAT(json.out,
+              HasSubstr("\"objectives\":[\"mse\",\"sum\",\"grad_output\",\"cross_entropy\"]"));
   EXPECT_THAT(json.out, HasSubstr("\"max_message_bytes\":1073741824"));
-  EXPECT_THAT(json.out, HasSubstr("\"max_layers\":1024,\"max_parameters\":2048"));
+  EXPECT_THAT(json.out, HasSubstr("\"max_layers\":1024,\"max_parameters\":4096"));
   EXPECT_THAT(json.out, HasSubstr("\"memory\":{\"limit_bytes\":"));
   EXPECT_EQ(std::count(json.out.begin(), json.out.end(), '\n'), 1);
 }
@@ -513,6 +543,28 @@ TEST_F(GradctlInputTest, UsageErrorsExitWithTwo) {
   run = Gradctl(bad_objective);
   EXPECT_EQ(run.exit_code, 2) << run;
   EXPECT_THAT(run.err, HasSubstr("--objective=mse"));
+
+  std::vector<std::string> no_labels = no_objective;
+  no_labels.push_back("--objective=cross_entropy");
+  run = Gradctl(no_labels);
+  EXPECT_EQ(run.exit_code, 2) << run;
+  EXPECT_THAT(run.err, HasSubstr("--objective=cross_entropy needs --labels=L.npy"));
+
+  // Labels must be int64: a float32 file is refused naming it (not a usage error).
+  std::vector<std::string> float_labels = no_labels;
+  float_labels.push_back("--labels=" + case_dir_ + "/target.npy");
+  run = Gradctl(float_labels);
+  EXPECT_EQ(run.exit_code, 1) << run;
+  EXPECT_THAT(run.err, HasSubstr("target.npy: unsupported dtype: descr='<f4'; only little-endian "
+                                 "int64 '<i8' is supported"));
+
+  for (const char* flag : {"--labels=l.npy", "--label_smoothing=0.1", "--ignore_index=3"}) {
+    std::vector<std::string> stray = Args(net_, case_dir_ + "/input.npy");
+    stray.push_back(flag);
+    run = Gradctl(stray);
+    EXPECT_EQ(run.exit_code, 2) << run;
+    EXPECT_THAT(run.err, HasSubstr("goes only with --objective=cross_entropy")) << flag;
+  }
 
   std::vector<std::string> wrong_flag = Args(net_, case_dir_ + "/input.npy");
   wrong_flag.push_back("--json");

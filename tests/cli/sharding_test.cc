@@ -12,8 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "gradclient/client.h"
 #include "gradengine/engine.h"
 #include "gradengine/network.h"
 #include "gradengine/tensor.h"
@@ -73,7 +77,7 @@ class ShardingTest : public ::testing::Test {
       EXPECT_TRUE(part.ok()) << part.status();
       parts.push_back(part.ok() ? *std::move(part) : gradengine::GradientResult());
     }
-    return CombineGradientResults(request.objective.kind, slices, std::move(parts));
+    return CombineGradientResults(request.objective, slices, std::move(parts));
   }
 
   static void ExpectClose(const std::string& what, const gradengine::Tensor& actual,
@@ -165,7 +169,8 @@ TEST_F(ShardingTest, GradientSubsetsAndSkippedOutputsCombine) {
   std::vector<gradengine::GradientResult> parts(2);
   parts[0].output = gradengine::Tensor({4, 4, 5, 5}, std::vector<float>(400, 1.0f));
   EXPECT_TRUE(
-      CombineGradientResults(ObjectiveKind::kSum, slices, std::move(parts)).output.data.empty());
+      CombineGradientResults(gradengine::Objective(ObjectiveKind::kSum), slices, std::move(parts))
+          .output.data.empty());
 }
 
 TEST_F(ShardingTest, ForwardConcatenatesTheParts) {
@@ -199,6 +204,183 @@ TEST_F(ShardingTest, RequestsThatCannotBeCutAreSentWhole) {
   request = Request(ObjectiveKind::kSum);
   request.input.size -= 1;
   EXPECT_EQ(ShardableBatch(request), 0);
+}
+
+// Cross-entropy on the [7, 4, 5, 5] logits: labels [7, 5, 5] in [0, 4), with the ignored ones
+// spread unevenly over the rows (row 0 all ignored, row 1 half, the rest a few), so that the
+// parts' counts of labels that count differ from their row counts.
+class CrossEntropyShardingTest : public ShardingTest {
+ protected:
+  static constexpr int64_t kIgnore = 3;  // a valid class, to show it is the index that matters
+
+  void SetUp() override {
+    ShardingTest::SetUp();
+    for (int64_t row = 0; row < kBatch; ++row) {
+      for (int64_t i = 0; i < 25; ++i) {
+        const bool ignored = row == 0 || (row == 1 && i % 2 == 0) || (i * 7 + row) % 11 == 0;
+        labels_.push_back(ignored ? kIgnore : (i + row) % 3);
+      }
+    }
+  }
+
+  gradengine::GradientRequest Request(double label_smoothing) const {
+    gradengine::GradientRequest request = case_.GradientRequest(ObjectiveKind::kSum);
+    request.objective.kind = ObjectiveKind::kCrossEntropy;
+    request.objective.labels = {
+        {kBatch, 5, 5}, labels_.data(), static_cast<int64_t>(labels_.size())};
+    request.objective.label_smoothing = label_smoothing;
+    request.objective.ignore_index = kIgnore;
+    return request;
+  }
+
+  std::vector<int64_t> labels_;
+};
+
+TEST_F(CrossEntropyShardingTest, WeighsPartsByTheirLabelsNotIgnored) {
+  for (double label_smoothing : {0.0, 0.2}) {
+    const gradengine::GradientRequest request = Request(label_smoothing);
+    EXPECT_EQ(ShardableBatch(request), kBatch);
+    absl::StatusOr<gradengine::GradientResult> whole = engine_->ComputeGradients(request);
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    // 7 shards put row 0, whose labels are all ignored, in a part of its own.
+    for (int shards : {2, 3, 7}) {
+      SCOPED_TRACE(absl::StrCat("label_smoothing=", label_smoothing, ", shards=", shards));
+      ExpectResultsClose(Sharded(request, shards), *whole);
+    }
+  }
+}
+
+TEST_F(CrossEntropyShardingTest, WeighingByRowsWouldBeWrong) {
+  const gradengine::GradientRequest request = Request(0.0);
+  absl::StatusOr<gradengine::GradientResult> whole = engine_->ComputeGradients(request);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  // Rows 0..3 and 4..6: 4 of 7 rows, but fewer than 4/7 of the labels that count.
+  absl::StatusOr<gradengine::GradientResult> first =
+      engine_->ComputeGradients(SliceRequest(request, {0, 4}));
+  absl::StatusOr<gradengine::GradientResult> second =
+      engine_->ComputeGradients(SliceRequest(request, {4, 7}));
+  ASSERT_TRUE(first.ok() && second.ok());
+  // Weighed by rows, the loss would miss the tolerance the tests above hold the parts to, with
+  // room to spare.
+  const double by_rows = (4.0 * *first->loss + 3.0 * *second->loss) / 7.0;
+  EXPECT_GT(std::abs(by_rows - *whole->loss),
+            10 * gradtest::kShardedRelativeTolerance * std::max(1.0, std::abs(*whole->loss)))
+      << "the test labels should make weighing by rows differ from the whole batch's loss";
+}
+
+// The combination alone, on made-up parts: weights c_k / C, a part whose labels are all
+// ignored (NaN loss and gradients, as 0/0 gives) contributing nothing.
+TEST(CombineCrossEntropyTest, WeightsAreTheCountsOfLabelsNotIgnored) {
+  const std::vector<int64_t> labels = {-100, -100, 1, -100, 0, 2, 1, 0};  // rows of 2
+  gradengine::Objective objective(ObjectiveKind::kCrossEntropy);
+  objective.labels = {{4, 2}, labels.data(), 8};
+  const std::vector<BatchSlice> slices = {{0, 1}, {1, 2}, {2, 4}};  // counts 0, 1, 4
+  const float nan = std::nanf("");
+  std::vector<gradengine::GradientResult> parts(3);
+  const std::vector<double> losses = {nan, 2.0, 0.5};
+  const std::vector<float> grads = {nan, 10.0f, 20.0f};
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const int64_t rows = slices[i].rows();
+    parts[i].loss = losses[i];
+    parts[i].input_grad = gradengine::Tensor({rows, 3}, std::vector<float>(rows * 3, grads[i]));
+    parts[i].parameter_grads["fc.weight"] = gradengine::Tensor({2}, {grads[i], -grads[i]});
+  }
+  const gradengine::GradientResult whole =
+      CombineGradientResults(objective, slices, std::move(parts));
+  ASSERT_TRUE(whole.loss.has_value());
+  EXPECT_DOUBLE_EQ(*whole.loss, (1 * 2.0 + 4 * 0.5) / 5);
+  const gradengine::Tensor& weight = whole.parameter_grads.at("fc.weight");
+  EXPECT_FLOAT_EQ(weight.data[0], (1 * 10.0f + 4 * 20.0f) / 5);
+  EXPECT_FLOAT_EQ(weight.data[1], -(1 * 10.0f + 4 * 20.0f) / 5);
+  ASSERT_TRUE(whole.input_grad.has_value());
+  ASSERT_EQ(whole.input_grad->shape, (std::vector<int64_t>{4, 3}));
+  for (int j = 0; j < 3; ++j) EXPECT_EQ(whole.input_grad->data[j], 0.0f);  // all ignored
+  EXPECT_FLOAT_EQ(whole.input_grad->data[3], 10.0f / 5);
+  EXPECT_FLOAT_EQ(whole.input_grad->data[6], 20.0f * 4 / 5);
+}
+
+TEST(CombineCrossEntropyTest, EveryLabelIgnoredGivesNaNAsTheWholeBatchDoes) {
+  const std::vector<int64_t> labels = {-100, -100};
+  gradengine::Objective objective(ObjectiveKind::kCrossEntropy);
+  objective.labels = {{2}, labels.data(), 2};
+  std::vector<gradengine::GradientResult> parts(2);
+  for (gradengine::GradientResult& part : parts) part.loss = std::nan("");
+  const gradengine::GradientResult whole =
+      CombineGradientResults(objective, SplitBatch(2, 2), std::move(parts));
+  ASSERT_TRUE(whole.loss.has_value());
+  EXPECT_TRUE(std::isnan(*whole.loss));
+}
+
+TEST(ShardableBatchTest, CrossEntropyLabelsMustHaveTheBatchsRows) {
+  std::vector<float> input(4 * 3 * 2 * 2);
+  std::vector<int64_t> labels(4 * 2 * 2);
+  gradengine::GradientRequest request;
+  request.input = gradengine::TensorView({4, 3, 2, 2}, input);
+  request.objective.kind = ObjectiveKind::kCrossEntropy;
+  request.objective.labels = {{4, 2, 2}, labels.data(), 16};
+  EXPECT_EQ(ShardableBatch(request), 4);
+  const gradengine::GradientRequest part = SliceRequest(request, {1, 3});
+  EXPECT_EQ(part.objective.labels.shape, (std::vector<int64_t>{2, 2, 2}));
+  EXPECT_EQ(part.objective.labels.data, labels.data() + 4);
+  EXPECT_EQ(part.objective.labels.size, 8);
+  EXPECT_EQ(part.objective.ignore_index, request.objective.ignore_index);
+  // Labels of another batch size, or fewer than their shape needs: sent whole.
+  request.objective.labels.shape = {3, 2, 2};
+  EXPECT_EQ(ShardableBatch(request), 0);
+  request.objective.labels = {{4, 2, 2}, labels.data(), 15};
+  EXPECT_EQ(ShardableBatch(request), 0);
+  request.objective.labels = {{}, labels.data(), 1};
+  EXPECT_EQ(ShardableBatch(request), 0);
+}
+
+gradengine::NetworkSpec NetworkWithBatchNorm(bool training) {
+  gradengine::NetworkSpec network;
+  network.layers.push_back({"conv1", Conv(3, 4, 3, 1, 1, false)});
+  gradengine::BatchNorm2dSpec norm;
+  norm.num_features = 4;
+  norm.training = training;
+  network.layers.push_back({"bn1", norm});
+  network.layers.push_back(
+      {"relu1", gradengine::ActivationSpec{gradengine::ActivationKind::kRelu}});
+  return network;
+}
+
+TEST(CheckRowsIndependentTest, RefusesBatchNormInTrainingModeNamingIt) {
+  const absl::Status status = CheckRowsIndependent(NetworkWithBatchNorm(true), 2);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_TRUE(absl::StrContains(status.message(),
+                                "shards=2 cannot be used: layers[1] (\"bn1\") is a batch_norm2d "
+                                "with training=true"))
+      << status;
+  EXPECT_TRUE(CheckRowsIndependent(NetworkWithBatchNorm(true), 1).ok());
+  // In inference mode a batch norm is a per-channel affine map: rows stay independent.
+  EXPECT_TRUE(CheckRowsIndependent(NetworkWithBatchNorm(false), 8).ok());
+}
+
+// The client refuses before it sends anything: against an address nobody listens on, the call
+// fails with the refusal, not with Unavailable.
+TEST(CheckRowsIndependentTest, TheClientRefusesBeforeSending) {
+  ClientOptions options;
+  options.retry.max_attempts = 1;
+  absl::StatusOr<std::unique_ptr<Client>> client = Client::Create("127.0.0.1:1", options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::vector<float> input(4 * 3 * 5 * 5, 1.0f);
+  gradengine::GradientRequest request;
+  request.network = NetworkWithBatchNorm(true);
+  request.input = gradengine::TensorView({4, 3, 5, 5}, input);
+  request.objective = gradengine::Objective(ObjectiveKind::kSum);
+  CallOptions call;
+  call.shards = 2;
+  call.timeout = absl::Seconds(5);
+  absl::StatusOr<GradientReply> reply = (*client)->ComputeGradients(request, call);
+  EXPECT_EQ(reply.status().code(), absl::StatusCode::kInvalidArgument) << reply.status();
+  EXPECT_TRUE(absl::StrContains(reply.status().message(), "bn1")) << reply.status();
+  gradengine::ForwardRequest forward;
+  forward.network = request.network;
+  forward.input = request.input;
+  absl::StatusOr<ForwardReply> forward_reply = (*client)->Forward(forward, call);
+  EXPECT_EQ(forward_reply.status().code(), absl::StatusCode::kInvalidArgument)
+      << forward_reply.status();
 }
 
 }  // namespace

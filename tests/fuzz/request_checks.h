@@ -101,8 +101,13 @@ inline void CheckNetwork(const gradengine::NetworkSpec& network, const grad::v1:
     const gradengine::LayerSpec& layer = network.layers[i];
     const grad::v1::Layer& wire_layer = wire.layers(static_cast<int>(i));
     FUZZ_CHECK(layer.name == wire_layer.name(), "layers[", i, "].name");
-    const bool conv = std::holds_alternative<gradengine::Conv2dSpec>(layer.op);
-    FUZZ_CHECK(conv == wire_layer.has_conv2d(), "layers[", i, "] decoded as the other kind");
+    FUZZ_CHECK(layer.input == wire_layer.input(), "layers[", i, "].input");
+    // The wire's oneof fields are named as the engine's kinds.
+    const google::protobuf::FieldDescriptor* op =
+        wire_layer.GetReflection()->GetOneofFieldDescriptor(
+            wire_layer, wire_layer.GetDescriptor()->FindOneofByName("op"));
+    FUZZ_CHECK(op != nullptr && op->name() == gradengine::LayerKindName(layer.op), "layers[", i,
+               "] decoded as ", gradengine::LayerKindName(layer.op));
   }
   grad::v1::Network encoded;
   gradwire::EncodeNetwork(network, &encoded);
@@ -112,6 +117,25 @@ inline void CheckNetwork(const gradengine::NetworkSpec& network, const grad::v1:
   gradwire::EncodeNetwork(*again, &encoded_again);
   FUZZ_CHECK(encoded.SerializeAsString() == encoded_again.SerializeAsString(),
              "encode(decode(encode(spec))) differs from encode(spec)");
+}
+
+// As CheckView, for class indices.
+inline void CheckLabels(const gradengine::LabelsView& labels, const grad::v1::Tensor& wire,
+                        const std::string& field) {
+  const std::vector<int64_t> wire_shape(wire.shape().begin(), wire.shape().end());
+  FUZZ_CHECK(labels.shape == wire_shape, field, ": decoded shape ", ShapeText(labels.shape),
+             ", wire shape ", ShapeText(wire_shape));
+  FUZZ_CHECK(labels.size == ElementCount(labels.shape), field, ": ", labels.size,
+             " elements for shape ", ShapeText(labels.shape));
+  FUZZ_CHECK(labels.size == 0 || labels.data != nullptr, field, ": no data for ", labels.size,
+             " elements");
+  if (wire.has_shared_memory()) return;
+  FUZZ_CHECK(static_cast<int64_t>(wire.data().size()) ==
+                 labels.size * static_cast<int64_t>(sizeof(int64_t)),
+             field, ": ", labels.size, " labels decoded from ", wire.data().size(), " bytes");
+  FUZZ_CHECK(
+      labels.size == 0 || std::memcmp(labels.data, wire.data().data(), wire.data().size()) == 0,
+      field, ": the decoded labels differ from the wire bytes");
 }
 
 // The parameters are the wire's, by name.
@@ -138,20 +162,34 @@ inline void CheckDecodedGradientParts(const gradengine::GradientRequest& request
   const grad::v1::Objective& objective = wire.objective();
   switch (request.objective.kind) {
     case gradengine::ObjectiveKind::kMse:
-      FUZZ_CHECK(objective.has_mse_target() && !objective.has_sum() && !objective.has_grad_output(),
+      FUZZ_CHECK(objective.has_mse_target() && !objective.has_sum() &&
+                     !objective.has_grad_output() && !objective.has_cross_entropy(),
                  "decoded as MSE");
       CheckView(request.objective.tensor, objective.mse_target(), "objective.mse_target");
       break;
     case gradengine::ObjectiveKind::kSum:
-      FUZZ_CHECK(objective.has_sum() && !objective.has_mse_target() && !objective.has_grad_output(),
+      FUZZ_CHECK(objective.has_sum() && !objective.has_mse_target() &&
+                     !objective.has_grad_output() && !objective.has_cross_entropy(),
                  "decoded as sum");
       FUZZ_CHECK(request.objective.tensor.shape.empty() && request.objective.tensor.size == 0,
                  "a sum objective with a tensor");
       break;
     case gradengine::ObjectiveKind::kGradOutput:
-      FUZZ_CHECK(objective.has_grad_output() && !objective.has_sum() && !objective.has_mse_target(),
+      FUZZ_CHECK(objective.has_grad_output() && !objective.has_sum() &&
+                     !objective.has_mse_target() && !objective.has_cross_entropy(),
                  "decoded as grad_output");
       CheckView(request.objective.tensor, objective.grad_output(), "objective.grad_output");
+      break;
+    case gradengine::ObjectiveKind::kCrossEntropy:
+      FUZZ_CHECK(objective.has_cross_entropy() && !objective.has_sum() &&
+                     !objective.has_mse_target() && !objective.has_grad_output(),
+                 "decoded as cross_entropy");
+      CheckLabels(request.objective.labels, objective.cross_entropy().target(),
+                  "objective.cross_entropy.target");
+      FUZZ_CHECK(request.objective.ignore_index == (objective.cross_entropy().has_ignore_index()
+                                                        ? objective.cross_entropy().ignore_index()
+                                                        : -100),
+                 "objective.cross_entropy.ignore_index");
       break;
   }
   const grad::v1::GradientSelection& selection = wire.gradients();
@@ -167,13 +205,16 @@ inline void CheckDecodedGradientParts(const gradengine::GradientRequest& request
 }
 
 // What a request that passed the engine's validation must be: shapes positive and within the
-// limit, one output shape per layer, exactly the parameters the network uses, at their shapes.
+// limit, one output shape per layer, the parameters the network uses (every required one,
+// perhaps optional ones, no other), at their shapes.
 template <typename EngineRequest>
 void CheckValidatedCommon(const gradengine::ValidatedNetwork& validated,
                           const EngineRequest& request, int64_t max_elements) {
   const auto check_shape = [max_elements](const std::vector<int64_t>& shape,
                                           const std::string& what) {
-    FUZZ_CHECK(shape.size() == 4, what, " ", ShapeText(shape), " has not 4 dims");
+    // NCHW, or [N, F] from a linear layer on.
+    FUZZ_CHECK(shape.size() == 4 || (what != "input" && shape.size() == 2), what, " ",
+               ShapeText(shape), " has neither 4 nor 2 dims");
     for (int64_t dim : shape) FUZZ_CHECK(dim >= 1, what, " ", ShapeText(shape));
     const int64_t count = ElementCount(shape);
     FUZZ_CHECK(count >= 1 && count <= max_elements, what, " ", ShapeText(shape), " has ", count,
@@ -188,26 +229,47 @@ void CheckValidatedCommon(const gradengine::ValidatedNetwork& validated,
     FUZZ_CHECK(validated.output_shapes[i][0] == request.input.shape[0], "layers[", i,
                "] changed the batch");
   }
-  FUZZ_CHECK(validated.parameter_shapes.size() == request.parameters.size(),
-             validated.parameter_shapes.size(), " parameters used, ", request.parameters.size(),
-             " given");
-  for (const auto& [name, shape] : validated.parameter_shapes) {
+  size_t given = 0;
+  for (const gradengine::ParameterInfo& parameter : validated.parameters) {
+    const std::string& name = parameter.name;
+    const std::vector<int64_t>& shape = parameter.shape;
     const auto it = request.parameters.find(name);
-    FUZZ_CHECK(it != request.parameters.end(), "parameter \"", name, "\" passed but is missing");
-    FUZZ_CHECK(it->second.shape == shape, "parameter \"", name, "\" ", ShapeText(it->second.shape),
-               " passed for ", ShapeText(shape));
+    if (it == request.parameters.end()) {
+      FUZZ_CHECK(!parameter.required, "parameter \"", name, "\" passed but is missing");
+    } else {
+      ++given;
+      FUZZ_CHECK(it->second.shape == shape, "parameter \"", name, "\" ",
+                 ShapeText(it->second.shape), " passed for ", ShapeText(shape));
+    }
     const int64_t count = ElementCount(shape);
     FUZZ_CHECK(count >= 0 && count <= max_elements, "parameter \"", name, "\" ", ShapeText(shape),
                " over the limit ", max_elements);
   }
+  FUZZ_CHECK(given == request.parameters.size(), request.parameters.size() - given,
+             " parameters given that the network does not use");
 }
 
 inline void CheckValidatedGradientParts(const gradengine::ValidatedNetwork& validated,
                                         const gradengine::GradientRequest& request) {
-  if (request.objective.kind != gradengine::ObjectiveKind::kSum) {
-    FUZZ_CHECK(request.objective.tensor.shape == validated.output_shapes.back(),
-               "objective tensor ", ShapeText(request.objective.tensor.shape),
-               " passed for output ", ShapeText(validated.output_shapes.back()));
+  const std::vector<int64_t>& output = validated.output_shapes.back();
+  switch (request.objective.kind) {
+    case gradengine::ObjectiveKind::kMse:
+    case gradengine::ObjectiveKind::kGradOutput:
+      FUZZ_CHECK(request.objective.tensor.shape == output, "objective tensor ",
+                 ShapeText(request.objective.tensor.shape), " passed for output ",
+                 ShapeText(output));
+      break;
+    case gradengine::ObjectiveKind::kCrossEntropy: {
+      // Logits [N, C, ...] take labels [N, ...].
+      std::vector<int64_t> labels_shape = output;
+      if (labels_shape.size() >= 2) labels_shape.erase(labels_shape.begin() + 1);
+      FUZZ_CHECK(request.objective.labels.shape == labels_shape, "labels ",
+                 ShapeText(request.objective.labels.shape), " passed for output ",
+                 ShapeText(output));
+      break;
+    }
+    case gradengine::ObjectiveKind::kSum:
+      break;
   }
   for (const std::string& name : request.gradients.parameters) {
     FUZZ_CHECK(request.parameters.count(name) == 1, "gradients.parameters names \"", name,

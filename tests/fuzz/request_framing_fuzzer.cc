@@ -374,6 +374,9 @@ void FuzzGradients(const RequestInput& input, FuzzedDataProvider* plan) {
   grad::v1::Objective* objective = skeleton.mutable_objective();
   if (objective->has_mse_target()) objective->mutable_mse_target()->clear_data();
   if (objective->has_grad_output()) objective->mutable_grad_output()->clear_data();
+  if (objective->has_cross_entropy()) {
+    objective->mutable_cross_entropy()->mutable_target()->clear_data();
+  }
   CheckFrame(gradwire::FrameGradientRequest(skeleton, *request, nullptr), full.SerializeAsString());
 
   absl::StatusOr<gradengine::ValidatedNetwork> validated =

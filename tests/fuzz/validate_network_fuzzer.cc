@@ -218,8 +218,14 @@ void CheckAccepted(const NetworkSpec& network, const std::vector<int64_t>& input
     FUZZ_CHECK(Product(shape) <= max_elements, "layers[", i, "] output ", ShapeText(shape),
                " over the limit ", max_elements);
   }
-  FUZZ_CHECK(validated.parameter_shapes == parameters, validated.parameter_shapes.size(),
-             " parameters reported, ", parameters.size(), " expected");
+  std::vector<std::pair<std::string, std::vector<int64_t>>> reported;
+  for (const gradengine::ParameterInfo& parameter : validated.parameters) {
+    FUZZ_CHECK(parameter.trainable && parameter.required, parameter.name,
+               " is a buffer or optional, but conv2d has neither");
+    reported.emplace_back(parameter.name, parameter.shape);
+  }
+  FUZZ_CHECK(reported == parameters, reported.size(), " parameters reported, ", parameters.size(),
+             " expected");
   for (const auto& [name, parameter_shape] : parameters) {
     FUZZ_CHECK(Product(parameter_shape) <= max_elements, name, " ", ShapeText(parameter_shape),
                " over the limit ", max_elements);

@@ -100,8 +100,17 @@ OwnedCase MakeCase(const NetworkSpec& network, std::vector<int64_t> input_shape,
   if (!validated.ok()) return c;
   std::mt19937 rng(seed);
   c.input = RandomTensor(std::move(input_shape), &rng);
-  for (const auto& [name, shape] : validated->parameter_shapes) {
-    c.parameters[name] = RandomTensor(shape, &rng);
+  for (const gradengine::ParameterInfo& parameter : validated->parameters) {
+    // Learnable parameters random; buffers (running statistics) only where required, at their
+    // initial values (a random variance could be negative).
+    if (parameter.trainable) {
+      c.parameters[parameter.name] = RandomTensor(parameter.shape, &rng);
+    } else if (parameter.required) {
+      int64_t count = 1;
+      for (int64_t d : parameter.shape) count *= d;
+      c.parameters[parameter.name] =
+          Tensor(parameter.shape, std::vector<float>(static_cast<size_t>(count), parameter.fill));
+    }
   }
   c.output_like = RandomTensor(validated->output_shapes.back(), &rng);
   return c;

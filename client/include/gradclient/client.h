@@ -107,8 +107,11 @@ struct CallOptions {
   // into min(shards, batch) contiguous parts that are sent at once; over a channel to several
   // servers (see Client::Create) consecutive calls go to different servers, so the parts
   // compute in parallel. The reply combines them: outputs and input gradients concatenated,
-  // parameter gradients summed and the loss recombined, with the weighting MSE's mean needs
-  // (client/sharding.h). It equals the unsharded result up to float rounding. All parts share
+  // parameter gradients summed and the loss recombined, with the weighting the means of MSE and
+  // cross-entropy need (by rows, and by labels not ignored; client/sharding.h). It equals the
+  // unsharded result up to float rounding. A network whose rows are not independent (a
+  // batch_norm2d layer with training=true) cannot be cut: shards > 1 is then InvalidArgument
+  // naming the layer, and nothing is sent. All parts share
   // the deadline and the request id; the reply's timing is the slowest part's and `attempts`
   // the most any part needed. The first part to fail (in batch order) fails the call, its
   // message prefixed with the part. A request whose tensors cannot be cut (e.g. a target of
@@ -119,7 +122,8 @@ struct CallOptions {
   // that the server writes the results into: the output (unless skip_output), the input
   // gradient and the parameter gradients, in that order (parameters by name), each at a
   // SharedMemoryRegion::kAlignment boundary. The reply's tensors then live in the region, with
-  // no copy, and hold it alive. Not with shards > 1. Default: null, results come back as bytes.
+  // no copy, and hold it alive (running statistics still come back as bytes). Not with
+  // shards > 1. Default: null, results come back as bytes.
   std::shared_ptr<SharedMemoryRegion> result_region;
   // Where in result_region the results go, in bytes from its start; they stay valid until
   // those bytes are written again (by the next call given the same offset), and concurrent
@@ -186,9 +190,9 @@ struct ServerInfo {
   int64_t memory_reservations_refused = 0;
   int64_t responses_cancelled_undrained = 0;
   absl::Duration response_drain_timeout;
-  std::vector<std::string> layers;       // "conv2d", "activation"
+  std::vector<std::string> layers;       // "conv2d", "activation", "max_pool2d", ...
   std::vector<std::string> activations;  // "relu", "leaky_relu", ...
-  std::vector<std::string> objectives;   // "mse", "sum", "grad_output"
+  std::vector<std::string> objectives;   // "mse", "sum", "grad_output", "cross_entropy"
   std::vector<std::string> dtypes;       // accepted tensor dtypes, e.g. "DATA_TYPE_FLOAT32"
   int64_t requests_total = 0;
   int64_t requests_failed = 0;
@@ -250,8 +254,10 @@ class Client {
                                        const CallOptions& options = {});
 
   // Runs forward, the objective and backward on the server; the result holds the output
-  // (unless options.skip_output), the loss (absent for a grad_output objective) and the
-  // requested gradients, exactly as gradengine::Engine::ComputeGradients returns them.
+  // (unless options.skip_output), the loss (absent for a grad_output objective), the
+  // requested gradients and the updated running statistics of batch_norm2d layers in training
+  // mode, exactly as gradengine::Engine::ComputeGradients returns them. A cross-entropy
+  // objective's labels are always sent as bytes, never from shared memory.
   absl::StatusOr<GradientReply> ComputeGradients(const gradengine::GradientRequest& request,
                                                  const CallOptions& options = {});
 

@@ -1,4 +1,5 @@
-// Reading and writing float32 arrays in NumPy's .npy format.
+// Reading and writing float32 arrays in NumPy's .npy format, and reading int64 ones (class
+// labels).
 //
 // The format is described in numpy/lib/format.py: a magic string "\x93NUMPY", a version byte
 // pair, a little-endian header length (2 bytes in version 1.0, 4 bytes in 2.0 and 3.0), a header
@@ -6,8 +7,10 @@
 // then the raw array data.
 //
 // Only what the gradient service exchanges is supported: little-endian float32 ('<f4', or '=f4',
-// which this reader takes as little-endian), C order. Everything else is rejected with
-// InvalidArgument rather than converted, so a file never silently changes meaning.
+// which this reader takes as little-endian), C order; and, read by the int64 functions only,
+// little-endian int64 ('<i8' or '=i8'). Everything else is rejected with InvalidArgument rather
+// than converted, so a file never silently changes meaning (the float reader refuses '<i8', the
+// int64 reader '<f4' and '<i4').
 //
 // All functions are thread-compatible and keep no state.
 
@@ -33,6 +36,12 @@ struct NpyArray {
   std::vector<float> data;
 };
 
+// A dense int64 array in C order, such as cross-entropy class indices; the same invariant.
+struct NpyInt64Array {
+  std::vector<int64_t> shape;
+  std::vector<int64_t> data;
+};
+
 // Parses the complete bytes of a .npy file, format version 1.0, 2.0 or 3.0.
 //
 // Returns InvalidArgument, with `name` (normally the file name) and the offending value in the
@@ -45,6 +54,10 @@ struct NpyArray {
 // A pure function of its input: it never reads outside `bytes` and never aborts, whatever the
 // bytes are, and uses memory proportional to bytes.size().
 absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes, absl::string_view name);
+
+// As ParseNpy, for a file of dtype '<i8' (or '=i8'); any other dtype is InvalidArgument quoting
+// it, e.g. "descr='<f4'; only little-endian int64 '<i8' is supported".
+absl::StatusOr<NpyInt64Array> ParseNpyInt64(absl::string_view bytes, absl::string_view name);
 
 // Returns the bytes of a .npy file holding `data` with dtype '<f4' and fortran_order False,
 // byte for byte what numpy.save writes for the same float32 C-order array: format version 1.0
@@ -61,6 +74,9 @@ std::string SerializeNpy(absl::Span<const int64_t> shape, absl::Span<const float
 // FailedPrecondition if it is a directory, and so on. A file that is not a valid float32 .npy
 // file gives the InvalidArgument errors of ParseNpy. Every message names `path`.
 absl::StatusOr<NpyArray> ReadNpyFile(const std::string& path);
+
+// As ReadNpyFile, for an int64 file (ParseNpyInt64).
+absl::StatusOr<NpyInt64Array> ReadNpyInt64File(const std::string& path);
 
 // Writes SerializeNpy(shape, data) to `path`, replacing any existing file.
 // Returns InvalidArgument, without touching the file, if a shape entry is negative or
