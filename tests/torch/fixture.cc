@@ -34,8 +34,13 @@ namespace fs = std::filesystem;
 
 using gradengine::ActivationKind;
 using gradengine::ActivationSpec;
+using gradengine::AddSpec;
+using gradengine::AvgPool2dSpec;
+using gradengine::BatchNorm2dSpec;
 using gradengine::Conv2dSpec;
 using gradengine::LayerSpec;
+using gradengine::LinearSpec;
+using gradengine::MaxPool2dSpec;
 using gradengine::ObjectiveKind;
 using gradengine::Tensor;
 
@@ -44,13 +49,14 @@ std::string Where(absl::string_view source, int line_number) {
   return absl::StrCat(source, ":", line_number);
 }
 
-// The key=value arguments of one layer directive. Each key must appear once and be consumed;
-// CheckAllUsed reports what was not.
-class LayerArguments {
+// The key=value arguments of one directive. Each key must appear once and be consumed. A
+// getter that fails records the error (the first one is kept) and returns a default value, so
+// that a parser reads every field and then asks Finish() whether all was well.
+class Arguments {
  public:
-  static absl::StatusOr<LayerArguments> Parse(absl::Span<const absl::string_view> tokens,
-                                              const std::string& where) {
-    LayerArguments arguments(where);
+  static absl::StatusOr<Arguments> Parse(absl::Span<const absl::string_view> tokens,
+                                         const std::string& where) {
+    Arguments arguments(where);
     for (absl::string_view token : tokens) {
       const size_t equals = token.find('=');
       if (equals == absl::string_view::npos || equals == 0) {
@@ -65,110 +71,201 @@ class LayerArguments {
     return arguments;
   }
 
-  // A comma-separated list of exactly `count` integers.
-  absl::StatusOr<std::vector<int64_t>> Ints(const std::string& key, size_t count) {
-    auto it = values_.find(key);
-    if (it == values_.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(where_, ": missing key '", key, "'"));
-    }
+  // A comma-separated list of exactly `count` integers (zeros after an error).
+  std::vector<int64_t> Ints(const std::string& key, size_t count) {
+    const std::string text = String(key);
     std::vector<int64_t> ints;
-    for (absl::string_view part : absl::StrSplit(it->second, ',')) {
+    if (!status_.ok()) return std::vector<int64_t>(count, 0);
+    for (absl::string_view part : absl::StrSplit(text, ',')) {
       int64_t value = 0;
       if (!absl::SimpleAtoi(part, &value)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(where_, ": ", key, "=", it->second, " is not a list of integers"));
+        Fail(absl::StrCat(key, "=", text, " is not a list of integers"));
+        return std::vector<int64_t>(count, 0);
       }
       ints.push_back(value);
     }
     if (ints.size() != count) {
-      return absl::InvalidArgumentError(absl::StrCat(where_, ": ", key, "=", it->second, " has ",
-                                                     ints.size(), " values, expected ", count));
+      Fail(absl::StrCat(key, "=", text, " has ", ints.size(), " values, expected ", count));
+      return std::vector<int64_t>(count, 0);
     }
-    values_.erase(it);
     return ints;
   }
 
-  absl::StatusOr<int64_t> Int(const std::string& key) {
-    absl::StatusOr<std::vector<int64_t>> ints = Ints(key, 1);
-    if (!ints.ok()) return ints.status();
-    return (*ints)[0];
+  int64_t Int(const std::string& key) { return Ints(key, 1)[0]; }
+
+  // 0 or 1.
+  bool Flag(const std::string& key) {
+    const int64_t value = Int(key);
+    if (value != 0 && value != 1) Fail(absl::StrCat(key, "=", value, " is not 0 or 1"));
+    return value == 1;
   }
 
-  absl::StatusOr<float> Float(const std::string& key) {
-    auto it = values_.find(key);
-    if (it == values_.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(where_, ": missing key '", key, "'"));
+  double Double(const std::string& key) {
+    const std::string text = String(key);
+    double value = 0;
+    if (status_.ok() && !absl::SimpleAtod(text, &value)) {
+      Fail(absl::StrCat(key, "=", text, " is not a number"));
     }
-    float value = 0;
-    if (!absl::SimpleAtof(it->second, &value)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where_, ": ", key, "=", it->second, " is not a number"));
-    }
-    values_.erase(it);
     return value;
   }
 
-  absl::Status CheckAllUsed() const {
-    if (values_.empty()) return absl::OkStatus();
+  float Float(const std::string& key) {
+    const std::string text = String(key);
+    float value = 0;
+    if (status_.ok() && !absl::SimpleAtof(text, &value)) {
+      Fail(absl::StrCat(key, "=", text, " is not a number"));
+    }
+    return value;
+  }
+
+  // A non-empty value.
+  std::string String(const std::string& key) {
+    auto it = values_.find(key);
+    if (it == values_.end()) {
+      Fail(absl::StrCat("missing key '", key, "'"));
+      return "";
+    }
+    std::string value = std::move(it->second);
+    values_.erase(it);
+    if (value.empty()) Fail(absl::StrCat(key, "= is empty"));
+    return value;
+  }
+
+  bool Has(const std::string& key) const { return values_.count(key) != 0; }
+
+  // The first error of a getter, else InvalidArgument for a key no getter consumed.
+  absl::Status Finish() const {
+    if (!status_.ok() || values_.empty()) return status_;
     return absl::InvalidArgumentError(
         absl::StrCat(where_, ": unknown key '", values_.begin()->first, "'"));
   }
 
  private:
-  explicit LayerArguments(std::string where) : where_(std::move(where)) {}
+  explicit Arguments(std::string where) : where_(std::move(where)) {}
+
+  void Fail(absl::string_view message) {
+    if (status_.ok()) status_ = absl::InvalidArgumentError(absl::StrCat(where_, ": ", message));
+  }
 
   std::string where_;
   std::map<std::string, std::string> values_;
+  absl::Status status_;
 };
 
-absl::StatusOr<Conv2dSpec> ParseConv2d(LayerArguments& arguments, const std::string& where) {
+Conv2dSpec ParseConv2d(Arguments& arguments) {
   Conv2dSpec conv;
-  absl::StatusOr<int64_t> in_channels = arguments.Int("in_channels");
-  if (!in_channels.ok()) return in_channels.status();
-  absl::StatusOr<int64_t> out_channels = arguments.Int("out_channels");
-  if (!out_channels.ok()) return out_channels.status();
-  absl::StatusOr<std::vector<int64_t>> kernel = arguments.Ints("kernel", 2);
-  if (!kernel.ok()) return kernel.status();
-  absl::StatusOr<std::vector<int64_t>> stride = arguments.Ints("stride", 2);
-  if (!stride.ok()) return stride.status();
-  absl::StatusOr<std::vector<int64_t>> padding = arguments.Ints("padding", 4);
-  if (!padding.ok()) return padding.status();
-  absl::StatusOr<std::vector<int64_t>> dilation = arguments.Ints("dilation", 2);
-  if (!dilation.ok()) return dilation.status();
-  absl::StatusOr<int64_t> groups = arguments.Int("groups");
-  if (!groups.ok()) return groups.status();
-  absl::StatusOr<int64_t> bias = arguments.Int("bias");
-  if (!bias.ok()) return bias.status();
-  if (*bias != 0 && *bias != 1) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ": bias=", *bias, " is not 0 or 1"));
-  }
-  conv.in_channels = *in_channels;
-  conv.out_channels = *out_channels;
-  conv.kernel_h = (*kernel)[0];
-  conv.kernel_w = (*kernel)[1];
-  conv.stride_h = (*stride)[0];
-  conv.stride_w = (*stride)[1];
-  conv.pad_top = (*padding)[0];
-  conv.pad_bottom = (*padding)[1];
-  conv.pad_left = (*padding)[2];
-  conv.pad_right = (*padding)[3];
-  conv.dilation_h = (*dilation)[0];
-  conv.dilation_w = (*dilation)[1];
-  conv.groups = *groups;
-  conv.bias = *bias == 1;
+  conv.in_channels = arguments.Int("in_channels");
+  conv.out_channels = arguments.Int("out_channels");
+  const std::vector<int64_t> kernel = arguments.Ints("kernel", 2);
+  const std::vector<int64_t> stride = arguments.Ints("stride", 2);
+  const std::vector<int64_t> padding = arguments.Ints("padding", 4);
+  const std::vector<int64_t> dilation = arguments.Ints("dilation", 2);
+  conv.groups = arguments.Int("groups");
+  conv.bias = arguments.Flag("bias");
+  conv.kernel_h = kernel[0];
+  conv.kernel_w = kernel[1];
+  conv.stride_h = stride[0];
+  conv.stride_w = stride[1];
+  conv.pad_top = padding[0];
+  conv.pad_bottom = padding[1];
+  conv.pad_left = padding[2];
+  conv.pad_right = padding[3];
+  conv.dilation_h = dilation[0];
+  conv.dilation_w = dilation[1];
   return conv;
 }
 
-absl::StatusOr<LayerSpec> ParseLayer(absl::Span<const absl::string_view> tokens,
-                                     const std::string& where) {
+ActivationSpec ParseActivation(ActivationKind kind, Arguments& arguments) {
+  ActivationSpec activation;
+  activation.kind = kind;
+  switch (kind) {
+    case ActivationKind::kLeakyRelu:
+      activation.alpha = arguments.Float("negative_slope");
+      break;
+    case ActivationKind::kElu:
+      activation.alpha = arguments.Float("alpha");
+      break;
+    case ActivationKind::kRelu:
+    case ActivationKind::kTanh:
+    case ActivationKind::kSigmoid:
+    case ActivationKind::kGeluErf:
+    case ActivationKind::kGeluTanh:
+      break;
+  }
+  return activation;
+}
+
+MaxPool2dSpec ParseMaxPool2d(Arguments& arguments) {
+  MaxPool2dSpec pool;
+  const std::vector<int64_t> kernel = arguments.Ints("kernel", 2);
+  const std::vector<int64_t> stride = arguments.Ints("stride", 2);
+  const std::vector<int64_t> padding = arguments.Ints("padding", 2);
+  const std::vector<int64_t> dilation = arguments.Ints("dilation", 2);
+  pool.ceil_mode = arguments.Flag("ceil_mode");
+  pool.kernel_h = kernel[0];
+  pool.kernel_w = kernel[1];
+  pool.stride_h = stride[0];
+  pool.stride_w = stride[1];
+  pool.pad_h = padding[0];
+  pool.pad_w = padding[1];
+  pool.dilation_h = dilation[0];
+  pool.dilation_w = dilation[1];
+  return pool;
+}
+
+AvgPool2dSpec ParseAvgPool2d(Arguments& arguments) {
+  AvgPool2dSpec pool;
+  const std::vector<int64_t> kernel = arguments.Ints("kernel", 2);
+  const std::vector<int64_t> stride = arguments.Ints("stride", 2);
+  const std::vector<int64_t> padding = arguments.Ints("padding", 2);
+  pool.ceil_mode = arguments.Flag("ceil_mode");
+  pool.count_include_pad = arguments.Flag("count_include_pad");
+  pool.kernel_h = kernel[0];
+  pool.kernel_w = kernel[1];
+  pool.stride_h = stride[0];
+  pool.stride_w = stride[1];
+  pool.pad_h = padding[0];
+  pool.pad_w = padding[1];
+  return pool;
+}
+
+BatchNorm2dSpec ParseBatchNorm2d(Arguments& arguments) {
+  BatchNorm2dSpec batch_norm;
+  batch_norm.num_features = arguments.Int("num_features");
+  batch_norm.eps = arguments.Double("eps");
+  batch_norm.momentum = arguments.Double("momentum");
+  batch_norm.affine = arguments.Flag("affine");
+  batch_norm.training = arguments.Flag("training");
+  return batch_norm;
+}
+
+LinearSpec ParseLinear(Arguments& arguments) {
+  LinearSpec linear;
+  linear.in_features = arguments.Int("in_features");
+  linear.out_features = arguments.Int("out_features");
+  linear.bias = arguments.Flag("bias");
+  return linear;
+}
+
+// One layer line, and whether it gives the layer's buffers (running_stats=1; true for the
+// kinds without that key).
+struct ParsedLayer {
+  LayerSpec layer;
+  bool gives_buffers = true;
+};
+
+absl::StatusOr<ParsedLayer> ParseLayer(absl::Span<const absl::string_view> tokens,
+                                       const std::string& where) {
   if (tokens.size() < 2) {
     return absl::InvalidArgumentError(absl::StrCat(where, ": expected 'layer <name> <type>'"));
   }
-  LayerSpec layer;
+  ParsedLayer parsed;
+  LayerSpec& layer = parsed.layer;
   layer.name = std::string(tokens[0]);
   const absl::string_view type = tokens[1];
-  absl::StatusOr<LayerArguments> arguments = LayerArguments::Parse(tokens.subspan(2), where);
+  absl::StatusOr<Arguments> arguments = Arguments::Parse(tokens.subspan(2), where);
   if (!arguments.ok()) return arguments.status();
+  if (arguments->Has("input")) layer.input = arguments->String("input");
 
   static const auto* const kActivations = new std::map<absl::string_view, ActivationKind>{
       {"relu", ActivationKind::kRelu},         {"leaky_relu", ActivationKind::kLeakyRelu},
@@ -176,24 +273,48 @@ absl::StatusOr<LayerSpec> ParseLayer(absl::Span<const absl::string_view> tokens,
       {"elu", ActivationKind::kElu},           {"gelu", ActivationKind::kGeluErf},
       {"gelu_tanh", ActivationKind::kGeluTanh}};
   if (type == "conv2d") {
-    absl::StatusOr<Conv2dSpec> conv = ParseConv2d(*arguments, where);
-    if (!conv.ok()) return conv.status();
-    layer.op = *conv;
+    layer.op = ParseConv2d(*arguments);
   } else if (auto it = kActivations->find(type); it != kActivations->end()) {
-    ActivationSpec activation;
-    activation.kind = it->second;
-    if (activation.kind == ActivationKind::kLeakyRelu || activation.kind == ActivationKind::kElu) {
-      absl::StatusOr<float> alpha = arguments->Float(
-          activation.kind == ActivationKind::kLeakyRelu ? "negative_slope" : "alpha");
-      if (!alpha.ok()) return alpha.status();
-      activation.alpha = *alpha;
-    }
-    layer.op = activation;
+    layer.op = ParseActivation(it->second, *arguments);
+  } else if (type == "max_pool2d") {
+    layer.op = ParseMaxPool2d(*arguments);
+  } else if (type == "avg_pool2d") {
+    layer.op = ParseAvgPool2d(*arguments);
+  } else if (type == "batch_norm2d") {
+    layer.op = ParseBatchNorm2d(*arguments);
+    parsed.gives_buffers = arguments->Flag("running_stats");
+  } else if (type == "linear") {
+    layer.op = ParseLinear(*arguments);
+  } else if (type == "add") {
+    layer.op = AddSpec{arguments->String("other")};
   } else {
     return absl::InvalidArgumentError(absl::StrCat(where, ": unknown layer type '", type, "'"));
   }
-  if (absl::Status status = arguments->CheckAllUsed(); !status.ok()) return status;
-  return layer;
+  if (absl::Status status = arguments->Finish(); !status.ok()) return status;
+  return parsed;
+}
+
+// The objective directive's arguments: its kind, then key=value pairs (cross_entropy's).
+absl::Status ParseObjective(absl::Span<const absl::string_view> tokens, const std::string& where,
+                            CaseSpec& spec) {
+  if (tokens.empty()) return absl::InvalidArgumentError(absl::StrCat(where, ": no objective"));
+  const absl::string_view kind = tokens[0];
+  absl::StatusOr<Arguments> arguments = Arguments::Parse(tokens.subspan(1), where);
+  if (!arguments.ok()) return arguments.status();
+  if (kind == "mse") {
+    spec.objective = ObjectiveKind::kMse;
+  } else if (kind == "sum") {
+    spec.objective = ObjectiveKind::kSum;
+  } else if (kind == "grad_output") {
+    spec.objective = ObjectiveKind::kGradOutput;
+  } else if (kind == "cross_entropy") {
+    spec.objective = ObjectiveKind::kCrossEntropy;
+    spec.label_smoothing = arguments->Double("label_smoothing");
+    spec.ignore_index = arguments->Int("ignore_index");
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": unknown objective '", kind, "'"));
+  }
+  return arguments->Finish();
 }
 
 absl::StatusOr<bool> ParseFlag(absl::Span<const absl::string_view> tokens,
@@ -205,16 +326,60 @@ absl::StatusOr<bool> ParseFlag(absl::Span<const absl::string_view> tokens,
   return tokens[0] == "1";
 }
 
-// Every parameter `network` has, in layer order.
-std::vector<std::string> ParameterNames(const gradengine::NetworkSpec& network) {
-  std::vector<std::string> names;
-  for (const LayerSpec& layer : network.layers) {
-    if (const auto* conv = std::get_if<Conv2dSpec>(&layer.op)) {
-      names.push_back(layer.name + ".weight");
-      if (conv->bias) names.push_back(layer.name + ".bias");
+template <typename... Ts>
+struct Overloaded : Ts... {
+  using Ts::operator()...;
+};
+template <typename... Ts>
+Overloaded(Ts...) -> Overloaded<Ts...>;
+
+// Whether `layer` returns its buffers updated, in a result's running_stats.
+bool UpdatesBuffers(const LayerSpec& layer) {
+  return std::visit(Overloaded{
+                        [](const Conv2dSpec&) { return false; },
+                        [](const ActivationSpec&) { return false; },
+                        [](const MaxPool2dSpec&) { return false; },
+                        [](const AvgPool2dSpec&) { return false; },
+                        [](const BatchNorm2dSpec& batch_norm) { return batch_norm.training; },
+                        [](const LinearSpec&) { return false; },
+                        [](const AddSpec&) { return false; },
+                    },
+                    layer.op);
+}
+
+// The names of a case's tensors, in layer order, as gradengine::LayerParameters gives them.
+struct TensorNames {
+  std::vector<std::string> learnable;  // what param_grads may name
+  std::vector<std::string> given;      // params/: the parameters and the buffers given
+  std::vector<std::string> updated;    // buffers the result returns updated
+};
+
+TensorNames CaseTensorNames(const CaseSpec& spec) {
+  TensorNames names;
+  for (const LayerSpec& layer : spec.network.layers) {
+    const bool updates = UpdatesBuffers(layer);
+    for (const gradengine::ParameterInfo& info : gradengine::LayerParameters(layer)) {
+      if (info.trainable) names.learnable.push_back(info.name);
+      if (spec.omitted_buffers.count(info.name) == 0) names.given.push_back(info.name);
+      if (!info.trainable && updates) names.updated.push_back(info.name);
     }
   }
   return names;
+}
+
+// The file holding the objective's tensor or labels; null for sum, which has none.
+const char* ObjectiveFile(ObjectiveKind kind) {
+  switch (kind) {
+    case ObjectiveKind::kMse:
+      return "target.npy";
+    case ObjectiveKind::kSum:
+      return nullptr;
+    case ObjectiveKind::kGradOutput:
+      return "grad_output.npy";
+    case ObjectiveKind::kCrossEntropy:
+      return "labels.npy";
+  }
+  return nullptr;
 }
 
 absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
@@ -230,6 +395,16 @@ absl::StatusOr<Tensor> ReadTensor(const std::string& path) {
   absl::StatusOr<gradclient::NpyArray> array = gradclient::ReadNpyFile(path);
   if (!array.ok()) return array.status();
   return Tensor(std::move(array->shape), std::move(array->data));
+}
+
+// Reads the int64 class indices of labels.npy.
+absl::Status ReadLabels(const std::string& path, std::vector<int64_t>& shape,
+                        std::vector<int64_t>& labels) {
+  absl::StatusOr<gradclient::NpyInt64Array> array = gradclient::ReadNpyInt64File(path);
+  if (!array.ok()) return array.status();
+  shape = std::move(array->shape);
+  labels = std::move(array->data);
+  return absl::OkStatus();
 }
 
 // Checks that the names in `found` are exactly those in `expected`; `kind` says what they
@@ -284,6 +459,24 @@ void CompareTensor(const std::string& what, const Tensor& actual, const Tensor& 
   if (!close) failures.push_back(close.message());
 }
 
+// Checks `actual` against the case's expected running statistics: the same names, each close.
+void CompareRunningStats(const FixtureCase& fixture, const gradengine::ParameterTensors& actual,
+                         std::vector<std::string>& failures) {
+  for (const auto& [name, expected] : fixture.expected_running_stats) {
+    auto it = actual.find(name);
+    if (it == actual.end()) {
+      failures.push_back(absl::StrCat(name, ": running statistic absent"));
+    } else {
+      CompareTensor(name, it->second, expected, failures);
+    }
+  }
+  for (const auto& [name, unused] : actual) {
+    if (fixture.expected_running_stats.count(name) == 0) {
+      failures.push_back(absl::StrCat(name, ": running statistic present but not expected"));
+    }
+  }
+}
+
 ::testing::AssertionResult Summarize(const FixtureCase& fixture,
                                      const std::vector<std::string>& failures) {
   if (failures.empty()) return ::testing::AssertionSuccess();
@@ -310,28 +503,30 @@ absl::StatusOr<CaseSpec> ParseCaseSpec(absl::string_view text, absl::string_view
     const absl::string_view directive = tokens[0];
     const absl::Span<const absl::string_view> rest = absl::MakeConstSpan(tokens).subspan(1);
     if (directive == "layer") {
-      absl::StatusOr<LayerSpec> layer = ParseLayer(rest, where);
-      if (!layer.ok()) return layer.status();
-      if (!layer_names.insert(layer->name).second) {
+      absl::StatusOr<ParsedLayer> parsed = ParseLayer(rest, where);
+      if (!parsed.ok()) return parsed.status();
+      const LayerSpec& layer = parsed->layer;
+      if (!layer_names.insert(layer.name).second) {
         return absl::InvalidArgumentError(
-            absl::StrCat(where, ": layer name '", layer->name, "' repeated"));
+            absl::StrCat(where, ": layer name '", layer.name, "' repeated"));
       }
-      spec.network.layers.push_back(*std::move(layer));
+      if (!parsed->gives_buffers) {
+        for (const gradengine::ParameterInfo& info : gradengine::LayerParameters(layer)) {
+          if (info.trainable) continue;
+          if (info.required) {
+            return absl::InvalidArgumentError(absl::StrCat(where, ": running_stats=0, but layer '",
+                                                           layer.name, "' requires ", info.name));
+          }
+          spec.omitted_buffers.insert(info.name);
+        }
+      }
+      spec.network.layers.push_back(std::move(parsed->layer));
     } else if (directive == "objective") {
       if (seen_objective) {
         return absl::InvalidArgumentError(absl::StrCat(where, ": objective repeated"));
       }
       seen_objective = true;
-      const std::string value = absl::StrJoin(rest, " ");
-      if (value == "mse") {
-        spec.objective = ObjectiveKind::kMse;
-      } else if (value == "sum") {
-        spec.objective = ObjectiveKind::kSum;
-      } else if (value == "grad_output") {
-        spec.objective = ObjectiveKind::kGradOutput;
-      } else {
-        return absl::InvalidArgumentError(absl::StrCat(where, ": unknown objective '", value, "'"));
-      }
+      if (absl::Status status = ParseObjective(rest, where, spec); !status.ok()) return status;
     } else if (directive == "input_grad") {
       if (seen_input_grad) {
         return absl::InvalidArgumentError(absl::StrCat(where, ": input_grad repeated"));
@@ -364,7 +559,7 @@ absl::StatusOr<CaseSpec> ParseCaseSpec(absl::string_view text, absl::string_view
                                                    : !seen_input_grad ? "input_grad"
                                                                       : "param_grads"));
   }
-  const std::vector<std::string> known = ParameterNames(spec.network);
+  const std::vector<std::string> known = CaseTensorNames(spec).learnable;
   if (*param_grads == std::vector<std::string>{"all"}) {
     spec.gradients.all_parameters = true;
   } else if (*param_grads == std::vector<std::string>{"none"}) {
@@ -374,8 +569,9 @@ absl::StatusOr<CaseSpec> ParseCaseSpec(absl::string_view text, absl::string_view
     std::set<std::string> seen;
     for (const std::string& name : *param_grads) {
       if (std::find(known.begin(), known.end(), name) == known.end()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            source, ": param_grads names '", name, "', which is not a parameter of the network"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": param_grads names '", name,
+                         "', which is not a learnable parameter of the network"));
       }
       if (!seen.insert(name).second) {
         return absl::InvalidArgumentError(
@@ -411,27 +607,29 @@ absl::StatusOr<std::unique_ptr<FixtureCase>> LoadFixtureCase(const std::string& 
   if (!spec.ok()) return spec.status();
   fixture->spec = *std::move(spec);
   const CaseSpec& case_spec = fixture->spec;
-  const std::vector<std::string> parameter_names = ParameterNames(case_spec.network);
+  const TensorNames names = CaseTensorNames(case_spec);
   const std::vector<std::string>& requested =
-      case_spec.gradients.all_parameters ? parameter_names : case_spec.gradients.parameters;
+      case_spec.gradients.all_parameters ? names.learnable : case_spec.gradients.parameters;
+  const char* const objective_file = ObjectiveFile(case_spec.objective);
+  const bool has_loss = case_spec.objective != ObjectiveKind::kGradOutput;
 
   // The files this spec calls for, and no others.
   std::set<std::string> top_files = {"case.txt", "input.npy"};
-  if (case_spec.objective == ObjectiveKind::kMse) top_files.insert("target.npy");
-  if (case_spec.objective == ObjectiveKind::kGradOutput) top_files.insert("grad_output.npy");
+  if (objective_file != nullptr) top_files.insert(objective_file);
   std::set<std::string> top_directories = {"expected"};
-  if (!parameter_names.empty()) top_directories.insert("params");
+  if (!names.given.empty()) top_directories.insert("params");
   std::set<std::string> parameter_files;
-  for (const std::string& name : parameter_names) parameter_files.insert(name + ".npy");
+  for (const std::string& name : names.given) parameter_files.insert(name + ".npy");
   std::set<std::string> expected_files = {"output.npy"};
-  if (case_spec.objective != ObjectiveKind::kGradOutput) expected_files.insert("loss.npy");
+  if (has_loss) expected_files.insert("loss.npy");
   if (case_spec.gradients.input) expected_files.insert("input.grad.npy");
   for (const std::string& name : requested) expected_files.insert(name + ".grad.npy");
+  for (const std::string& name : names.updated) expected_files.insert(name + ".npy");
   if (absl::Status status = CheckDirectoryContents(directory, top_files, top_directories);
       !status.ok()) {
     return status;
   }
-  if (!parameter_names.empty()) {
+  if (!names.given.empty()) {
     if (absl::Status status = CheckDirectoryContents(path("params"), parameter_files, {});
         !status.ok()) {
       return status;
@@ -445,14 +643,16 @@ absl::StatusOr<std::unique_ptr<FixtureCase>> LoadFixtureCase(const std::string& 
   absl::StatusOr<Tensor> input = ReadTensor(path("input.npy"));
   if (!input.ok()) return input.status();
   fixture->input = *std::move(input);
-  for (const std::string& name : parameter_names) {
+  for (const std::string& name : names.given) {
     absl::StatusOr<Tensor> parameter = ReadTensor(path("params/" + name + ".npy"));
     if (!parameter.ok()) return parameter.status();
     fixture->parameters[name] = *std::move(parameter);
   }
-  if (case_spec.objective != ObjectiveKind::kSum) {
-    absl::StatusOr<Tensor> objective_tensor = ReadTensor(
-        path(case_spec.objective == ObjectiveKind::kMse ? "target.npy" : "grad_output.npy"));
+  if (case_spec.objective == ObjectiveKind::kCrossEntropy) {
+    absl::Status status = ReadLabels(path(objective_file), fixture->labels_shape, fixture->labels);
+    if (!status.ok()) return status;
+  } else if (objective_file != nullptr) {
+    absl::StatusOr<Tensor> objective_tensor = ReadTensor(path(objective_file));
     if (!objective_tensor.ok()) return objective_tensor.status();
     fixture->objective_tensor = *std::move(objective_tensor);
   }
@@ -460,7 +660,7 @@ absl::StatusOr<std::unique_ptr<FixtureCase>> LoadFixtureCase(const std::string& 
   absl::StatusOr<Tensor> output = ReadTensor(path("expected/output.npy"));
   if (!output.ok()) return output.status();
   fixture->expected_output = *std::move(output);
-  if (case_spec.objective != ObjectiveKind::kGradOutput) {
+  if (has_loss) {
     absl::StatusOr<Tensor> loss = ReadTensor(path("expected/loss.npy"));
     if (!loss.ok()) return loss.status();
     if (loss->shape != std::vector<int64_t>{1}) {
@@ -480,15 +680,33 @@ absl::StatusOr<std::unique_ptr<FixtureCase>> LoadFixtureCase(const std::string& 
     if (!grad.ok()) return grad.status();
     fixture->expected_parameter_grads[name] = *std::move(grad);
   }
+  for (const std::string& name : names.updated) {
+    absl::StatusOr<Tensor> stat = ReadTensor(path("expected/" + name + ".npy"));
+    if (!stat.ok()) return stat.status();
+    fixture->expected_running_stats[name] = *std::move(stat);
+  }
 
   // Views into the tensors above, which stay where they are: the FixtureCase never moves.
   gradengine::GradientRequest& request = fixture->request;
   request.network = case_spec.network;
   for (const auto& [name, tensor] : fixture->parameters) request.parameters[name] = tensor.view();
   request.input = fixture->input.view();
-  request.objective.kind = case_spec.objective;
-  if (case_spec.objective != ObjectiveKind::kSum) {
-    request.objective.tensor = fixture->objective_tensor.view();
+  gradengine::Objective& objective = request.objective;
+  objective.kind = case_spec.objective;
+  switch (case_spec.objective) {
+    case ObjectiveKind::kMse:
+    case ObjectiveKind::kGradOutput:
+      objective.tensor = fixture->objective_tensor.view();
+      break;
+    case ObjectiveKind::kSum:
+      break;
+    case ObjectiveKind::kCrossEntropy:
+      objective.labels.shape = fixture->labels_shape;
+      objective.labels.data = fixture->labels.data();
+      objective.labels.size = static_cast<int64_t>(fixture->labels.size());
+      objective.label_smoothing = case_spec.label_smoothing;
+      objective.ignore_index = case_spec.ignore_index;
+      break;
   }
   request.gradients = case_spec.gradients;
   return fixture;
@@ -548,6 +766,7 @@ absl::StatusOr<std::vector<std::string>> FindFixtureCases(const std::string& roo
       failures.push_back(absl::StrCat(name, ".grad: present but not requested"));
     }
   }
+  CompareRunningStats(fixture, result.running_stats, failures);
   return Summarize(fixture, failures);
 }
 
@@ -555,6 +774,7 @@ absl::StatusOr<std::vector<std::string>> FindFixtureCases(const std::string& roo
                                                 const gradengine::ForwardResult& result) {
   std::vector<std::string> failures;
   CompareTensor("forward output", result.output, fixture.expected_output, failures);
+  CompareRunningStats(fixture, result.running_stats, failures);
   return Summarize(fixture, failures);
 }
 

@@ -1,11 +1,15 @@
 // The engine against the committed PyTorch fixtures in tests/fixtures, one test per case, and
-// the strictness of the case.txt parser those fixtures rely on.
+// the strictness of the case.txt parser and the loader those fixtures rely on.
 
 #include "tests/torch/fixture.h"
 
+#include <unistd.h>
+
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <memory>
+#include <set>
 #include <string>
 #include <variant>
 #include <vector>
@@ -40,7 +44,8 @@ TEST(TorchFixturesTest, FindsAllCommittedCases) {
   absl::StatusOr<std::vector<std::string>> cases = FindFixtureCases(FixtureRoot());
   ASSERT_TRUE(cases.ok()) << cases.status();
   EXPECT_GE(cases->size(), kMinimumCases) << "in " << FixtureRoot();
-  for (const char* name : {"seed_conv1", "seed_conv4", "seed_layer"}) {
+  for (const char* name : {"seed_conv1", "seed_conv4", "seed_layer", "lenet5_cross_entropy",
+                           "resnet_basic_block", "resnet_downsample_block"}) {
     EXPECT_TRUE(
         std::filesystem::is_regular_file(std::filesystem::path(FixtureRoot()) / name / "case.txt"))
         << name << " is missing";
@@ -174,6 +179,10 @@ TEST(ParseCaseSpecTest, RejectsMalformedSpecs) {
       {"repeated parameter", "conv1.bias", "conv1.bias conv1.bias"},
       {"repeated layer name", "layer act2", "layer act1"},
       {"empty param_grads", "param_grads conv2.weight conv1.bias", "param_grads"},
+      {"objective with a key", "objective grad_output", "objective grad_output ignore_index=1"},
+      {"empty objective", "objective grad_output", "objective"},
+      {"empty input", "negative_slope=0.2", "negative_slope=0.2 input="},
+      {"input without '='", "layer act2 gelu_tanh", "layer act2 gelu_tanh input"},
   };
   for (const BadSpec& bad : bad_specs) {
     std::string text = kValidSpec;
@@ -188,6 +197,213 @@ TEST(ParseCaseSpecTest, RejectsMalformedSpecs) {
   EXPECT_EQ(
       ParseCaseSpec("objective sum\ninput_grad 1\nparam_grads all\n", "no layers").status().code(),
       absl::StatusCode::kInvalidArgument);
+}
+
+// Each layer kind added with pooling, batch norm, linear and add, input= and cross_entropy,
+// with every key; a line is split only to fit this file's width.
+constexpr char kNewKindsSpec[] =
+    "layer c1 conv2d in_channels=3 out_channels=4 kernel=3,3 stride=1,1 padding=1,1,1,1 "
+    "dilation=1,1 groups=1 bias=0\n"
+    "layer mp max_pool2d kernel=3,2 stride=2,1 padding=1,0 dilation=2,1 ceil_mode=1\n"
+    "layer ap avg_pool2d kernel=2,3 stride=1,2 padding=0,1 ceil_mode=0 count_include_pad=0\n"
+    "layer bn batch_norm2d num_features=4 eps=0.001 momentum=0.25 affine=0 training=1 "
+    "running_stats=0\n"
+    "layer proj conv2d in_channels=3 out_channels=4 kernel=1,1 stride=1,1 padding=0,0,0,0 "
+    "dilation=1,1 groups=1 bias=1 input=input\n"
+    "layer bn2 batch_norm2d num_features=4 eps=1e-05 momentum=0.1 affine=1 training=0 "
+    "running_stats=1\n"
+    "layer sum add other=bn\n"
+    "layer fc linear in_features=48 out_features=5 bias=1 input=sum\n"
+    "objective cross_entropy label_smoothing=0.125 ignore_index=-7\n"
+    "input_grad 1\n"
+    "param_grads fc.weight bn2.bias\n";
+
+TEST(ParseCaseSpecTest, ParsesPoolingBatchNormLinearAddAndCrossEntropy) {
+  absl::StatusOr<CaseSpec> spec = ParseCaseSpec(kNewKindsSpec, "new kinds");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  const std::vector<gradengine::LayerSpec>& layers = spec->network.layers;
+  ASSERT_EQ(layers.size(), 8u);
+
+  const auto& max_pool = std::get<gradengine::MaxPool2dSpec>(layers[1].op);
+  EXPECT_EQ(max_pool.kernel_h, 3);
+  EXPECT_EQ(max_pool.kernel_w, 2);
+  EXPECT_EQ(max_pool.stride_h, 2);
+  EXPECT_EQ(max_pool.stride_w, 1);
+  EXPECT_EQ(max_pool.pad_h, 1);
+  EXPECT_EQ(max_pool.pad_w, 0);
+  EXPECT_EQ(max_pool.dilation_h, 2);
+  EXPECT_EQ(max_pool.dilation_w, 1);
+  EXPECT_TRUE(max_pool.ceil_mode);
+
+  const auto& avg_pool = std::get<gradengine::AvgPool2dSpec>(layers[2].op);
+  EXPECT_EQ(avg_pool.kernel_h, 2);
+  EXPECT_EQ(avg_pool.kernel_w, 3);
+  EXPECT_EQ(avg_pool.stride_h, 1);
+  EXPECT_EQ(avg_pool.stride_w, 2);
+  EXPECT_EQ(avg_pool.pad_h, 0);
+  EXPECT_EQ(avg_pool.pad_w, 1);
+  EXPECT_FALSE(avg_pool.ceil_mode);
+  EXPECT_FALSE(avg_pool.count_include_pad);
+
+  const auto& batch_norm = std::get<gradengine::BatchNorm2dSpec>(layers[3].op);
+  EXPECT_EQ(batch_norm.num_features, 4);
+  EXPECT_DOUBLE_EQ(batch_norm.eps, 0.001);
+  EXPECT_DOUBLE_EQ(batch_norm.momentum, 0.25);
+  EXPECT_FALSE(batch_norm.affine);
+  EXPECT_TRUE(batch_norm.training);
+  const auto& inference = std::get<gradengine::BatchNorm2dSpec>(layers[5].op);
+  EXPECT_TRUE(inference.affine);
+  EXPECT_FALSE(inference.training);
+
+  EXPECT_EQ(layers[4].input, gradengine::kNetworkInput);
+  EXPECT_EQ(std::get<gradengine::AddSpec>(layers[6].op).other, "bn");
+  const auto& linear = std::get<gradengine::LinearSpec>(layers[7].op);
+  EXPECT_EQ(linear.in_features, 48);
+  EXPECT_EQ(linear.out_features, 5);
+  EXPECT_TRUE(linear.bias);
+  EXPECT_EQ(layers[7].input, "sum");
+  for (size_t i : {0, 1, 2, 3, 5, 6}) EXPECT_EQ(layers[i].input, "") << i;
+
+  EXPECT_EQ(spec->objective, gradengine::ObjectiveKind::kCrossEntropy);
+  EXPECT_DOUBLE_EQ(spec->label_smoothing, 0.125);
+  EXPECT_EQ(spec->ignore_index, -7);
+  // running_stats=0 leaves out the training layer's optional buffers, and only those.
+  EXPECT_EQ(spec->omitted_buffers, (std::set<std::string>{"bn.running_mean", "bn.running_var"}));
+  EXPECT_EQ(spec->gradients.parameters, (std::vector<std::string>{"fc.weight", "bn2.bias"}));
+}
+
+TEST(ParseCaseSpecTest, RejectsMalformedNewKinds) {
+  const BadSpec bad_specs[] = {
+      {"unknown pool key", "ceil_mode=1", "ceil_mode=1 return_indices=0"},
+      {"missing dilation", "dilation=2,1 ceil_mode=1", "ceil_mode=1"},
+      {"4-value pool padding", "padding=1,0 dilation=2,1", "padding=1,0,0,0 dilation=2,1"},
+      {"ceil_mode not 0/1", "ceil_mode=1", "ceil_mode=2"},
+      {"missing count_include_pad", " count_include_pad=0", ""},
+      {"eps not a number", "eps=0.001", "eps=small"},
+      {"missing running_stats", "training=1 running_stats=0", "training=1"},
+      {"inference without running stats", "training=0 running_stats=1",
+       "training=0 running_stats=0"},
+      {"training not 0/1", "training=0", "training=yes"},
+      {"missing in_features", "in_features=48 ", ""},
+      {"linear with a conv key", "out_features=5 bias=1", "out_features=5 bias=1 groups=1"},
+      {"add without other", "add other=bn", "add"},
+      {"add with an empty other", "other=bn", "other="},
+      {"repeated input", "input=sum", "input=sum input=bn"},
+      {"missing ignore_index", " ignore_index=-7", ""},
+      {"missing label_smoothing", " label_smoothing=0.125", ""},
+      {"label_smoothing not a number", "label_smoothing=0.125", "label_smoothing=a"},
+      {"unknown cross_entropy key", "ignore_index=-7", "ignore_index=-7 reduction=sum"},
+      {"param_grads names a buffer", "fc.weight bn2.bias", "fc.weight bn2.running_mean"},
+      {"param_grads names an omitted buffer", "bn2.bias", "bn.running_var"},
+  };
+  for (const BadSpec& bad : bad_specs) {
+    std::string text = kNewKindsSpec;
+    const size_t at = text.find(bad.find);
+    ASSERT_NE(at, std::string::npos) << bad.what;
+    text.replace(at, std::string(bad.find).size(), bad.replace);
+    absl::StatusOr<CaseSpec> spec = ParseCaseSpec(text, "bad");
+    EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument)
+        << bad.what << ": " << spec.status() << "\n"
+        << text;
+  }
+}
+
+// A copy of the committed case `name` in a fresh temporary directory, to be altered.
+std::string CopyCase(const std::string& name) {
+  const std::filesystem::path copy =
+      std::filesystem::path(::testing::TempDir()) / absl::StrCat("fixture_test_", getpid()) / name;
+  std::filesystem::remove_all(copy);
+  std::filesystem::create_directories(copy.parent_path());
+  std::filesystem::copy(std::filesystem::path(FixtureRoot()) / name, copy,
+                        std::filesystem::copy_options::recursive);
+  return copy.string();
+}
+
+TEST(LoadFixtureCaseTest, RequiresExactlyTheFilesOfRunningStatsAndLabels) {
+  ASSERT_NE(std::getenv("GRAD_SOURCE_DIR"), nullptr)
+      << "GRAD_SOURCE_DIR is not set; run this test through ctest";
+  struct Alteration {
+    const char* what;
+    const char* name;
+    const char* remove;  // relative path, or null
+    const char* add;     // relative path of an empty file, or null
+    absl::StatusCode code;
+  };
+  const Alteration alterations[] = {
+      {"updated running_var not expected", "batch_norm_train_running_stats",
+       "expected/bn1.running_var.npy", nullptr, absl::StatusCode::kNotFound},
+      {"given running_mean missing", "batch_norm_train_running_stats",
+       "params/bn1.running_mean.npy", nullptr, absl::StatusCode::kNotFound},
+      {"running stat given with running_stats=0", "batch_norm_train_default_stats", nullptr,
+       "params/bn1.running_mean.npy", absl::StatusCode::kInvalidArgument},
+      {"running stat expected in inference mode", "batch_norm_inference", nullptr,
+       "expected/bn1.running_mean.npy", absl::StatusCode::kInvalidArgument},
+      {"default running stat not expected", "resnet_downsample_block",
+       "expected/proj_bn.running_mean.npy", nullptr, absl::StatusCode::kNotFound},
+      {"labels missing", "lenet5_cross_entropy", "labels.npy", nullptr,
+       absl::StatusCode::kNotFound},
+      {"target with labels", "cross_entropy_per_pixel", nullptr, "target.npy",
+       absl::StatusCode::kInvalidArgument},
+  };
+  for (const Alteration& alteration : alterations) {
+    const std::string directory = CopyCase(alteration.name);
+    if (alteration.remove != nullptr) {
+      ASSERT_TRUE(std::filesystem::remove(std::filesystem::path(directory) / alteration.remove))
+          << alteration.what;
+    }
+    if (alteration.add != nullptr) {
+      std::ofstream(std::filesystem::path(directory) / alteration.add).put('\0');
+    }
+    absl::StatusOr<std::unique_ptr<FixtureCase>> fixture = LoadFixtureCase(directory);
+    EXPECT_EQ(fixture.status().code(), alteration.code)
+        << alteration.what << ": " << fixture.status();
+    std::filesystem::remove_all(directory);
+  }
+}
+
+// A result made of the case's expected values, which must match, and then altered.
+TEST(GradientResultMatchesTest, ChecksExactlyTheExpectedRunningStats) {
+  ASSERT_NE(std::getenv("GRAD_SOURCE_DIR"), nullptr)
+      << "GRAD_SOURCE_DIR is not set; run this test through ctest";
+  absl::StatusOr<std::unique_ptr<FixtureCase>> fixture =
+      LoadFixtureCase(FixtureRoot() + "/resnet_basic_block");
+  ASSERT_TRUE(fixture.ok()) << fixture.status();
+  const FixtureCase& expected = **fixture;
+  ASSERT_EQ(expected.expected_running_stats.size(), 4u);
+  gradengine::GradientResult result;
+  result.output = expected.expected_output;
+  result.loss = expected.expected_loss->data[0];
+  result.input_grad = expected.expected_input_grad;
+  for (const auto& [name, tensor] : expected.expected_parameter_grads) {
+    result.parameter_grads[name] = tensor;
+  }
+  for (const auto& [name, tensor] : expected.expected_running_stats) {
+    result.running_stats[name] = tensor;
+  }
+  gradengine::ForwardResult forward;
+  forward.output = expected.expected_output;
+  forward.running_stats = result.running_stats;
+  EXPECT_TRUE(GradientResultMatches(expected, result));
+  EXPECT_TRUE(ForwardResultMatches(expected, forward));
+
+  gradengine::GradientResult missing = result;
+  missing.running_stats.erase("bn2.running_var");
+  EXPECT_FALSE(GradientResultMatches(expected, missing));
+  gradengine::ForwardResult forward_missing = forward;
+  forward_missing.running_stats.erase("bn1.running_mean");
+  EXPECT_FALSE(ForwardResultMatches(expected, forward_missing));
+
+  gradengine::GradientResult extra = result;
+  extra.running_stats["conv1.running_mean"] = expected.expected_running_stats.begin()->second;
+  EXPECT_FALSE(GradientResultMatches(expected, extra));
+
+  gradengine::GradientResult wrong = result;
+  std::vector<float> values(wrong.running_stats["bn1.running_var"].data.begin(),
+                            wrong.running_stats["bn1.running_var"].data.end());
+  values[0] += 0.5f;
+  wrong.running_stats["bn1.running_var"] =
+      gradengine::Tensor(wrong.running_stats["bn1.running_var"].shape, std::move(values));
+  EXPECT_FALSE(GradientResultMatches(expected, wrong));
 }
 
 }  // namespace

@@ -7,10 +7,12 @@ format is read by tests/torch/fixture.cc; see tests/fixtures/README.md.
 
 PyTorch runs in float32 on its native CPU kernels (oneDNN disabled, one thread), following
 torch.nn.functional semantics. Every case is also run in float64; a case is kept only if
-its float32 results agree with float64 to a tenth of the tests' tolerance and no input of a
+its float32 results agree with float64 to a tenth of the tests' tolerance, no input of a
 kinked activation (relu, leaky_relu, elu with alpha != 1) lies so close to the kink that
-rounding could move it across. Otherwise the case is redrawn from the next seed, so the
-stored values are well conditioned for any correct float32 implementation.
+rounding could move it across, and no max-pooling window has a runner-up so close to its
+maximum that rounding could change which element wins. Otherwise the case is redrawn from
+the next seed, so the stored values are well conditioned for any correct float32
+implementation.
 
 Usage:
   /usr/bin/python3 tests/torch/generate_fixtures.py [--out DIR]
@@ -47,7 +49,7 @@ KINK_MARGIN = 3e-6
 MAX_ATTEMPTS = 200
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "elu", "gelu", "gelu_tanh")
-OBJECTIVES = ("mse", "sum", "grad_output")
+OBJECTIVES = ("mse", "sum", "grad_output")  # drawn by --live; cross_entropy is committed only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,106 @@ class Activation:
                 (self.kind == "elu" and self.alpha != 1.0))
 
 
-Op = Union[Conv2d, Activation]
+@dataclasses.dataclass(frozen=True)
+class MaxPool2d:
+    kernel: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int] = (0, 0)  # each side of H, of W
+    dilation: Tuple[int, int] = (1, 1)
+    ceil_mode: bool = False
+
+    def spec(self) -> str:
+        return ("max_pool2d kernel=%d,%d stride=%d,%d padding=%d,%d dilation=%d,%d "
+                "ceil_mode=%d" % (*self.kernel, *self.stride, *self.padding, *self.dilation,
+                                  int(self.ceil_mode)))
+
+
+@dataclasses.dataclass(frozen=True)
+class AvgPool2d:
+    kernel: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int] = (0, 0)
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+
+    def spec(self) -> str:
+        return ("avg_pool2d kernel=%d,%d stride=%d,%d padding=%d,%d ceil_mode=%d "
+                "count_include_pad=%d" % (*self.kernel, *self.stride, *self.padding,
+                                          int(self.ceil_mode), int(self.count_include_pad)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNorm2d:
+    num_features: int
+    eps: float = 1e-5
+    momentum: float = 0.1
+    affine: bool = True
+    training: bool = True
+    # Whether the case gives "<name>.running_mean" and "<name>.running_var" (params/); if not,
+    # PyTorch's initial 0 and 1 apply. Inference mode needs them.
+    running_stats: bool = True
+
+    def spec(self) -> str:
+        return ("batch_norm2d num_features=%d eps=%r momentum=%r affine=%d training=%d "
+                "running_stats=%d" % (self.num_features, self.eps, self.momentum,
+                                      int(self.affine), int(self.training),
+                                      int(self.running_stats)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    in_features: int
+    out_features: int
+    bias: bool = True
+
+    def spec(self) -> str:
+        return "linear in_features=%d out_features=%d bias=%d" % (
+            self.in_features, self.out_features, int(self.bias))
+
+
+@dataclasses.dataclass(frozen=True)
+class Add:
+    other: str  # an earlier layer's name, or NETWORK_INPUT
+
+    def spec(self) -> str:
+        return "add other=" + self.other
+
+
+Op = Union[Conv2d, Activation, MaxPool2d, AvgPool2d, BatchNorm2d, Linear, Add]
+
+# What a layer's `input` or an add's `other` calls the network's input (kNetworkInput).
+NETWORK_INPUT = "input"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One layer line: its name, op and what it reads (None: the previous layer's output)."""
+    name: str
+    op: Op
+    input: Optional[str] = None
+
+    def spec(self) -> str:
+        line = "layer %s %s" % (self.name, self.op.spec())
+        if self.input is not None:
+            line += " input=" + self.input
+        return line
+
+
+def parameter_infos(layer: Layer) -> List[Tuple[str, bool]]:
+    """(name, trainable) of the parameters and buffers the case gives for `layer`, in
+    PyTorch's order (gradengine::LayerParameters, less the optional buffers left out)."""
+    op = layer.op
+    infos = []
+    if isinstance(op, (Conv2d, Linear)):
+        infos.append((layer.name + ".weight", True))
+        if op.bias:
+            infos.append((layer.name + ".bias", True))
+    elif isinstance(op, BatchNorm2d):
+        if op.affine:
+            infos += [(layer.name + ".weight", True), (layer.name + ".bias", True)]
+        if op.running_stats:
+            infos += [(layer.name + ".running_mean", False), (layer.name + ".running_var", False)]
+    return infos
 
 
 @dataclasses.dataclass
@@ -94,8 +195,14 @@ class Case:
     name: str
     description: str
     input_shape: Tuple[int, int, int, int]
-    layers: List[Tuple[str, Op]]
+    # (name, op) for a layer reading the previous layer's output, or a Layer.
+    layers: List[Union[Tuple[str, Op], Layer]]
+    # "mse", "sum", "grad_output" or "cross_entropy" (labels [N] or [N, H, W]).
     objective: str = "mse"
+    label_smoothing: float = 0.0
+    ignore_index: int = -100
+    # The fraction of labels drawn as ignore_index (at least one is, and not all).
+    ignored_labels: float = 0.0
     input_grad: bool = True
     # "all", "none" or a list of parameter names.
     param_grads: Union[str, List[str]] = "all"
@@ -108,14 +215,18 @@ class Case:
     def base_seed(self) -> int:
         return self.seed if self.seed is not None else zlib.crc32(self.name.encode())
 
+    def layer_list(self) -> List[Layer]:
+        return [l if isinstance(l, Layer) else Layer(*l) for l in self.layers]
+
     def parameter_names(self) -> List[str]:
-        names = []
-        for layer_name, op in self.layers:
-            if isinstance(op, Conv2d):
-                names.append(layer_name + ".weight")
-                if op.bias:
-                    names.append(layer_name + ".bias")
-        return names
+        """The learnable parameters, in layer order."""
+        return [name for layer in self.layer_list()
+                for name, trainable in parameter_infos(layer) if trainable]
+
+    def buffer_names(self) -> List[str]:
+        """The running statistics the case gives, in layer order."""
+        return [name for layer in self.layer_list()
+                for name, trainable in parameter_infos(layer) if not trainable]
 
     def requested_params(self) -> List[str]:
         if self.param_grads == "all":
@@ -125,8 +236,12 @@ class Case:
         return list(self.param_grads)
 
     def spec_lines(self) -> List[str]:
-        lines = ["layer %s %s" % (name, op.spec()) for name, op in self.layers]
-        lines.append("objective " + self.objective)
+        lines = [layer.spec() for layer in self.layer_list()]
+        if self.objective == "cross_entropy":
+            lines.append("objective cross_entropy label_smoothing=%r ignore_index=%d" %
+                         (self.label_smoothing, self.ignore_index))
+        else:
+            lines.append("objective " + self.objective)
         lines.append("input_grad %d" % int(self.input_grad))
         if isinstance(self.param_grads, str):
             lines.append("param_grads " + self.param_grads)
@@ -158,49 +273,142 @@ def act(kind, alpha=None) -> Activation:
     return Activation(kind, alpha)
 
 
+def pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def max_pool(kernel, stride=None, padding=0, dilation=1, ceil_mode=False) -> MaxPool2d:
+    """F.max_pool2d's arguments; stride defaults to the kernel, as in PyTorch."""
+    return MaxPool2d(pair(kernel), pair(kernel if stride is None else stride), pair(padding),
+                     pair(dilation), ceil_mode)
+
+
+def avg_pool(kernel, stride=None, padding=0, ceil_mode=False,
+             count_include_pad=True) -> AvgPool2d:
+    return AvgPool2d(pair(kernel), pair(kernel if stride is None else stride), pair(padding),
+                     ceil_mode, count_include_pad)
+
+
 def conv_output_size(size, kernel, stride, pad_begin, pad_end, dilation) -> int:
     span = dilation * (kernel - 1) + 1
     return (size + pad_begin + pad_end - span) // stride + 1
 
 
-def output_shape(case: Case) -> Tuple[int, ...]:
-    n, c, h, w = case.input_shape
-    for _, op in case.layers:
+def pool_output_size(size, kernel, stride, pad, dilation, ceil_mode) -> int:
+    """PyTorch's pooling output size (aten/src/ATen/native/Pool.h, pooling_output_shape)."""
+    span = dilation * (kernel - 1) + 1
+    out = (size + 2 * pad - span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    # With ceil_mode, the last window must start inside the input or the left padding.
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def layer_shapes(case: Case) -> Dict[str, Tuple[int, ...]]:
+    """Every layer's output shape by name (NETWORK_INPUT: the input's); checks the spec."""
+    shapes = {NETWORK_INPUT: tuple(case.input_shape)}
+    shape = tuple(case.input_shape)
+
+    def fail(layer, message):
+        raise ValueError("%s: layer %s: %s" % (case.name, layer.name, message))
+
+    for layer in case.layer_list():
+        op = layer.op
+        if layer.name in shapes:
+            fail(layer, "name repeated or reserved")
+        if layer.input is not None:
+            if layer.input not in shapes:
+                fail(layer, "input %s is not an earlier layer" % layer.input)
+            shape = shapes[layer.input]
+        if isinstance(op, (Conv2d, MaxPool2d, AvgPool2d, BatchNorm2d)) and len(shape) != 4:
+            fail(layer, "needs an NCHW input, got %s" % (shape,))
         if isinstance(op, Conv2d):
+            n, c, h, w = shape
             if c != op.in_channels:
-                raise ValueError("%s: in_channels %d != %d" % (case.name, op.in_channels, c))
+                fail(layer, "in_channels %d != %d" % (op.in_channels, c))
             h = conv_output_size(h, op.kernel[0], op.stride[0], op.padding[0], op.padding[1],
                                  op.dilation[0])
             w = conv_output_size(w, op.kernel[1], op.stride[1], op.padding[2], op.padding[3],
                                  op.dilation[1])
-            c = op.out_channels
-            if h < 1 or w < 1:
-                raise ValueError("%s: empty output" % case.name)
-    return (n, c, h, w)
+            shape = (n, op.out_channels, h, w)
+        elif isinstance(op, (MaxPool2d, AvgPool2d)):
+            n, c, h, w = shape
+            dilation = op.dilation if isinstance(op, MaxPool2d) else (1, 1)
+            shape = (n, c) + tuple(
+                pool_output_size(size, op.kernel[i], op.stride[i], op.padding[i], dilation[i],
+                                 op.ceil_mode) for i, size in enumerate((h, w)))
+        elif isinstance(op, BatchNorm2d):
+            if shape[1] != op.num_features:
+                fail(layer, "num_features %d != %d" % (op.num_features, shape[1]))
+            if not op.training and not op.running_stats:
+                fail(layer, "inference mode needs the running statistics")
+        elif isinstance(op, Linear):
+            features = int(np.prod(shape[1:]))
+            if features != op.in_features:
+                fail(layer, "in_features %d != %d" % (op.in_features, features))
+            shape = (shape[0], op.out_features)
+        elif isinstance(op, Add):
+            if op.other not in shapes:
+                fail(layer, "other %s is not an earlier layer" % op.other)
+            if shapes[op.other] != shape:
+                fail(layer, "shape %s != other's %s" % (shape, shapes[op.other]))
+        if min(shape) < 1:
+            fail(layer, "empty output %s" % (shape,))
+        shapes[layer.name] = shape
+    if case.objective == "cross_entropy" and len(shape) not in (2, 4):
+        raise ValueError("%s: cross_entropy needs [N, C] or [N, C, H, W] logits" % case.name)
+    return shapes
+
+
+def output_shape(case: Case) -> Tuple[int, ...]:
+    return layer_shapes(case)[case.layer_list()[-1].name]
 
 
 def draw_arrays(case: Case, seed: int) -> Dict[str, np.ndarray]:
-    """Draws input, parameters and objective tensor, in the seed notebook's order."""
+    """Draws input, parameters and objective tensor, in the seed notebook's order (then each
+    layer's parameters and buffers in layer order, then the objective's tensor or labels)."""
     torch.manual_seed(seed)
     arrays = {"input": torch.randn(*case.input_shape)}
-    for layer_name, op in case.layers:
-        if not isinstance(op, Conv2d):
-            continue
-        fan_in = (op.in_channels // op.groups) * op.kernel[0] * op.kernel[1]
-        weight = torch.randn(op.out_channels, op.in_channels // op.groups, *op.kernel)
-        if case.init == "scaled":
-            weight = weight / float(np.sqrt(fan_in))
-        arrays[layer_name + ".weight"] = weight
-        if op.bias:
-            bias = torch.randn(op.out_channels)
+    for layer in case.layer_list():
+        op = layer.op
+        if isinstance(op, (Conv2d, Linear)):
+            if isinstance(op, Conv2d):
+                fan_in = (op.in_channels // op.groups) * op.kernel[0] * op.kernel[1]
+                weight = torch.randn(op.out_channels, op.in_channels // op.groups, *op.kernel)
+                out_features = op.out_channels
+            else:
+                fan_in = op.in_features
+                weight = torch.randn(op.out_features, op.in_features)
+                out_features = op.out_features
             if case.init == "scaled":
-                bias = bias * 0.5
-            arrays[layer_name + ".bias"] = bias
+                weight = weight / float(np.sqrt(fan_in))
+            arrays[layer.name + ".weight"] = weight
+            if op.bias:
+                bias = torch.randn(out_features)
+                if case.init == "scaled":
+                    bias = bias * 0.5
+                arrays[layer.name + ".bias"] = bias
+        elif isinstance(op, BatchNorm2d):
+            if op.affine:
+                # Scales away from 0, so that every channel's gradient matters.
+                arrays[layer.name + ".weight"] = 1.0 + 0.25 * torch.randn(op.num_features)
+                arrays[layer.name + ".bias"] = 0.5 * torch.randn(op.num_features)
+            if op.running_stats:
+                arrays[layer.name + ".running_mean"] = 0.5 * torch.randn(op.num_features)
+                arrays[layer.name + ".running_var"] = 0.5 + torch.rand(op.num_features)
     if case.objective == "mse":
         arrays["target"] = torch.randn(*output_shape(case))
     elif case.objective == "grad_output":
         arrays["grad_output"] = torch.randn(*output_shape(case))
-    return {k: v.numpy().astype(np.float32) for k, v in arrays.items()}
+    arrays = {k: v.numpy().astype(np.float32) for k, v in arrays.items()}
+    if case.objective == "cross_entropy":
+        logits_shape = output_shape(case)
+        labels_shape = (logits_shape[0],) + tuple(logits_shape[2:])
+        labels = torch.randint(0, logits_shape[1], labels_shape, dtype=torch.int64)
+        if case.ignored_labels > 0:
+            labels[torch.rand(labels_shape) < case.ignored_labels] = case.ignore_index
+        arrays["labels"] = labels.numpy().astype(np.int64)
+    return arrays
 
 
 def apply_activation(op: Activation, x: torch.Tensor) -> torch.Tensor:
@@ -232,23 +440,74 @@ def apply_conv(op: Conv2d, x, weight, bias):
                     groups=op.groups)
 
 
+@dataclasses.dataclass
+class Probe:
+    """The input of a layer with a kink (a kinked activation, a max pool), for the
+    conditioning checks."""
+    op: Op
+    x: torch.Tensor
+    # Whether x is a relu's output, whose exact zeros get no gradient whichever wins a tie.
+    after_relu: bool = False
+
+
 def run(case: Case, arrays: Dict[str, np.ndarray], dtype):
-    """Returns (results by file stem, [(activation, its input)])."""
+    """Returns (results by file stem, [Probe])."""
     requested = set(case.requested_params())
     x = torch.tensor(arrays["input"], dtype=dtype, requires_grad=case.input_grad)
     params = {
         name: torch.tensor(arrays[name], dtype=dtype, requires_grad=name in requested)
         for name in case.parameter_names()
     }
+    # Copies: batch norm in training mode updates them in place.
+    buffers = {name: torch.tensor(arrays[name], dtype=dtype) for name in case.buffer_names()}
+    outputs = {NETWORK_INPUT: x}
+    ops = {}
+    running_stats = {}
     y = x
-    activation_inputs = []
-    for layer_name, op in case.layers:
+    source = NETWORK_INPUT
+    probes = []
+    for layer in case.layer_list():
+        op = layer.op
+        if layer.input is not None:
+            source = layer.input
+            y = outputs[source]
         if isinstance(op, Conv2d):
-            y = apply_conv(op, y, params[layer_name + ".weight"],
-                           params.get(layer_name + ".bias"))
-        else:
-            activation_inputs.append((op, y.detach().clone()))
+            y = apply_conv(op, y, params[layer.name + ".weight"],
+                           params.get(layer.name + ".bias"))
+        elif isinstance(op, Activation):
+            probes.append(Probe(op, y.detach().clone()))
             y = apply_activation(op, y)
+        elif isinstance(op, MaxPool2d):
+            source_op = ops.get(source)
+            probes.append(Probe(op, y.detach().clone(),
+                                isinstance(source_op, Activation) and source_op.kind == "relu"))
+            y = F.max_pool2d(y, op.kernel, op.stride, op.padding, op.dilation,
+                             ceil_mode=op.ceil_mode)
+        elif isinstance(op, AvgPool2d):
+            y = F.avg_pool2d(y, op.kernel, op.stride, op.padding, ceil_mode=op.ceil_mode,
+                             count_include_pad=op.count_include_pad)
+        elif isinstance(op, BatchNorm2d):
+            mean = buffers.get(layer.name + ".running_mean",
+                               torch.zeros(op.num_features, dtype=dtype))
+            var = buffers.get(layer.name + ".running_var",
+                              torch.ones(op.num_features, dtype=dtype))
+            y = F.batch_norm(y, mean, var, params.get(layer.name + ".weight"),
+                             params.get(layer.name + ".bias"), training=op.training,
+                             momentum=op.momentum, eps=op.eps)
+            if op.training:
+                running_stats[layer.name + ".running_mean"] = mean
+                running_stats[layer.name + ".running_var"] = var
+        elif isinstance(op, Linear):
+            y = F.linear(torch.flatten(y, 1), params[layer.name + ".weight"],
+                         params.get(layer.name + ".bias"))
+        elif isinstance(op, Add):
+            y = y + outputs[op.other]
+        else:
+            raise ValueError("unknown op %r" % (op,))
+        outputs[layer.name] = y
+        ops[layer.name] = op
+        source = layer.name
+    assert tuple(y.shape) == output_shape(case), (case.name, tuple(y.shape))
 
     results = {"output": y}
     needs_backward = case.input_grad or requested
@@ -263,6 +522,12 @@ def run(case: Case, arrays: Dict[str, np.ndarray], dtype):
         results["loss"] = loss.reshape(1)
         if needs_backward:
             loss.backward()
+    elif case.objective == "cross_entropy":
+        loss = F.cross_entropy(y, torch.tensor(arrays["labels"]), ignore_index=case.ignore_index,
+                               label_smoothing=case.label_smoothing)
+        results["loss"] = loss.reshape(1)
+        if needs_backward:
+            loss.backward()
     else:
         if needs_backward:
             y.backward(torch.tensor(arrays["grad_output"], dtype=dtype))
@@ -270,21 +535,73 @@ def run(case: Case, arrays: Dict[str, np.ndarray], dtype):
         results["input.grad"] = x.grad
     for name in case.requested_params():
         results[name + ".grad"] = params[name].grad
+    results.update(running_stats)
     results = {k: v.detach().numpy() for k, v in results.items()}
-    return results, activation_inputs
+    return results, probes
+
+
+def pool_windows(op: MaxPool2d, x: torch.Tensor) -> torch.Tensor:
+    """The values each output of F.max_pool2d(x) is the maximum of: [K, windows], with -inf
+    for the padding and for the part of a ceil_mode window beyond it."""
+    n, c, h, w = x.shape
+    out = [pool_output_size(size, op.kernel[i], op.stride[i], op.padding[i], op.dilation[i],
+                            op.ceil_mode) for i, size in enumerate((h, w))]
+    # The padded extent the windows cover, at least the input with its padding.
+    extent = [max(size + 2 * op.padding[i],
+                  (out[i] - 1) * op.stride[i] + op.dilation[i] * (op.kernel[i] - 1) + 1)
+              for i, size in enumerate((h, w))]
+    padded = F.pad(x.reshape(n * c, 1, h, w),
+                   (op.padding[1], extent[1] - w - op.padding[1], op.padding[0],
+                    extent[0] - h - op.padding[0]), value=-float("inf"))
+    columns = F.unfold(padded, op.kernel, dilation=op.dilation, stride=op.stride)
+    counts = [(extent[i] - op.dilation[i] * (op.kernel[i] - 1) - 1) // op.stride[i] + 1
+              for i in range(2)]
+    k = op.kernel[0] * op.kernel[1]
+    columns = columns.reshape(n * c, k, counts[0], counts[1])[:, :, :out[0], :out[1]]
+    return columns.permute(1, 0, 2, 3).reshape(k, -1)
+
+
+def max_pool_tie(probe: Probe) -> Optional[str]:
+    """Why some window's maximum is not clearly ahead of its runner-up, or None."""
+    windows = pool_windows(probe.op, probe.x)
+    if windows.shape[0] < 2:
+        return None
+    ordered = torch.sort(windows, dim=0, descending=True).values
+    top, runner_up = ordered[0], ordered[1]
+    gap = top - runner_up  # +inf where only one element is not padding
+    if probe.after_relu:
+        # All-zero windows: whichever zero wins, relu passes it no gradient.
+        gap = torch.where(top == 0, torch.full_like(gap, float("inf")), gap)
+    scale = float(probe.x.abs().max())
+    if float(gap.min()) < KINK_MARGIN * scale:
+        return "max pool: runner-up %g from the maximum" % float(gap.min())
+    return None
 
 
 def conditioning_problem(case: Case, arrays) -> Optional[str]:
     """Why this draw is not a good reference, or None if it is."""
-    single, single_activation_inputs = run(case, arrays, torch.float32)
-    double, activation_inputs = run(case, arrays, torch.float64)
+    if case.objective == "cross_entropy" and case.ignored_labels > 0:
+        ignored = int(np.sum(arrays["labels"] == case.ignore_index))
+        if ignored == 0 or ignored == arrays["labels"].size:
+            return "labels: %d of %d ignored" % (ignored, arrays["labels"].size)
+    single, single_probes = run(case, arrays, torch.float32)
+    double, probes = run(case, arrays, torch.float64)
     for key, exact in double.items():
         scale = max(1.0, float(np.max(np.abs(exact))))
         diff = float(np.max(np.abs(single[key].astype(np.float64) - exact)))
         if not diff <= CONDITIONING_TOLERANCE * scale:
             return "%s: float32 differs from float64 by %g (scale %g)" % (key, diff, scale)
-    for index, ((op, x), (_, x_single)) in enumerate(
-            zip(activation_inputs, single_activation_inputs)):
+    activation_index = 0
+    for probe, single_probe in zip(probes, single_probes):
+        if isinstance(probe.op, MaxPool2d):
+            for p in (probe, single_probe):
+                problem = max_pool_tie(p)
+                if problem is not None:
+                    return problem
+            continue
+        op, x, x_single = probe.op, probe.x, single_probe.x
+        index = activation_index
+        activation_index += 1
         if not op.has_kink():
             continue
         # Inputs that are exactly 0 in both precisions are structural (e.g. a window entirely
@@ -304,8 +621,12 @@ def save(path: str, array: np.ndarray) -> None:
     np.save(path, np.ascontiguousarray(array, dtype="<f4"), allow_pickle=False)
 
 
+def save_labels(path: str, array: np.ndarray) -> None:
+    np.save(path, np.ascontiguousarray(array, dtype="<i8"), allow_pickle=False)
+
+
 def write_case(case: Case, out_dir: str) -> None:
-    output_shape(case)  # validates the spec
+    layer_shapes(case)  # validates the spec
     for name in case.requested_params():
         if name not in case.parameter_names():
             raise ValueError("%s: no parameter %s" % (case.name, name))
@@ -332,11 +653,13 @@ def write_case(case: Case, out_dir: str) -> None:
         for line in case.spec_lines():
             f.write(line + "\n")
     save(os.path.join(case_dir, "input.npy"), arrays["input"])
-    for name in case.parameter_names():
+    for name in case.parameter_names() + case.buffer_names():
         save(os.path.join(case_dir, "params", name + ".npy"), arrays[name])
     for key in ("target", "grad_output"):
         if key in arrays:
             save(os.path.join(case_dir, key + ".npy"), arrays[key])
+    if "labels" in arrays:
+        save_labels(os.path.join(case_dir, "labels.npy"), arrays["labels"])
     for key, value in results.items():
         save(os.path.join(case_dir, "expected", key + ".npy"), value)
 
@@ -447,6 +770,89 @@ def committed_cases() -> List[Case]:
              (2, 3, 6, 6), [("conv1", conv(3, 4, 3)), ("act1", act("gelu")),
                             ("conv2", conv(4, 5, 2))],
              objective="sum", input_grad=False, param_grads=["conv2.bias", "conv1.bias"]),
+        # Pooling, batch norm, linear layers, residual connections and cross-entropy.
+        Case("lenet5_cross_entropy",
+             "LeNet-5: conv 5x5 (pad 2)-relu-maxpool 2-conv 5x5-relu-maxpool 2-linear 400-120-"
+             "relu-linear 120-84-relu-linear 84-10, cross-entropy", (4, 1, 28, 28), [
+                 ("conv1", conv(1, 6, 5, padding=2)), ("relu1", act("relu")),
+                 ("pool1", max_pool(2)),
+                 ("conv2", conv(6, 16, 5)), ("relu2", act("relu")), ("pool2", max_pool(2)),
+                 ("fc1", Linear(400, 120)), ("relu3", act("relu")),
+                 ("fc2", Linear(120, 84)), ("relu4", act("relu")),
+                 ("fc3", Linear(84, 10)),
+             ],
+             objective="cross_entropy"),
+        Case("resnet_basic_block",
+             "ResNet basic block: conv3x3-bn-relu-conv3x3-bn, add the block input, relu; batch "
+             "norm training with given running stats, MSE", (2, 4, 8, 8), [
+                 ("conv1", conv(4, 4, 3, padding=1, bias=False)), ("bn1", BatchNorm2d(4)),
+                 ("relu1", act("relu")),
+                 ("conv2", conv(4, 4, 3, padding=1, bias=False)), ("bn2", BatchNorm2d(4)),
+                 ("add", Add(NETWORK_INPUT)), ("relu2", act("relu")),
+             ]),
+        Case("resnet_downsample_block",
+             "ResNet downsampling block: stride-2 conv3x3-bn-relu-conv3x3-bn plus a 1x1 stride-2 "
+             "projection of the input (input=input) and bn, add, relu; running stats default",
+             (2, 4, 8, 8), [
+                 ("conv1", conv(4, 8, 3, stride=2, padding=1, bias=False)),
+                 ("bn1", BatchNorm2d(8, running_stats=False)), ("relu1", act("relu")),
+                 ("conv2", conv(8, 8, 3, padding=1, bias=False)),
+                 ("bn2", BatchNorm2d(8, running_stats=False)),
+                 Layer("proj", conv(4, 8, 1, stride=2, bias=False), input=NETWORK_INPUT),
+                 ("proj_bn", BatchNorm2d(8, running_stats=False)),
+                 ("add", Add("bn2")), ("relu2", act("relu")),
+             ]),
+        Case("max_pool_ceil_pad_dilation",
+             "max pool on the input: kernel 3x2, stride 2,3, padding 1,0, dilation 2,1, ceil_mode "
+             "(last windows overhang the input), MSE", (2, 3, 10, 10),
+             [("pool1", max_pool((3, 2), stride=(2, 3), padding=(1, 0), dilation=(2, 1),
+                                 ceil_mode=True))]),
+        Case("max_pool_overlap_conv",
+             "conv then max pool 3x3 stride 2 padding 1 (overlapping windows sum gradients), "
+             "grad_output", (2, 2, 9, 8),
+             [("conv1", conv(2, 3, 3, padding=1)), ("pool1", max_pool(3, stride=2, padding=1))],
+             objective="grad_output"),
+        Case("avg_pool_ceil_pad_include",
+             "avg pool 3x3 stride 2 padding 1, ceil_mode, count_include_pad=1: the divisor "
+             "counts the padding but not the overhang past it, MSE", (2, 3, 8, 6),
+             [("pool1", avg_pool(3, stride=2, padding=1, ceil_mode=True,
+                                 count_include_pad=True))]),
+        Case("avg_pool_ceil_pad_exclude",
+             "avg pool 3x3 stride 2 padding 1, ceil_mode, count_include_pad=0: the divisor "
+             "counts input elements only, MSE", (2, 3, 8, 6),
+             [("pool1", avg_pool(3, stride=2, padding=1, ceil_mode=True,
+                                 count_include_pad=False))]),
+        Case("batch_norm_train_running_stats",
+             "conv-batch norm (training, eps 1e-3, momentum 0.2, given running stats: their "
+             "update is checked)-tanh, MSE", (3, 4, 5, 6), [
+                 ("conv1", conv(4, 5, 3, padding=1)),
+                 ("bn1", BatchNorm2d(5, eps=1e-3, momentum=0.2)), ("act1", act("tanh")),
+             ]),
+        Case("batch_norm_train_default_stats",
+             "batch norm on the input (training, no affine, running stats not given: from 0 "
+             "and 1)-conv 1x1-gelu, grad_output", (4, 3, 4, 5), [
+                 ("bn1", BatchNorm2d(3, affine=False, running_stats=False)),
+                 ("conv1", conv(3, 4, 1)), ("act1", act("gelu")),
+             ],
+             objective="grad_output"),
+        Case("batch_norm_inference",
+             "conv-batch norm (inference: normalises with the running stats, eps 1e-4)-relu, "
+             "MSE", (2, 4, 5, 5), [
+                 ("conv1", conv(4, 4, 3, padding=1, bias=False)),
+                 ("bn1", BatchNorm2d(4, eps=1e-4, training=False)), ("act1", act("relu")),
+             ]),
+        Case("cross_entropy_smoothing_ignore",
+             "linear 12->7 (no bias) on [6,3,2,2], cross-entropy on [N,C] logits with "
+             "label_smoothing 0.1 and ignore_index -1", (6, 3, 2, 2),
+             [("fc1", Linear(12, 7, bias=False))],
+             objective="cross_entropy", label_smoothing=0.1, ignore_index=-1,
+             ignored_labels=0.3),
+        Case("cross_entropy_per_pixel",
+             "conv 1x1 3->5, per-pixel cross-entropy on [N,C,H,W] logits, label_smoothing 0.2, "
+             "ignore_index 4 (a class index: class 4 still gets smoothing mass)", (2, 3, 4, 5),
+             [("conv1", conv(3, 5, 1))],
+             objective="cross_entropy", label_smoothing=0.2, ignore_index=4,
+             ignored_labels=0.2),
     ]
     names = [c.name for c in cases]
     assert len(names) == len(set(names)), "duplicate case names"
