@@ -128,10 +128,10 @@ std::vector<BadInput> BadInputs() {
        [](auto* r) {
          grad::v1::Layer* layer = r->mutable_network()->mutable_layers(1);
          layer->clear_op();
-         layer->GetReflection()->MutableUnknownFields(layer)->AddLengthDelimited(9, "");
+         layer->GetReflection()->MutableUnknownFields(layer)->AddLengthDelimited(15, "");
        },
        StatusCode::UNIMPLEMENTED,
-       "layers[1] (\"relu1\") has an op this server does not know (field 9)"},
+       "layers[1] (\"relu1\") has an op this server does not know (field 15)"},
       {"empty layer name", [](auto* r) { r->mutable_network()->mutable_layers(1)->clear_name(); },
        StatusCode::INVALID_ARGUMENT, "layers[1].name is empty"},
       {"duplicate layer names",
@@ -200,7 +200,8 @@ std::vector<BadInput> BadInputs() {
          *extra = r->parameters(0);
          extra->set_name("conv9.weight");
        },
-       StatusCode::INVALID_ARGUMENT, "parameters[\"conv9.weight\"] does not belong to any layer"},
+       StatusCode::INVALID_ARGUMENT,
+       "parameters[\"conv9.weight\"] is given, but it does not belong to any layer"},
       {"bias for a layer without one",
        [](auto* r) {
          grad::v1::NamedTensor* extra = r->add_parameters();
@@ -208,14 +209,15 @@ std::vector<BadInput> BadInputs() {
          extra->set_name("conv2.bias");
        },
        StatusCode::INVALID_ARGUMENT,
-       "parameters[\"conv2.bias\"] is given but layers[2].conv2d.bias is false"},
+       "parameters[\"conv2.bias\"] is given but layers[2] (\"conv2\", conv2d) takes "
+       "\"conv2.weight\""},
       {"parameter for an activation",
        [](auto* r) {
          grad::v1::NamedTensor* extra = r->add_parameters();
          *extra = r->parameters(0);
          extra->set_name("relu1.weight");
        },
-       StatusCode::INVALID_ARGUMENT, "is an activation without parameters"},
+       StatusCode::INVALID_ARGUMENT, "activation) takes no parameters"},
       {"duplicate parameter name", [](auto* r) { *r->add_parameters() = r->parameters(0); },
        StatusCode::INVALID_ARGUMENT, "parameters[3].name=\"conv1.bias\" repeats parameters[0]"},
       {"empty parameter name", [](auto* r) { ParameterAt(r, 0)->clear_name(); },
@@ -292,9 +294,9 @@ std::vector<BadInput> BadInputs() {
        StatusCode::RESOURCE_EXHAUSTED, "layers has 1104 entries; at most 1024 are allowed"},
       {"too many parameters",
        [](auto* r) {
-         for (int i = 0; i < 2100; ++i) r->add_parameters()->set_name(absl::StrCat("p", i));
+         for (int i = 0; i < 4100; ++i) r->add_parameters()->set_name(absl::StrCat("p", i));
        },
-       StatusCode::RESOURCE_EXHAUSTED, "parameters has 2103 entries; at most 2048 are allowed"},
+       StatusCode::RESOURCE_EXHAUSTED, "parameters has 4103 entries; at most 4096 are allowed"},
       {"network spec too big",
        [](auto* r) {
          // Fields this server does not know are skipped, but they count.
@@ -390,6 +392,224 @@ TEST_F(BadInputTest, ForwardChecksItsRequestsToo) {
     EXPECT_EQ(status.error_code(), bad.code) << status.error_message();
     EXPECT_THAT(status.error_message(), HasSubstr(bad.message));
     // Whatever the client sent, the message quotes a bounded prefix of it.
+    EXPECT_LT(status.error_message().size(), 1024u);
+    ExpectStillServes(server_);
+  }
+}
+
+// layers: [0] conv1 3->4 3x3 padding 1 with bias, [1] bn1 (training), [2] relu1, [3] pool1
+// max 2, [4] conv2 4->4 3x3 padding 1, [5] bn2 (inference), [6] add (other pool1), [7] avg
+// avg 2, [8] fc linear 16->5; input [2, 3, 8, 8]; cross-entropy on labels {1, 3}.
+OwnedCase CnnCase() {
+  using gradengine::AddSpec;
+  using gradengine::BatchNorm2dSpec;
+  gradengine::BatchNorm2dSpec train;
+  train.num_features = 4;
+  gradengine::BatchNorm2dSpec eval = train;
+  eval.training = false;
+  gradengine::NetworkSpec network;
+  network.layers = {
+      LayerSpec{"conv1", Conv2dSpec::Square(3, 4, 3, 1, 1, /*bias=*/true)},
+      LayerSpec{"bn1", train},
+      LayerSpec{"relu1", ActivationSpec{ActivationKind::kRelu}},
+      LayerSpec{"pool1", gradengine::MaxPool2dSpec::Square(2)},
+      LayerSpec{"conv2", Conv2dSpec::Square(4, 4, 3, 1, 1, /*bias=*/false)},
+      LayerSpec{"bn2", eval},
+      LayerSpec{"add", AddSpec{"pool1"}},
+      LayerSpec{"avg", gradengine::AvgPool2dSpec::Square(2)},
+      LayerSpec{"fc", gradengine::LinearSpec{16, 5, true}},
+  };
+  return MakeCase(network, {2, 3, 8, 8}, 5);
+}
+
+grad::v1::ComputeGradientsRequest CnnRequest(const OwnedCase& c) {
+  static const int64_t kLabels[] = {1, 3};
+  gradengine::GradientRequest request = c.GradientRequest();
+  request.objective = gradengine::Objective(gradengine::ObjectiveKind::kCrossEntropy);
+  request.objective.labels = {{2}, kLabels, 2};
+  request.objective.label_smoothing = 0.1;
+  grad::v1::ComputeGradientsRequest wire;
+  gradwire::EncodeGradientRequest(request, &wire);
+  return wire;
+}
+
+grad::v1::Layer* LayerAt(grad::v1::ComputeGradientsRequest* r, int layer) {
+  return r->mutable_network()->mutable_layers(layer);
+}
+grad::v1::Tensor* Labels(grad::v1::ComputeGradientsRequest* r) {
+  return r->mutable_objective()->mutable_cross_entropy()->mutable_target();
+}
+void EraseParameter(grad::v1::ComputeGradientsRequest* r, const std::string& name) {
+  auto* parameters = r->mutable_parameters();
+  for (int i = 0; i < parameters->size(); ++i) {
+    if (parameters->Get(i).name() == name) {
+      parameters->DeleteSubrange(i, 1);
+      return;
+    }
+  }
+}
+
+std::vector<BadInput> CnnBadInputs() {
+  using grpc::StatusCode;
+  const StatusCode kInvalid = StatusCode::INVALID_ARGUMENT;
+  return {
+      // Pooling.
+      {"pool kernel larger than the padded input",
+       [](auto* r) {
+         LayerAt(r, 3)->mutable_max_pool2d()->clear_kernel_size();
+         LayerAt(r, 3)->mutable_max_pool2d()->add_kernel_size(9);
+       },
+       kInvalid,
+       "layers[3].max_pool2d.kernel_size=[9, 9] with dilation=[1, 1] is larger than the padded "
+       "input [2, 4, 8, 8]"},
+      {"pool padding over half the kernel",
+       [](auto* r) {
+         LayerAt(r, 3)->mutable_max_pool2d()->clear_padding();
+         LayerAt(r, 3)->mutable_max_pool2d()->add_padding(2);
+       },
+       kInvalid, "layers[3].max_pool2d.padding[0]=2 must be at most half the kernel size 2"},
+      {"pool kernel_size with 3 entries",
+       [](auto* r) {
+         auto* pool = LayerAt(r, 3)->mutable_max_pool2d();
+         pool->clear_kernel_size();
+         for (int k = 0; k < 3; ++k) pool->add_kernel_size(2);
+       },
+       kInvalid, "layers[3].max_pool2d.kernel_size has 3 values [2, 2, 2]; expected 1 or 2"},
+      {"pool kernel_size unset",
+       [](auto* r) { LayerAt(r, 3)->mutable_max_pool2d()->clear_kernel_size(); }, kInvalid,
+       "layers[3].max_pool2d.kernel_size is not set"},
+      {"pool negative stride",
+       [](auto* r) {
+         auto* pool = LayerAt(r, 3)->mutable_max_pool2d();
+         pool->clear_stride();
+         pool->add_stride(-1);
+       },
+       kInvalid, "layers[3].max_pool2d.stride[0]=-1 must be positive"},
+      {"pool zero dilation",
+       [](auto* r) {
+         auto* pool = LayerAt(r, 3)->mutable_max_pool2d();
+         pool->clear_dilation();
+         pool->add_dilation(0);
+       },
+       kInvalid, "layers[3].max_pool2d.dilation[0]=0 must be positive"},
+      {"avg pool padding over half the kernel",
+       [](auto* r) {
+         LayerAt(r, 7)->mutable_avg_pool2d()->clear_padding();
+         LayerAt(r, 7)->mutable_avg_pool2d()->add_padding(2);
+       },
+       kInvalid, "layers[7].avg_pool2d.padding[0]=2 must be at most half the kernel size 2"},
+      // Batch norm.
+      {"batch norm mode unset",
+       [](auto* r) { LayerAt(r, 1)->mutable_batch_norm2d()->clear_training(); }, kInvalid,
+       "layers[1].batch_norm2d.training is not set"},
+      {"batch norm features",
+       [](auto* r) { LayerAt(r, 1)->mutable_batch_norm2d()->set_num_features(5); }, kInvalid,
+       "layers[1].batch_norm2d.num_features=5 does not match the 4 channels of its input"},
+      {"batch norm eps", [](auto* r) { LayerAt(r, 1)->mutable_batch_norm2d()->set_eps(-1); },
+       kInvalid, "layers[1].batch_norm2d.eps=-1 must be positive and finite"},
+      {"batch norm momentum",
+       [](auto* r) { LayerAt(r, 1)->mutable_batch_norm2d()->set_momentum(std::nan("")); }, kInvalid,
+       "layers[1].batch_norm2d.momentum=nan must be finite"},
+      {"batch norm training on one value per channel",
+       [](auto* r) {
+         SetShape(r->mutable_input(), {1, 3, 1, 1});
+         r->mutable_input()->mutable_data()->resize(12);
+       },
+       kInvalid,
+       "layers[1].batch_norm2d.training=true needs more than one value per channel, but its "
+       "input is [1, 4, 1, 1]"},
+      {"inference without running_var", [](auto* r) { EraseParameter(r, "bn2.running_var"); },
+       kInvalid,
+       "parameters[\"bn2.running_var\"] is missing: layers[5] (\"bn2\") needs a tensor of "
+       "shape [4]"},
+      {"gradient of a running statistic",
+       [](auto* r) { r->mutable_gradients()->add_parameters("bn2.running_mean"); }, kInvalid,
+       "gradients.parameters[0]=\"bn2.running_mean\" is a running statistic, which has no "
+       "gradient"},
+      {"running statistic of a layer without them",
+       [](auto* r) {
+         grad::v1::NamedTensor* extra = r->add_parameters();
+         extra->set_name("conv2.running_mean");
+         *extra->mutable_tensor() = r->parameters(0).tensor();
+       },
+       kInvalid,
+       "parameters[\"conv2.running_mean\"] is given but layers[4] (\"conv2\", conv2d) takes "
+       "\"conv2.weight\""},
+      // Linear.
+      {"linear in_features", [](auto* r) { LayerAt(r, 8)->mutable_linear()->set_in_features(17); },
+       kInvalid,
+       "layers[8].linear.in_features=17 does not match its input [2, 4, 2, 2], flattened to "
+       "C*H*W=16"},
+      {"convolution after a linear layer",
+       [](auto* r) {
+         grad::v1::Layer* layer = r->mutable_network()->add_layers();
+         layer->set_name("conv3");
+         *layer->mutable_conv2d() = LayerAt(r, 4)->conv2d();
+       },
+       kInvalid,
+       "layers[9] (conv2d) needs an NCHW input, but its input is [2, 5]: after a linear layer "
+       "only linear layers, activations and adds may follow"},
+      // Branches.
+      {"add naming a later layer", [](auto* r) { LayerAt(r, 6)->mutable_add()->set_other("fc"); },
+       kInvalid, "layers[6].add.other=\"fc\" names layers[8], a later layer"},
+      {"add of another shape", [](auto* r) { LayerAt(r, 6)->mutable_add()->set_other("relu1"); },
+       kInvalid,
+       "layers[6].add.other=\"relu1\" has shape [2, 4, 8, 8], but the layer's input is "
+       "[2, 4, 4, 4]"},
+      {"add naming no layer", [](auto* r) { LayerAt(r, 6)->mutable_add()->set_other("nope"); },
+       kInvalid, "layers[6].add.other=\"nope\" names no layer"},
+      {"input naming no layer", [](auto* r) { LayerAt(r, 4)->set_input("nope"); }, kInvalid,
+       "layers[4].input=\"nope\" names no layer"},
+      {"a layer named input", [](auto* r) { LayerAt(r, 2)->set_name("input"); }, kInvalid,
+       "layers[2].name=\"input\" is reserved: it names the network's input"},
+      // Cross-entropy.
+      {"label out of range", [](auto* r) { Labels(r)->mutable_data()->replace(8, 1, 1, '\x05'); },
+       kInvalid,
+       "objective.cross_entropy.target[1]=5 is not a class index in [0, 5) nor "
+       "ignore_index=-100"},
+      {"float labels", [](auto* r) { Labels(r)->set_dtype(grad::v1::DATA_TYPE_FLOAT32); }, kInvalid,
+       "cannot hold class indices; send DATA_TYPE_INT64"},
+      {"labels of the wrong length",
+       [](auto* r) {
+         SetShape(Labels(r), {3});
+         Labels(r)->mutable_data()->append(8, '\0');
+       },
+       kInvalid, "objective.cross_entropy.target.shape=[3] must be [2] for logits [2, 5]"},
+      {"labels bytes short", [](auto* r) { Labels(r)->mutable_data()->resize(12); }, kInvalid,
+       "has 12 bytes, but shape=[2] of DATA_TYPE_INT64 needs 16"},
+      {"label smoothing over 1",
+       [](auto* r) { r->mutable_objective()->mutable_cross_entropy()->set_label_smoothing(1.5); },
+       kInvalid, "objective.cross_entropy.label_smoothing=1.5 must be in [0, 1]"},
+      {"int64 input", [](auto* r) { r->mutable_input()->set_dtype(grad::v1::DATA_TYPE_INT64); },
+       kInvalid, "input.dtype=3 (DATA_TYPE_INT64) is only for class indices"},
+  };
+}
+
+TEST_F(BadInputTest, TheCnnRequestIsValidAndReturnsRunningStats) {
+  const OwnedCase c = CnnCase();
+  grad::v1::ComputeGradientsResponse response;
+  grpc::ClientContext context;
+  grpc::Status status = server_->stub->ComputeGradients(&context, CnnRequest(c), &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(response.has_loss());
+  ASSERT_EQ(response.running_stats_size(), 2);
+  EXPECT_EQ(response.running_stats(0).name(), "bn1.running_mean");
+  EXPECT_EQ(response.running_stats(1).name(), "bn1.running_var");
+}
+
+TEST_F(BadInputTest, EachNewLayerFieldGetsItsCodeAndNamesTheField) {
+  const OwnedCase c = CnnCase();
+  const std::vector<BadInput> table = CnnBadInputs();
+  EXPECT_GE(table.size(), 20u);
+  for (const BadInput& bad : table) {
+    SCOPED_TRACE(bad.kind);
+    grad::v1::ComputeGradientsRequest request = CnnRequest(c);
+    bad.mutate(&request);
+    grad::v1::ComputeGradientsResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = server_->stub->ComputeGradients(&context, request, &response);
+    EXPECT_EQ(status.error_code(), bad.code) << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr(bad.message));
     EXPECT_LT(status.error_message().size(), 1024u);
     ExpectStillServes(server_);
   }
