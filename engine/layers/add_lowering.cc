@@ -34,7 +34,7 @@ std::unique_ptr<LoweredLayer> Lowering<AddSpec>::Forward(PlanBuilder& b, const A
                        lowered->activation->beta);
     attr.set_post_ops(ops);
   }
-  const dnnl::memory::desc& src = b.DescOf(context.src);
+  const dnnl::memory::desc src = b.DescOf(context.src);
   // Both operands in one layout, the one the input has.
   const int other = b.Convert(b.forward_ops(), context.other, src);
   dnnl::binary::desc desc(dnnl::algorithm::binary_add, src, src, src);

@@ -19,10 +19,11 @@ class LoweredBatchNorm : public LoweredLayer {
     std::vector<Plan::Op>* ops = b.backward_ops();
     const std::string weight_name = name + ".weight";
     const std::string bias_name = name + ".bias";
-    const bool affine_grads = spec.affine && (b.WantsGrad(weight_name) || b.WantsGrad(bias_name));
-    const memory::desc& data = b.DescOf(src);
+    const memory::desc data = b.DescOf(src);
+    // With a scale and shift, oneDNN 2.6 has only the full backward pass (backward_data
+    // refuses them), so the affine gradients are computed even when nobody wants them.
     dnnl::batch_normalization_backward::desc desc(
-        affine_grads ? dnnl::prop_kind::backward : dnnl::prop_kind::backward_data, data, data,
+        spec.affine ? dnnl::prop_kind::backward : dnnl::prop_kind::backward_data, data, data,
         static_cast<float>(spec.eps), flags);
     dnnl::batch_normalization_backward::primitive_desc pd(desc, UserScratchpadAttr(), b.cpu(),
                                                           forward);
@@ -34,22 +35,20 @@ class LoweredBatchNorm : public LoweredLayer {
                                              {DNNL_ARG_VARIANCE, variance},
                                              {DNNL_ARG_DIFF_DST, diff_dst},
                                              {DNNL_ARG_DIFF_SRC, diff_src}};
+    if (workspace >= 0) args.emplace_back(DNNL_ARG_WORKSPACE, workspace);
+    PlanBuilder::GradSlots weight_grad, bias_grad;
     if (spec.affine) {
       args.emplace_back(DNNL_ARG_SCALE, scale);
       // Not used by the arithmetic, but oneDNN 2.6 refuses to run without it.
       args.emplace_back(DNNL_ARG_SHIFT, shift);
-    }
-    if (workspace >= 0) args.emplace_back(DNNL_ARG_WORKSPACE, workspace);
-    PlanBuilder::GradSlots weight_grad, bias_grad;
-    const memory::desc channels = PlainDesc({spec.num_features});
-    if (affine_grads) {
+      const memory::desc channels = PlainDesc({spec.num_features});
       weight_grad = b.ParameterGrad(weight_name, channels, channels);
       bias_grad = b.ParameterGrad(bias_name, channels, channels);
       args.emplace_back(DNNL_ARG_DIFF_SCALE, weight_grad.computed);
       args.emplace_back(DNNL_ARG_DIFF_SHIFT, bias_grad.computed);
     }
     b.AddOp(ops, pd, dnnl::batch_normalization_backward(pd), std::move(args));
-    if (affine_grads) {
+    if (spec.affine) {
       b.FinishParameterGrad(weight_grad);
       b.FinishParameterGrad(bias_grad);
     }

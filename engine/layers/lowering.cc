@@ -76,7 +76,7 @@ std::optional<EltwiseAlgorithm> FusableActivation(const LayerSpec* next, bool tr
 }
 
 int AppendEltwiseBackward(PlanBuilder& b, const EltwiseAlgorithm& alg, int data, int diff) {
-  const memory::desc& data_desc = b.DescOf(data);
+  const memory::desc data_desc = b.DescOf(data);
   dnnl::eltwise_forward::desc hint_desc(dnnl::prop_kind::forward_training, alg.backward, data_desc,
                                         alg.alpha, alg.beta);
   dnnl::eltwise_forward::primitive_desc hint(hint_desc, b.cpu());
@@ -109,7 +109,7 @@ int PlanBuilder::AddConstant(const memory::desc& desc, std::vector<float> values
   return slot;
 }
 
-const memory::desc& PlanBuilder::DescOf(int slot) const { return plan_->slots_[slot].desc; }
+memory::desc PlanBuilder::DescOf(int slot) const { return plan_->slots_[slot].desc; }
 
 Plan::Slot& PlanBuilder::SlotAt(int slot) { return plan_->slots_[slot]; }
 
@@ -134,7 +134,7 @@ void PlanBuilder::ConvertInto(std::vector<Plan::Op>* ops, int from, int to) {
 }
 
 int PlanBuilder::Accumulate(std::vector<Plan::Op>* ops, int a, int b) {
-  const memory::desc& desc = DescOf(a);
+  const memory::desc desc = DescOf(a);
   dnnl::sum::primitive_desc pd(desc, {1.0f, 1.0f}, {desc, DescOf(b)}, cpu_, UserScratchpadAttr());
   const int sum = AddSlot(pd.dst_desc());
   AddOp(ops, pd, dnnl::sum(pd),

@@ -61,7 +61,8 @@ class PlanBuilder {
               std::string parameter = "");
   // A slot holding `values` (float32 in layout `desc`), the same for every call.
   int AddConstant(const dnnl::memory::desc& desc, std::vector<float> values);
-  const dnnl::memory::desc& DescOf(int slot) const;
+  // A copy: adding a slot may move the others, so a reference would not stay valid.
+  dnnl::memory::desc DescOf(int slot) const;
   Plan::Slot& SlotAt(int slot);
 
   // Appends `primitive` to `ops`, recording how much scratchpad it needs.

@@ -10,6 +10,17 @@ namespace {
 
 using dnnl::memory;
 
+// Appends a = a * factor (broadcast over N and C) into a new slot in a's layout.
+int AppendMultiply(PlanBuilder& b, std::vector<Plan::Op>* ops, int a, int factor) {
+  const memory::desc desc = b.DescOf(a);
+  dnnl::binary::desc mul(dnnl::algorithm::binary_mul, desc, b.DescOf(factor), desc);
+  dnnl::binary::primitive_desc pd(mul, UserScratchpadAttr(), b.cpu());
+  const int product = b.AddSlot(pd.dst_desc());
+  b.AddOp(ops, pd, dnnl::binary(pd),
+          {{DNNL_ARG_SRC_0, a}, {DNNL_ARG_SRC_1, factor}, {DNNL_ARG_DST, product}});
+  return product;
+}
+
 class LoweredPool : public LoweredLayer {
  public:
   void Backward(PlanBuilder& b, const BackwardContext& context, BackwardResult* result) override {
@@ -18,13 +29,7 @@ class LoweredPool : public LoweredLayer {
     int diff = context.diff_dst;
     if (divisor_fix >= 0) {
       // dL/d(pooled) = dL/dy * the same factor the forward pass applied.
-      const memory::desc& desc = b.DescOf(diff);
-      dnnl::binary::desc mul(dnnl::algorithm::binary_mul, desc, b.DescOf(divisor_fix), desc);
-      dnnl::binary::primitive_desc pd(mul, UserScratchpadAttr(), b.cpu());
-      const int scaled = b.AddSlot(pd.dst_desc());
-      b.AddOp(ops, pd, dnnl::binary(pd),
-              {{DNNL_ARG_SRC_0, diff}, {DNNL_ARG_SRC_1, divisor_fix}, {DNNL_ARG_DST, scaled}});
-      diff = scaled;
+      diff = AppendMultiply(b, ops, diff, divisor_fix);
     }
     dnnl::pooling_v2_backward::desc desc(algorithm, AnyDesc(in_shape), forward.dst_desc(), strides,
                                          kernel, dilation, padding_l, padding_r);
@@ -91,29 +96,26 @@ std::unique_ptr<LoweredPool> LowerPool(PlanBuilder& b, dnnl::algorithm algorithm
   const int64_t span_w = w.dilation_w * (w.kernel_w - 1) + 1;
   l.padding_r = {(out[2] - 1) * w.stride_h + span_h - l.in_shape[2] - w.pad_h,
                  (out[3] - 1) * w.stride_w + span_w - l.in_shape[3] - w.pad_w};
-  dnnl::primitive_attr attr = UserScratchpadAttr();
-  if (!divisor_fix.empty()) {
-    const memory::desc fix_desc({1, 1, out[2], out[3]}, memory::data_type::f32,
-                                memory::format_tag::abcd);
-    l.divisor_fix = b.AddConstant(fix_desc, std::move(divisor_fix));
-    dnnl::post_ops ops;
-    ops.append_binary(dnnl::algorithm::binary_mul, fix_desc);
-    attr.set_post_ops(ops);
-  }
   dnnl::pooling_v2_forward::desc desc(b.forward_prop(), algorithm, b.DescOf(context.src),
                                       AnyDesc(out), l.strides, l.kernel, l.dilation, l.padding_l,
                                       l.padding_r);
-  l.forward = dnnl::pooling_v2_forward::primitive_desc(desc, attr, b.cpu());
-  l.dst = b.AddSlot(l.forward.dst_desc());
-  std::vector<std::pair<int, int>> args = {{DNNL_ARG_SRC, context.src}, {DNNL_ARG_DST, l.dst}};
+  l.forward = dnnl::pooling_v2_forward::primitive_desc(desc, UserScratchpadAttr(), b.cpu());
+  const int pooled = b.AddSlot(l.forward.dst_desc());
+  std::vector<std::pair<int, int>> args = {{DNNL_ARG_SRC, context.src}, {DNNL_ARG_DST, pooled}};
   if (algorithm == dnnl::algorithm::pooling_max && b.needs().training) {
     l.workspace = b.AddSlot(l.forward.workspace_desc());
     args.emplace_back(DNNL_ARG_WORKSPACE, l.workspace);
   }
-  if (l.divisor_fix >= 0) {
-    args.emplace_back(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, l.divisor_fix);
-  }
   b.AddOp(b.forward_ops(), l.forward, dnnl::pooling_v2_forward(l.forward), std::move(args));
+  l.dst = pooled;
+  if (!divisor_fix.empty()) {
+    // A binary primitive of its own: as a post-op of the pooling, oneDNN 2.6.3 computes wrong
+    // values for windows past the padded edge of a blocked input.
+    const memory::desc fix_desc({1, 1, out[2], out[3]}, memory::data_type::f32,
+                                memory::format_tag::abcd);
+    l.divisor_fix = b.AddConstant(fix_desc, std::move(divisor_fix));
+    l.dst = AppendMultiply(b, b.forward_ops(), pooled, l.divisor_fix);
+  }
   return lowered;
 }
 
