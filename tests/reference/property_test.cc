@@ -1,12 +1,16 @@
 // Randomized properties of gradengine::Engine: on random networks, shapes, objectives and
 // gradient selections, every result matches the double-precision reference within the
 // project's one tolerance (tests/tolerance.h), exactly the requested gradients are present,
-// and concurrent calls on one Engine give bit-identical results to serial ones.
+// and concurrent calls on one Engine give bit-identical results to serial ones. Two
+// generators: conv/activation chains (MatchesReferenceOnRandomCases), and mixed networks of
+// every layer kind with every objective (MixedNetworksMatchReference), whose values are drawn
+// well conditioned for float32 (see WellConditioned).
 //
 // Environment:
 //   GRAD_TEST_SEED=<n>  reruns a run (the seed is printed and recorded as a test property);
 //   GRAD_TEST_CASE=<i>  runs only case i of that seed, against the reference (the printed
-//                       index of a concurrency-test case works too).
+//                       index of a concurrency-test case works too); a failing case prints the
+//                       --gtest_filter of the test that draws it.
 // A failing case is printed in full, in the grammar of the PyTorch fixtures' case.txt.
 
 #include <algorithm>
@@ -46,10 +50,15 @@ namespace {
 
 using gradengine::ActivationKind;
 using gradengine::ActivationSpec;
+using gradengine::AddSpec;
+using gradengine::AvgPool2dSpec;
+using gradengine::BatchNorm2dSpec;
 using gradengine::Conv2dSpec;
 using gradengine::GradientRequest;
 using gradengine::GradientResult;
 using gradengine::LayerSpec;
+using gradengine::LinearSpec;
+using gradengine::MaxPool2dSpec;
 using gradengine::ObjectiveKind;
 
 constexpr int kCases = 200;
@@ -84,6 +93,43 @@ constexpr ActivationKind kActivationKinds[] = {ActivationKind::kRelu,    Activat
                                                ActivationKind::kGeluTanh};
 constexpr ObjectiveKind kObjectiveKinds[] = {ObjectiveKind::kMse, ObjectiveKind::kSum,
                                              ObjectiveKind::kGradOutput};
+
+// The mixed-network test: random blocks of conv, batch norm, activation and pooling layers,
+// residual blocks (identity, 1x1 projection and stride-2 shortcuts, wired with
+// LayerSpec::input and adds), and linear heads, under every objective. Its case streams start
+// at kMixedCaseOffset, apart from the other tests'.
+constexpr int kMixedCases = 250;
+constexpr uint64_t kMixedCaseOffset = 2000000;
+// Mixed cases the concurrency test adds to its conv/activation ones.
+constexpr int kConcurrentMixedCases = 20;
+// Limits of the mixed generator. A network has up to ~30 layers, so tensors are kept smaller
+// than the chains' for the AddressSanitizer run.
+constexpr int64_t kMixedMaxBatch = 3;
+constexpr int64_t kMixedMaxChannels = 10;
+constexpr int64_t kMixedMaxSpatial = 12;
+constexpr int kMixedMaxBlocks = 3;
+constexpr int64_t kMixedMaxMultiplyAdds = 400000;
+// A linear head on more features first pools its input to 1x1.
+constexpr int64_t kMaxHeadFeatures = 256;
+constexpr int64_t kMaxHidden = 16;
+constexpr int64_t kMaxClasses = 8;
+// Value draws of one mixed network before the network itself is redrawn, and networks before
+// the generator gives up (a failure: conditioning then rejects far more than it should).
+constexpr int kMixedValueDraws = 20;
+constexpr int kMaxNetworkDraws = 50;
+// Float32 rounding of one operation, as a multiple of the magnitude it acts on: the
+// conditioning below models the engine's error in a value as kUnitRoundoff * sqrt(V), V a
+// sum of squared magnitudes carried through the network (see ErrorModel).
+constexpr double kUnitRoundoff = 6e-8;
+// A case is kept only if that modelled error of its output is a tenth of the tolerance (the
+// fixtures' generator asks the same of float32 against float64, tests/fixtures/README.md).
+constexpr double kModelledErrorFraction = 0.1;
+// A batch norm in training mode divides x - mean by the batch's standard deviation, so the
+// float error of x - mean (about u sqrt(x^2 + mean^2 + V_x), oneDNN's CPU kernels computing the
+// variance in a second pass over x - mean) grows by 1 / std relative to the values. A channel
+// whose variance is below this fraction of its mean of x^2 + V_x (an error growth over 100)
+// is rejected; an all-zero channel (a relu's flat side) is exact and passes.
+constexpr double kMinBatchVarianceRatio = 1e-4;
 
 // The value of environment variable `name`, if set. A value that is not a number is a
 // mistake in how the test was started, so it stops the test binary.
@@ -126,20 +172,37 @@ bool HasKink(ActivationKind kind) {
          kind == ActivationKind::kElu;
 }
 
+template <typename... Ts>
+struct Overloaded : Ts... {
+  using Ts::operator()...;
+};
+template <typename... Ts>
+Overloaded(Ts...) -> Overloaded<Ts...>;
+
 // One random case. It owns every tensor; MakeRequest() borrows views of them, so a case stays
 // where it is while its requests are in use.
 struct PropertyCase {
   uint64_t seed = 0;
   uint64_t index = 0;
+  // The test that runs the case, for the rerun line of Describe().
+  std::string test = "MatchesReferenceOnRandomCases";
   gradengine::NetworkSpec network;
   std::vector<int64_t> input_shape;
   std::vector<int64_t> output_shape;
   std::vector<float> input;
-  // Every parameter's name and shape, in layer order, and its values by name.
+  // Every parameter and given buffer's name and shape, in layer order, and its values by name.
   std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes;
   std::map<std::string, std::vector<float>> parameter_values;
+  // The entries of parameter_shapes that are buffers (running statistics): never
+  // differentiated, so never in a gradient selection.
+  std::set<std::string> buffers;
   ObjectiveKind objective = ObjectiveKind::kMse;
   std::vector<float> objective_tensor;  // target (mse) or dL/dy (grad_output)
+  // kCrossEntropy only.
+  std::vector<int64_t> labels;
+  std::vector<int64_t> labels_shape;
+  double label_smoothing = 0.0;
+  int64_t ignore_index = -100;
   gradengine::GradientSelection gradients;
 
   GradientRequest MakeRequest() const {
@@ -148,8 +211,13 @@ struct PropertyCase {
     request.parameters = Parameters();
     request.input = gradengine::TensorView(input_shape, input);
     request.objective.kind = objective;
-    if (objective != ObjectiveKind::kSum) {
+    if (objective == ObjectiveKind::kMse || objective == ObjectiveKind::kGradOutput) {
       request.objective.tensor = gradengine::TensorView(output_shape, objective_tensor);
+    }
+    if (objective == ObjectiveKind::kCrossEntropy) {
+      request.objective.labels = {labels_shape, labels.data(), static_cast<int64_t>(labels.size())};
+      request.objective.label_smoothing = label_smoothing;
+      request.objective.ignore_index = ignore_index;
     }
     request.gradients = gradients;
     return request;
@@ -175,7 +243,7 @@ struct PropertyCase {
   std::set<std::string> RequestedParameters() const {
     std::set<std::string> names;
     for (const auto& [name, shape] : parameter_shapes) {
-      if (gradients.all_parameters) names.insert(name);
+      if (gradients.all_parameters && buffers.count(name) == 0) names.insert(name);
     }
     if (!gradients.all_parameters)
       names.insert(gradients.parameters.begin(), gradients.parameters.end());
@@ -184,30 +252,14 @@ struct PropertyCase {
 
   // How to rerun the case, and the case in the PyTorch fixtures' case.txt grammar.
   std::string Describe() const {
-    std::string text = absl::StrCat("GRAD_TEST_SEED=", seed, " GRAD_TEST_CASE=", index, "\ninput ",
-                                    gradengine::ShapeToString(input_shape), " -> output ",
-                                    gradengine::ShapeToString(output_shape), "\n");
+    std::string text =
+        absl::StrCat("GRAD_TEST_SEED=", seed, " GRAD_TEST_CASE=", index, " --gtest_filter=*.", test,
+                     "\ninput ", gradengine::ShapeToString(input_shape), " -> output ",
+                     gradengine::ShapeToString(output_shape), "\n");
     for (const LayerSpec& layer : network.layers) {
-      if (const auto* conv = std::get_if<Conv2dSpec>(&layer.op)) {
-        absl::StrAppend(&text, "layer ", layer.name, " conv2d in_channels=", conv->in_channels,
-                        " out_channels=", conv->out_channels, " kernel=", conv->kernel_h, ",",
-                        conv->kernel_w, " stride=", conv->stride_h, ",", conv->stride_w,
-                        " padding=", conv->pad_top, ",", conv->pad_bottom, ",", conv->pad_left, ",",
-                        conv->pad_right, " dilation=", conv->dilation_h, ",", conv->dilation_w,
-                        " groups=", conv->groups, " bias=", conv->bias ? 1 : 0, "\n");
-      } else {
-        const auto& activation = std::get<ActivationSpec>(layer.op);
-        absl::StrAppend(&text, "layer ", layer.name, " ",
-                        gradengine::ActivationName(activation.kind));
-        if (activation.kind == ActivationKind::kLeakyRelu) {
-          absl::StrAppend(&text, " negative_slope=", activation.alpha);
-        } else if (activation.kind == ActivationKind::kElu) {
-          absl::StrAppend(&text, " alpha=", activation.alpha);
-        } else {
-          absl::StrAppend(&text, "  # alpha=", activation.alpha, " (ignored)");
-        }
-        absl::StrAppend(&text, "\n");
-      }
+      absl::StrAppend(&text, "layer ", layer.name, " ", DescribeOp(layer));
+      if (!layer.input.empty()) absl::StrAppend(&text, " input=", layer.input);
+      absl::StrAppend(&text, "\n");
     }
     std::string param_grads = absl::StrJoin(gradients.parameters, " ");
     if (gradients.all_parameters) {
@@ -215,20 +267,161 @@ struct PropertyCase {
     } else if (param_grads.empty()) {
       param_grads = "none";
     }
-    absl::StrAppend(&text, "objective ", gradengine::ObjectiveName(objective), "\ninput_grad ",
-                    gradients.input ? 1 : 0, "\nparam_grads ", param_grads, "\n");
+    absl::StrAppend(&text, "objective ", gradengine::ObjectiveName(objective));
+    if (objective == ObjectiveKind::kCrossEntropy) {
+      absl::StrAppend(&text, " label_smoothing=", label_smoothing, " ignore_index=", ignore_index,
+                      "\n# labels ", gradengine::ShapeToString(labels_shape), " ",
+                      absl::StrJoin(labels, ","));
+    }
+    absl::StrAppend(&text, "\ninput_grad ", gradients.input ? 1 : 0, "\nparam_grads ", param_grads,
+                    "\n");
     return text;
+  }
+
+ private:
+  std::string DescribeOp(const LayerSpec& layer) const {
+    return std::visit(
+        Overloaded{
+            [](const Conv2dSpec& conv) {
+              return absl::StrCat(
+                  "conv2d in_channels=", conv.in_channels, " out_channels=", conv.out_channels,
+                  " kernel=", conv.kernel_h, ",", conv.kernel_w, " stride=", conv.stride_h, ",",
+                  conv.stride_w, " padding=", conv.pad_top, ",", conv.pad_bottom, ",",
+                  conv.pad_left, ",", conv.pad_right, " dilation=", conv.dilation_h, ",",
+                  conv.dilation_w, " groups=", conv.groups, " bias=", conv.bias ? 1 : 0);
+            },
+            [](const ActivationSpec& activation) {
+              std::string text = gradengine::ActivationName(activation.kind);
+              if (activation.kind == ActivationKind::kLeakyRelu) {
+                absl::StrAppend(&text, " negative_slope=", activation.alpha);
+              } else if (activation.kind == ActivationKind::kElu) {
+                absl::StrAppend(&text, " alpha=", activation.alpha);
+              } else {
+                absl::StrAppend(&text, "  # alpha=", activation.alpha, " (ignored)");
+              }
+              return text;
+            },
+            [](const MaxPool2dSpec& pool) {
+              return absl::StrCat("max_pool2d kernel=", pool.kernel_h, ",", pool.kernel_w,
+                                  " stride=", pool.stride_h, ",", pool.stride_w,
+                                  " padding=", pool.pad_h, ",", pool.pad_w,
+                                  " dilation=", pool.dilation_h, ",", pool.dilation_w,
+                                  " ceil_mode=", pool.ceil_mode ? 1 : 0);
+            },
+            [](const AvgPool2dSpec& pool) {
+              return absl::StrCat("avg_pool2d kernel=", pool.kernel_h, ",", pool.kernel_w,
+                                  " stride=", pool.stride_h, ",", pool.stride_w,
+                                  " padding=", pool.pad_h, ",", pool.pad_w,
+                                  " ceil_mode=", pool.ceil_mode ? 1 : 0,
+                                  " count_include_pad=", pool.count_include_pad ? 1 : 0);
+            },
+            [&](const BatchNorm2dSpec& norm) {
+              const bool given = buffers.count(layer.name + ".running_mean") > 0;
+              return absl::StrCat(
+                  "batch_norm2d num_features=", norm.num_features, " eps=", norm.eps,
+                  " momentum=", norm.momentum, " affine=", norm.affine ? 1 : 0,
+                  " training=", norm.training ? 1 : 0, " running_stats=", given ? 1 : 0);
+            },
+            [](const LinearSpec& linear) {
+              return absl::StrCat("linear in_features=", linear.in_features,
+                                  " out_features=", linear.out_features,
+                                  " bias=", linear.bias ? 1 : 0);
+            },
+            [](const AddSpec& add) { return absl::StrCat("add other=", add.other); },
+        },
+        layer.op);
   }
 };
 
-// Draws case `index` of run `seed`: the same pair always gives the same case.
-class CaseGenerator {
- public:
-  CaseGenerator(uint64_t seed, uint64_t index) : seed_(seed), index_(index) {
+// The random draws every generator makes, from one stream.
+class RandomDraws {
+ protected:
+  RandomDraws(uint64_t seed, uint64_t index) {
     std::seed_seq sequence{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
                            static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32)};
     rng_.seed(sequence);
   }
+
+  int64_t Uniform(int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng_);
+  }
+  float UniformReal(double lo, double hi) {
+    return static_cast<float>(std::uniform_real_distribution<double>(lo, hi)(rng_));
+  }
+  bool Chance(double p) { return std::bernoulli_distribution(p)(rng_); }
+  float Normal(double stddev) {
+    return static_cast<float>(std::normal_distribution<double>(0.0, stddev)(rng_));
+  }
+
+  // Every parameter gradient, or a random subset (possibly none) in a random order; the input
+  // gradient or not.
+  void RandomSelection(PropertyCase* c) {
+    c->gradients.input = Chance(0.5);
+    c->gradients.all_parameters = Chance(0.5);
+    if (!c->gradients.all_parameters) {
+      for (const auto& [name, shape] : c->parameter_shapes) {
+        if (c->buffers.count(name) == 0 && Chance(0.5)) c->gradients.parameters.push_back(name);
+      }
+      std::shuffle(c->gradients.parameters.begin(), c->gradients.parameters.end(), rng_);
+    }
+  }
+
+  // A conv on `shape` whose output is at least 1x1. About a third are dense 3x3 stride-1
+  // convolutions, the shape the engine computes with Winograd kernels where it can. At most
+  // `max_channels` output channels (or the groups, if more).
+  Conv2dSpec RandomConv(const std::vector<int64_t>& shape, int64_t max_channels = kMaxChannels) {
+    if (Chance(0.3)) {
+      Conv2dSpec conv = Conv2dSpec::Square(shape[1], Uniform(1, max_channels), 3);
+      conv.bias = Chance(0.5);
+      for (int attempt = 0; attempt < 20; ++attempt) {
+        conv.pad_top = Uniform(0, 2);
+        conv.pad_bottom = Chance(0.7) ? conv.pad_top : Uniform(0, 2);
+        conv.pad_left = Chance(0.7) ? conv.pad_top : Uniform(0, 2);
+        conv.pad_right = Chance(0.7) ? conv.pad_left : Uniform(0, 2);
+        if (RefConvOutputSize(shape[2], 3, 1, conv.pad_top, conv.pad_bottom, 1) >= 1 &&
+            RefConvOutputSize(shape[3], 3, 1, conv.pad_left, conv.pad_right, 1) >= 1) {
+          return conv;
+        }
+      }
+    }
+    Conv2dSpec conv;
+    conv.in_channels = shape[1];
+    std::vector<int64_t> divisors;
+    for (int64_t g = 1; g <= conv.in_channels; ++g) {
+      if (conv.in_channels % g == 0) divisors.push_back(g);
+    }
+    conv.groups = Chance(0.5) ? 1 : divisors[Uniform(0, static_cast<int64_t>(divisors.size()) - 1)];
+    conv.out_channels = conv.groups * Uniform(1, std::max<int64_t>(1, max_channels / conv.groups));
+    conv.stride_h = Uniform(1, 3);
+    conv.stride_w = Uniform(1, 3);
+    conv.bias = Chance(0.5);
+    RandomWindow(shape[2], &conv.kernel_h, &conv.dilation_h, &conv.pad_top, &conv.pad_bottom);
+    RandomWindow(shape[3], &conv.kernel_w, &conv.dilation_w, &conv.pad_left, &conv.pad_right);
+    return conv;
+  }
+
+  // Kernel 1..5, dilation 1..3 and padding 0..2 a side that fit an input of `size`.
+  void RandomWindow(int64_t size, int64_t* kernel, int64_t* dilation, int64_t* pad_begin,
+                    int64_t* pad_end) {
+    for (int attempt = 0; attempt < 50; ++attempt) {
+      *kernel = Uniform(1, 5);
+      *dilation = Uniform(1, 3);
+      *pad_begin = Uniform(0, 2);
+      *pad_end = Uniform(0, 2);
+      if (RefConvOutputSize(size, *kernel, 1, *pad_begin, *pad_end, *dilation) >= 1) return;
+    }
+    *kernel = 1;  // always fits
+    *dilation = Uniform(1, 3);
+  }
+
+  std::mt19937_64 rng_;
+};
+
+// Draws case `index` of run `seed`: the same pair always gives the same case.
+class CaseGenerator : RandomDraws {
+ public:
+  CaseGenerator(uint64_t seed, uint64_t index)
+      : RandomDraws(seed, index), seed_(seed), index_(index) {}
 
   PropertyCase Generate() {
     PropertyCase c;
@@ -244,14 +437,7 @@ class CaseGenerator {
     } while (!GenerateLayers(&c));
 
     c.objective = kObjectiveKinds[Uniform(0, std::size(kObjectiveKinds) - 1)];
-    c.gradients.input = Chance(0.5);
-    c.gradients.all_parameters = Chance(0.5);
-    if (!c.gradients.all_parameters) {
-      for (const auto& [name, shape] : c.parameter_shapes) {
-        if (Chance(0.5)) c.gradients.parameters.push_back(name);
-      }
-      std::shuffle(c.gradients.parameters.begin(), c.gradients.parameters.end(), rng_);
-    }
+    RandomSelection(&c);
 
     // Values: redraw until float noise cannot move an input of a kinked activation across 0.
     for (int draw = 1;; ++draw) {
@@ -266,17 +452,6 @@ class CaseGenerator {
   }
 
  private:
-  int64_t Uniform(int64_t lo, int64_t hi) {
-    return std::uniform_int_distribution<int64_t>(lo, hi)(rng_);
-  }
-  float UniformReal(double lo, double hi) {
-    return static_cast<float>(std::uniform_real_distribution<double>(lo, hi)(rng_));
-  }
-  bool Chance(double p) { return std::bernoulli_distribution(p)(rng_); }
-  float Normal(double stddev) {
-    return static_cast<float>(std::normal_distribution<double>(0.0, stddev)(rng_));
-  }
-
   // Appends 1..kMaxLayers layers to `c` for its input shape. False when the draw is too
   // expensive; the caller then starts over.
   bool GenerateLayers(PropertyCase* c) {
@@ -310,53 +485,6 @@ class CaseGenerator {
     }
     c->output_shape = shape;
     return multiply_adds <= kMaxMultiplyAdds;
-  }
-
-  // A conv on `shape` whose output is at least 1x1. About a third are dense 3x3 stride-1
-  // convolutions, the shape the engine computes with Winograd kernels where it can.
-  Conv2dSpec RandomConv(const std::vector<int64_t>& shape) {
-    if (Chance(0.3)) {
-      Conv2dSpec conv = Conv2dSpec::Square(shape[1], Uniform(1, kMaxChannels), 3);
-      conv.bias = Chance(0.5);
-      for (int attempt = 0; attempt < 20; ++attempt) {
-        conv.pad_top = Uniform(0, 2);
-        conv.pad_bottom = Chance(0.7) ? conv.pad_top : Uniform(0, 2);
-        conv.pad_left = Chance(0.7) ? conv.pad_top : Uniform(0, 2);
-        conv.pad_right = Chance(0.7) ? conv.pad_left : Uniform(0, 2);
-        if (RefConvOutputSize(shape[2], 3, 1, conv.pad_top, conv.pad_bottom, 1) >= 1 &&
-            RefConvOutputSize(shape[3], 3, 1, conv.pad_left, conv.pad_right, 1) >= 1) {
-          return conv;
-        }
-      }
-    }
-    Conv2dSpec conv;
-    conv.in_channels = shape[1];
-    std::vector<int64_t> divisors;
-    for (int64_t g = 1; g <= conv.in_channels; ++g) {
-      if (conv.in_channels % g == 0) divisors.push_back(g);
-    }
-    conv.groups = Chance(0.5) ? 1 : divisors[Uniform(0, static_cast<int64_t>(divisors.size()) - 1)];
-    conv.out_channels = conv.groups * Uniform(1, kMaxChannels / conv.groups);
-    conv.stride_h = Uniform(1, 3);
-    conv.stride_w = Uniform(1, 3);
-    conv.bias = Chance(0.5);
-    RandomWindow(shape[2], &conv.kernel_h, &conv.dilation_h, &conv.pad_top, &conv.pad_bottom);
-    RandomWindow(shape[3], &conv.kernel_w, &conv.dilation_w, &conv.pad_left, &conv.pad_right);
-    return conv;
-  }
-
-  // Kernel 1..5, dilation 1..3 and padding 0..2 a side that fit an input of `size`.
-  void RandomWindow(int64_t size, int64_t* kernel, int64_t* dilation, int64_t* pad_begin,
-                    int64_t* pad_end) {
-    for (int attempt = 0; attempt < 50; ++attempt) {
-      *kernel = Uniform(1, 5);
-      *dilation = Uniform(1, 3);
-      *pad_begin = Uniform(0, 2);
-      *pad_end = Uniform(0, 2);
-      if (RefConvOutputSize(size, *kernel, 1, *pad_begin, *pad_end, *dilation) >= 1) return;
-    }
-    *kernel = 1;  // always fits
-    *dilation = Uniform(1, 3);
   }
 
   void DrawValues(PropertyCase* c) {
@@ -426,6 +554,681 @@ class CaseGenerator {
 
 PropertyCase MakeCase(uint64_t index) { return CaseGenerator(RunSeed(), index).Generate(); }
 
+// Why the conditioning of the mixed generator rejected value draws, over a run.
+struct Rejections {
+  int value_draws = 0;
+  int networks_redrawn = 0;
+  std::map<std::string, int> by_reason;
+};
+
+// The conditioning of mixed cases: whether a correct float32 engine is certain to match the
+// double-precision reference on case `c`. If not, `*reason` names the kind of problem and
+// `*detail` the value.
+//
+// Alongside the reference's forward pass, every layer output gets a tensor V of its shape, and
+// kUnitRoundoff * sqrt(V) models the typical float32 error of each value (independent
+// roundings add in quadrature, as the chain test's kKinkMargin assumes):
+//   the input: 0 (it is exact);
+//   conv2d and linear: the conv (the linear map) of x^2 + V_x with weight^2 and bias^2: a
+//     float sum of terms t_k is off by about u sqrt(sum t_k^2), and each input's own error
+//     enters weighted by its weight;
+//   activations: f'(x)^2 V_x + y^2;  add: V_a + V_b + y^2;
+//   max_pool2d: the winner's V;  avg_pool2d: the average of x^2 + V_x (an upper bound);
+//   batch_norm2d: (scale inv_std)^2 (x^2 + mean^2 + V_x) + bias^2 + y^2, and in training mode
+//     the error of the batch mean and variance too.
+// A draw is rejected where
+//   - an input of relu, leaky_relu or elu is within kKinkMargin sqrt(V) of the kink, unless it
+//     is exactly 0 with V = 0 (a window of zeros, or a relu's flat side: exact in float too);
+//   - a max_pool2d window's maximum leads another tap by less than kKinkMargin sqrt(V_max +
+//     V_tap) (reference_test.cc's tie margin, in these units), unless the two are exactly
+//     equal with equal V: one value reached through two taps (overlapping or clipped windows,
+//     a relu's flat side, copies made by an earlier pool), computed alike both times, whose
+//     copies lead back to the same gradient;
+//   - a batch_norm2d in training mode normalises a channel whose variance is below
+//     kMinBatchVarianceRatio of its mean of x^2 + V_x (an all-zero channel excepted);
+//   - the modelled error of an output exceeds kModelledErrorFraction of the tolerance.
+bool WellConditioned(const PropertyCase& c, std::string* reason, std::string* detail) {
+  const RefParameters parameters = RefParametersFromViews(c.Parameters());
+  const RefTensor input = RefTensor::FromView(gradengine::TensorView(c.input_shape, c.input));
+  const RefTensor input_variance = RefTensor::Zeros(c.input_shape);
+  const std::vector<RefTensor> outputs = ReferenceLayerOutputs(c.network, parameters, input);
+  std::vector<RefTensor> variances;
+  const auto tensor = [&](int source) -> const RefTensor& {
+    return source < 0 ? input : outputs[static_cast<size_t>(source)];
+  };
+  const auto variance = [&](int source) -> const RefTensor& {
+    return source < 0 ? input_variance : variances[static_cast<size_t>(source)];
+  };
+  // A parameter or buffer as the engine reads it: given, or its fill value.
+  const auto parameter = [&](const LayerSpec& layer, const std::string& suffix) {
+    const std::string name = layer.name + "." + suffix;
+    if (auto it = parameters.find(name); it != parameters.end()) return it->second;
+    for (const gradengine::ParameterInfo& info : gradengine::LayerParameters(layer)) {
+      if (info.name != name) continue;
+      RefTensor filled = RefTensor::Zeros(info.shape);
+      for (double& v : filled.data) v = info.fill;
+      return filled;
+    }
+    ADD_FAILURE() << "no parameter " << name;
+    return RefTensor();
+  };
+  const auto squared = [](RefTensor t) {
+    for (double& v : t.data) v *= v;
+    return t;
+  };
+  for (size_t i = 0; i < c.network.layers.size(); ++i) {
+    const LayerSpec& layer = c.network.layers[i];
+    const int source = RefInputSource(c.network, i);
+    const RefTensor& x = tensor(source);
+    const RefTensor& x_variance = variance(source);
+    const RefTensor& y = outputs[i];
+    // x^2 + V_x: the squared magnitudes a linear layer sums.
+    RefTensor magnitudes = squared(x);
+    for (size_t k = 0; k < magnitudes.data.size(); ++k) magnitudes.data[k] += x_variance.data[k];
+    RefTensor y_variance = RefTensor::Zeros(y.shape);
+    const auto reject = [&](const char* why, const std::string& where) {
+      *reason = why;
+      *detail = absl::StrCat("layers[", i, "] ", layer.name, ": ", where);
+      return false;
+    };
+    const bool ok = std::visit(
+        Overloaded{
+            [&](const Conv2dSpec& conv) {
+              const RefTensor bias = conv.bias ? squared(parameter(layer, "bias")) : RefTensor();
+              y_variance = Conv2dForward(conv, magnitudes, squared(parameter(layer, "weight")),
+                                         conv.bias ? &bias : nullptr);
+              return true;
+            },
+            [&](const LinearSpec& linear) {
+              const RefTensor bias = linear.bias ? squared(parameter(layer, "bias")) : RefTensor();
+              y_variance = LinearForward(linear, magnitudes, squared(parameter(layer, "weight")),
+                                         linear.bias ? &bias : nullptr);
+              return true;
+            },
+            [&](const ActivationSpec& activation) {
+              for (size_t k = 0; k < x.data.size(); ++k) {
+                const double slope = ActivationDerivative(activation, x.data[k]);
+                y_variance.data[k] = slope * slope * x_variance.data[k] + y.data[k] * y.data[k];
+                if (!HasKink(activation.kind) || (x.data[k] == 0.0 && x_variance.data[k] == 0.0) ||
+                    std::abs(x.data[k]) >= kKinkMargin * std::sqrt(x_variance.data[k])) {
+                  continue;
+                }
+                return reject(
+                    "kink", absl::StrCat("input[", k, "] = ", x.data[k], ", modelled error scale ",
+                                         std::sqrt(x_variance.data[k])));
+              }
+              return true;
+            },
+            [&](const MaxPool2dSpec& pool) {
+              for (int64_t n = 0; n < y.shape[0]; ++n) {
+                for (int64_t ch = 0; ch < y.shape[1]; ++ch) {
+                  for (int64_t oh = 0; oh < y.shape[2]; ++oh) {
+                    for (int64_t ow = 0; ow < y.shape[3]; ++ow) {
+                      // The window's taps inside the input, in scan order; the first maximum
+                      // wins, as in the reference.
+                      std::vector<size_t> taps;
+                      for (int64_t kh = 0; kh < pool.kernel_h; ++kh) {
+                        for (int64_t kw = 0; kw < pool.kernel_w; ++kw) {
+                          const int64_t ih = oh * pool.stride_h - pool.pad_h + kh * pool.dilation_h;
+                          const int64_t iw = ow * pool.stride_w - pool.pad_w + kw * pool.dilation_w;
+                          if (ih < 0 || ih >= x.shape[2] || iw < 0 || iw >= x.shape[3]) continue;
+                          taps.push_back(static_cast<size_t>(
+                              ((n * x.shape[1] + ch) * x.shape[2] + ih) * x.shape[3] + iw));
+                        }
+                      }
+                      if (taps.empty()) return reject("empty pool window", "");
+                      size_t best = taps[0];
+                      for (size_t tap : taps) {
+                        if (x.data[tap] > x.data[best]) best = tap;
+                      }
+                      for (size_t tap : taps) {
+                        if (tap == best) continue;
+                        const double lead = x.data[best] - x.data[tap];
+                        const double scale =
+                            std::sqrt(x_variance.data[best] + x_variance.data[tap]);
+                        // An exact tie with equal V is one value reached twice (overlapping
+                        // or clipped windows, a relu's flat side): the engine computes it
+                        // the same way twice, and either copy leads back to the same place.
+                        const bool duplicate =
+                            lead == 0.0 && x_variance.data[best] == x_variance.data[tap];
+                        if (duplicate || (lead > 0.0 && lead >= kKinkMargin * scale)) continue;
+                        return reject("max_pool2d tie",
+                                      absl::StrCat("window [", n, ", ", ch, ", ", oh, ", ", ow,
+                                                   "]: ", x.data[best], " vs ", x.data[tap],
+                                                   ", modelled error scale ", scale));
+                      }
+                      y_variance.at(n, ch, oh, ow) = x_variance.data[best];
+                    }
+                  }
+                }
+              }
+              return true;
+            },
+            [&](const AvgPool2dSpec& pool) {
+              y_variance = AvgPool2dForward(pool, magnitudes);
+              for (size_t k = 0; k < y.data.size(); ++k)
+                y_variance.data[k] += y.data[k] * y.data[k];
+              return true;
+            },
+            [&](const BatchNorm2dSpec& norm) {
+              const RefTensor mean_given = parameter(layer, "running_mean");
+              const RefTensor var_given = parameter(layer, "running_var");
+              const int64_t batch = x.shape[0], height = x.shape[2], width = x.shape[3];
+              const double count = static_cast<double>(batch * height * width);
+              for (int64_t ch = 0; ch < norm.num_features; ++ch) {
+                double sum = 0.0, sum_magnitudes = 0.0;
+                for (int64_t n = 0; n < batch; ++n) {
+                  for (int64_t h = 0; h < height; ++h) {
+                    for (int64_t w = 0; w < width; ++w) {
+                      sum += x.at(n, ch, h, w);
+                      sum_magnitudes += magnitudes.at(n, ch, h, w);
+                    }
+                  }
+                }
+                double mean = mean_given.data[static_cast<size_t>(ch)];
+                double var = var_given.data[static_cast<size_t>(ch)];
+                if (norm.training) {
+                  mean = sum / count;
+                  double sum_squares = 0.0;
+                  for (int64_t n = 0; n < batch; ++n) {
+                    for (int64_t h = 0; h < height; ++h) {
+                      for (int64_t w = 0; w < width; ++w) {
+                        sum_squares += (x.at(n, ch, h, w) - mean) * (x.at(n, ch, h, w) - mean);
+                      }
+                    }
+                  }
+                  var = sum_squares / count;
+                  if (var < kMinBatchVarianceRatio * sum_magnitudes / count) {
+                    return reject("batch_norm2d variance",
+                                  absl::StrCat("channel ", ch, ": mean ", mean, ", variance ", var,
+                                               ", mean square ", sum_magnitudes / count));
+                  }
+                }
+                const double inv_std = 1.0 / std::sqrt(var + norm.eps);
+                const double scale =
+                    norm.affine ? parameter(layer, "weight").data[static_cast<size_t>(ch)] : 1.0;
+                const double shift =
+                    norm.affine ? parameter(layer, "bias").data[static_cast<size_t>(ch)] : 0.0;
+                // In training mode the batch statistics' own error: the mean's squared error
+                // is about `average` / count, the variance's 4 var `average` / count, so
+                // inv_std's relative one var `average` / (count (var + eps)^2).
+                const double average = (sum_magnitudes + mean * mean * count) / count;
+                const double statistics_variance = norm.training ? average / count : 0.0;
+                for (int64_t n = 0; n < batch; ++n) {
+                  for (int64_t h = 0; h < height; ++h) {
+                    for (int64_t w = 0; w < width; ++w) {
+                      const double x_hat = (x.at(n, ch, h, w) - mean) * inv_std;
+                      const double gain = scale * inv_std;
+                      y_variance.at(n, ch, h, w) =
+                          gain * gain *
+                              (magnitudes.at(n, ch, h, w) + mean * mean + statistics_variance) +
+                          scale * scale * x_hat * x_hat * statistics_variance * var * inv_std *
+                              inv_std * inv_std * inv_std +
+                          shift * shift + y.at(n, ch, h, w) * y.at(n, ch, h, w);
+                    }
+                  }
+                }
+              }
+              return true;
+            },
+            [&](const AddSpec& add) {
+              const RefTensor& other_variance = variance(RefLayerIndex(c.network, add.other, i));
+              for (size_t k = 0; k < y.data.size(); ++k) {
+                y_variance.data[k] =
+                    x_variance.data[k] + other_variance.data[k] + y.data[k] * y.data[k];
+              }
+              return true;
+            },
+        },
+        layer.op);
+    if (!ok) return false;
+    variances.push_back(std::move(y_variance));
+  }
+  const RefTensor& output = outputs.back();
+  double scale = 1.0;
+  for (double v : output.data) scale = std::max(scale, std::abs(v));
+  for (size_t k = 0; k < output.data.size(); ++k) {
+    const double error = kUnitRoundoff * std::sqrt(variances.back().data[k]);
+    if (error > kModelledErrorFraction * kRelativeTolerance * scale) {
+      *reason = "output error";
+      *detail = absl::StrCat("output[", k, "] = ", output.data[k], ", modelled error ", error);
+      return false;
+    }
+  }
+  return true;
+}
+
+// Whether every window of a pooled dim (output size `out`) holds an input element: with
+// dilation or ceil_mode a window can otherwise fall entirely into the padding.
+bool WindowsHitInput(int64_t size, int64_t out, int64_t kernel, int64_t stride, int64_t pad,
+                     int64_t dilation) {
+  for (int64_t o = 0; o < out; ++o) {
+    bool hit = false;
+    for (int64_t k = 0; k < kernel && !hit; ++k) {
+      const int64_t i = o * stride - pad + k * dilation;
+      hit = i >= 0 && i < size;
+    }
+    if (!hit) return false;
+  }
+  return true;
+}
+
+// Draws mixed case `index` of run `seed`: the same pair always gives the same case.
+class MixedCaseGenerator : RandomDraws {
+ public:
+  MixedCaseGenerator(uint64_t seed, uint64_t index)
+      : RandomDraws(seed, kMixedCaseOffset + index), seed_(seed), index_(index) {}
+
+  PropertyCase Generate(Rejections* rejections) {
+    PropertyCase c;
+    std::string last_detail;
+    for (int network_draw = 1;; ++network_draw) {
+      c = PropertyCase();
+      c.seed = seed_;
+      c.index = index_;
+      c.test = "MixedNetworksMatchReference";
+      do {
+        DrawNetwork(&c);
+      } while (multiply_adds_ > kMixedMaxMultiplyAdds);
+      CheckShapes(c);
+      DrawObjective(&c);
+      RandomSelection(&c);
+      for (int draw = 0; draw < kMixedValueDraws; ++draw) {
+        DrawValues(&c);
+        ++rejections->value_draws;
+        std::string reason;
+        if (WellConditioned(c, &reason, &last_detail)) return c;
+        ++rejections->by_reason[reason];
+      }
+      ++rejections->networks_redrawn;
+      if (network_draw == kMaxNetworkDraws) {
+        ADD_FAILURE() << "could not draw a well-conditioned case; the last draw: " << last_detail
+                      << "\n"
+                      << c.Describe();
+        return c;
+      }
+    }
+  }
+
+ private:
+  // A random network of 1..kMixedMaxBlocks blocks and maybe a linear head, on a random input.
+  void DrawNetwork(PropertyCase* c) {
+    c->network = {};
+    c->parameter_shapes.clear();
+    c->buffers.clear();
+    network_ = &c->network;
+    shapes_.clear();
+    omitted_stats_.clear();
+    multiply_adds_ = 0;
+    c->input_shape = {Uniform(1, kMixedMaxBatch), Uniform(1, 8), Uniform(2, kMixedMaxSpatial),
+                      Uniform(2, kMixedMaxSpatial)};
+    input_shape_ = shape_ = c->input_shape;
+    last_ = gradengine::kNetworkInput;
+    const int blocks = static_cast<int>(Uniform(1, kMixedMaxBlocks));
+    for (int b = 0; b < blocks; ++b) {
+      const double kind = UniformReal(0.0, 1.0);
+      if (kind < 0.35) {
+        ConvBlock();
+      } else if (kind < 0.7) {
+        ResidualBlock();
+      } else if (kind < 0.85) {
+        AppendPool(Chance(0.5));
+      } else {
+        AppendBatchNorm();
+        if (Chance(0.7)) AppendActivation(0.6);
+      }
+    }
+    if (network_->layers.empty() || Chance(0.55)) Head();
+    c->output_shape = shape_;
+    DropRedundantShifts(network_);
+    for (const LayerSpec& layer : network_->layers) {
+      for (const gradengine::ParameterInfo& info : gradengine::LayerParameters(layer)) {
+        if (!info.trainable) {
+          if (!info.required && omitted_stats_.count(layer.name) > 0) continue;
+          c->buffers.insert(info.name);
+        }
+        c->parameter_shapes.push_back({info.name, info.shape});
+      }
+    }
+  }
+
+  // A bias whose output only shifts the inputs of training-mode batch norms (directly or
+  // through adds and shift-preserving pools) has a gradient of exactly 0: each of those batch
+  // norms subtracts its batch mean. A float engine returns instead the rounding noise of a
+  // sum of terms that cancel, up to u sqrt(count) max|dL/dx| with dL/dx up to 1/sqrt(eps)
+  // times dL/dy, which the tolerance's absolute floor (1e-4) does not allow for. PyTorch's
+  // networks leave such biases out (bias=False before BatchNorm2d); so does the generator:
+  // their conv loses its bias, a batch norm its affine transform.
+  static void DropRedundantShifts(gradengine::NetworkSpec* network) {
+    for (size_t i = 0; i < network->layers.size(); ++i) {
+      if (!OnlyShiftsTrainingNorms(*network, i)) continue;
+      std::visit(Overloaded{
+                     [](Conv2dSpec& conv) { conv.bias = false; },
+                     [](BatchNorm2dSpec& norm) { norm.affine = false; },
+                     [](ActivationSpec&) {},
+                     [](MaxPool2dSpec&) {},
+                     [](AvgPool2dSpec&) {},
+                     [](LinearSpec&) {},  // never followed by a batch norm
+                     [](AddSpec&) {},
+                 },
+                 network->layers[i].op);
+    }
+  }
+
+  // Whether every reader of layers[producer]'s output is a training-mode batch norm, or an add
+  // or a shift-preserving pool whose output in turn only reaches those.
+  static bool OnlyShiftsTrainingNorms(const gradengine::NetworkSpec& network, size_t producer) {
+    bool read = false;
+    for (size_t j = producer + 1; j < network.layers.size(); ++j) {
+      const LayerSpec& layer = network.layers[j];
+      const bool reads_it = RefInputSource(network, j) == static_cast<int>(producer) ||
+                            (std::holds_alternative<AddSpec>(layer.op) &&
+                             RefLayerIndex(network, std::get<AddSpec>(layer.op).other, j) ==
+                                 static_cast<int>(producer));
+      if (!reads_it) continue;
+      read = true;
+      const bool passes = std::visit(
+          Overloaded{
+              [](const BatchNorm2dSpec& norm) { return norm.training; },
+              [&](const AddSpec&) { return OnlyShiftsTrainingNorms(network, j); },
+              [&](const MaxPool2dSpec&) { return OnlyShiftsTrainingNorms(network, j); },
+              [&](const AvgPool2dSpec& pool) {
+                // Zero padding in a window's divisor scales a shift unevenly.
+                const bool uniform = !pool.count_include_pad ||
+                                     (pool.pad_h == 0 && pool.pad_w == 0 && !pool.ceil_mode);
+                return uniform && OnlyShiftsTrainingNorms(network, j);
+              },
+              [](const Conv2dSpec&) { return false; },
+              [](const ActivationSpec&) { return false; },
+              [](const LinearSpec&) { return false; },
+          },
+          layer.op);
+      if (!passes) return false;
+    }
+    return read;  // the network's output is read by the objective
+  }
+
+  // The generator's shapes are its own (the reference's size rules); the engine's validation
+  // must agree with them.
+  static void CheckShapes(const PropertyCase& c) {
+    absl::StatusOr<gradengine::ValidatedNetwork> validated =
+        gradengine::ValidateNetwork(c.network, c.input_shape, std::numeric_limits<int64_t>::max());
+    if (!validated.ok()) {
+      ADD_FAILURE() << "the engine rejects a generated network: " << validated.status() << "\n"
+                    << c.Describe();
+    } else if (validated->output_shapes.back() != c.output_shape) {
+      ADD_FAILURE() << "the engine's output shape "
+                    << gradengine::ShapeToString(validated->output_shapes.back())
+                    << " differs from the generator's\n"
+                    << c.Describe();
+    }
+  }
+
+  // conv [batch norm] [activation] [pool].
+  void ConvBlock() {
+    AppendConv(RandomConv(shape_, kMixedMaxChannels));
+    if (Chance(0.6)) AppendBatchNorm();
+    if (Chance(0.8)) AppendActivation(0.6);
+    if (Chance(0.35)) AppendPool(Chance(0.6));
+  }
+
+  // A ResNet basic block: conv-[bn]-activation-conv-[bn] plus a shortcut (the block's input, or
+  // a 1x1 projection of it, stride 2 when the branch downsamples), an add, [activation]. The
+  // shortcut is placed before or after the branch, so that either one reads the block input
+  // by name, and the add takes its operands either way round.
+  void ResidualBlock() {
+    const std::string block_input = last_;
+    const std::vector<int64_t> in_shape = shape_;
+    const int64_t stride = in_shape[2] >= 3 && in_shape[3] >= 3 && Chance(0.4) ? 2 : 1;
+    const int64_t channels = Chance(0.5) ? in_shape[1] : Uniform(1, kMixedMaxChannels);
+    const bool identity = stride == 1 && channels == in_shape[1] && Chance(0.6);
+    const bool shortcut_first = !identity && Chance(0.5);
+    const bool norms = Chance(0.7);
+    const auto projection = [&] {
+      AppendConv(Conv2dSpec::Square(in_shape[1], channels, 1, stride, 0, Chance(0.3)), block_input);
+      if (norms) AppendBatchNorm();
+      return last_;
+    };
+    std::string shortcut = block_input;
+    if (shortcut_first) shortcut = projection();
+    const int64_t kernel = Chance(0.75) ? 3 : 1;
+    const bool bias = Chance(0.3);
+    const bool named_input = shortcut_first || Chance(0.3);
+    AppendConv(Conv2dSpec::Square(in_shape[1], channels, kernel, stride, kernel / 2, bias),
+               named_input ? block_input : "");
+    if (norms) AppendBatchNorm();
+    AppendActivation(0.7);
+    const int64_t kernel2 = Chance(0.75) ? 3 : 1;
+    AppendConv(Conv2dSpec::Square(channels, channels, kernel2, 1, kernel2 / 2, Chance(0.3)));
+    if (norms) AppendBatchNorm();
+    const std::string branch = last_;
+    if (!identity && !shortcut_first) shortcut = projection();
+    if (Chance(0.5)) {
+      AppendAdd(branch, shortcut);
+    } else {
+      AppendAdd(shortcut, branch);
+    }
+    if (Chance(0.7)) AppendActivation(0.7);
+  }
+
+  // [global pool] linear, or linear-activation-[linear-add]-linear: logits [N, classes].
+  void Head() {
+    const int64_t spatial = shape_[2] * shape_[3];
+    if (spatial > 1 && (shape_[1] * spatial > kMaxHeadFeatures || Chance(0.3))) {
+      if (Chance(0.5)) {
+        MaxPool2dSpec pool;
+        pool.kernel_h = pool.stride_h = shape_[2];
+        pool.kernel_w = pool.stride_w = shape_[3];
+        Append("pool", pool, {shape_[0], shape_[1], 1, 1});
+      } else {
+        AvgPool2dSpec pool;
+        pool.kernel_h = pool.stride_h = shape_[2];
+        pool.kernel_w = pool.stride_w = shape_[3];
+        Append("pool", pool, {shape_[0], shape_[1], 1, 1});
+      }
+    }
+    const int64_t features = shape_[1] * shape_[2] * shape_[3];
+    const int64_t classes = Uniform(2, kMaxClasses);
+    if (Chance(0.25)) {
+      AppendLinear(features, classes);
+      return;
+    }
+    const int64_t hidden = Uniform(2, kMaxHidden);
+    AppendLinear(features, hidden);
+    const std::string activation = AppendActivation(0.5);
+    if (Chance(0.35)) {
+      AppendLinear(hidden, hidden);
+      AppendAdd(last_, activation);
+      if (Chance(0.5)) AppendActivation(0.5);
+    }
+    AppendLinear(hidden, classes);
+  }
+
+  // Appends a layer reading `input` (empty: the previous layer) whose output has `shape`, and
+  // returns its name.
+  std::string Append(const char* prefix, gradengine::LayerOp op, std::vector<int64_t> shape,
+                     std::string input = "") {
+    const std::string name = absl::StrCat(prefix, network_->layers.size());
+    network_->layers.emplace_back(name, std::move(op), std::move(input));
+    shapes_[name] = shape;
+    shape_ = std::move(shape);
+    last_ = name;
+    return name;
+  }
+
+  const std::vector<int64_t>& ShapeOf(const std::string& name) const {
+    return name == gradengine::kNetworkInput ? input_shape_ : shapes_.at(name);
+  }
+
+  void AppendConv(const Conv2dSpec& conv, const std::string& input = "") {
+    const std::vector<int64_t>& in = input.empty() ? shape_ : ShapeOf(input);
+    std::vector<int64_t> out = {in[0], conv.out_channels,
+                                RefConvOutputSize(in[2], conv.kernel_h, conv.stride_h, conv.pad_top,
+                                                  conv.pad_bottom, conv.dilation_h),
+                                RefConvOutputSize(in[3], conv.kernel_w, conv.stride_w,
+                                                  conv.pad_left, conv.pad_right, conv.dilation_w)};
+    multiply_adds_ +=
+        NumElements(out) * conv.in_channels / conv.groups * conv.kernel_h * conv.kernel_w;
+    Append("conv", conv, std::move(out), input);
+  }
+
+  void AppendLinear(int64_t in_features, int64_t out_features) {
+    multiply_adds_ += shape_[0] * in_features * out_features;
+    Append("fc", LinearSpec{in_features, out_features, Chance(0.7)}, {shape_[0], out_features});
+  }
+
+  // Reads `input` (by name if it is not the previous layer) and adds `other`.
+  void AppendAdd(const std::string& input, const std::string& other) {
+    Append("add", AddSpec{other}, ShapeOf(input), input == last_ ? "" : input);
+  }
+
+  // A relu with probability `relu`, else any activation. Returns its name.
+  std::string AppendActivation(double relu) {
+    ActivationSpec activation;
+    activation.kind = Chance(relu) ? ActivationKind::kRelu
+                                   : kActivationKinds[Uniform(0, std::size(kActivationKinds) - 1)];
+    activation.alpha =
+        activation.kind == ActivationKind::kElu ? UniformReal(0.2, 2.0) : UniformReal(0.01, 0.3);
+    return Append("act", activation, shape_);
+  }
+
+  // Training or inference mode (training needs more than one value per channel), eps and
+  // momentum PyTorch's or others, affine or not, running statistics given or not.
+  void AppendBatchNorm() {
+    BatchNorm2dSpec norm;
+    norm.num_features = shape_[1];
+    if (!Chance(0.6)) norm.eps = UniformReal(1e-4, 1e-2);
+    const double momentum = UniformReal(0.0, 1.0);
+    if (momentum > 0.5) norm.momentum = momentum > 0.95 ? 1.0 : momentum < 0.55 ? 0.0 : momentum;
+    norm.affine = Chance(0.75);
+    norm.training = shape_[0] * shape_[2] * shape_[3] > 1 && Chance(0.65);
+    const std::string name = Append("bn", norm, shape_);
+    if (norm.training && Chance(0.5)) omitted_stats_.insert(name);
+  }
+
+  // A max or avg pool with a random window that fits: kernel 1..4, stride 1..3, padding up to
+  // half the kernel, dilation 1..3 (max only), ceil_mode, count_include_pad (avg only). Skipped
+  // when no draw fits the input.
+  void AppendPool(bool max) {
+    for (int attempt = 0; attempt < 30; ++attempt) {
+      int64_t kernel[2], stride[2], pad[2], dilation[2] = {1, 1}, out[2];
+      kernel[0] = Uniform(1, 4);
+      kernel[1] = Chance(0.6) ? kernel[0] : Uniform(1, 4);
+      stride[0] = Uniform(1, 3);
+      stride[1] = Chance(0.6) ? stride[0] : Uniform(1, 3);
+      const bool ceil_mode = Chance(0.4);
+      bool fits = true;
+      for (int d = 0; d < 2; ++d) {
+        pad[d] = Uniform(0, kernel[d] / 2);
+        if (max && Chance(0.3)) dilation[d] = Uniform(2, 3);
+        out[d] =
+            RefPoolOutputSize(shape_[2 + d], kernel[d], stride[d], pad[d], dilation[d], ceil_mode);
+        fits = fits && out[d] >= 1 &&
+               WindowsHitInput(shape_[2 + d], out[d], kernel[d], stride[d], pad[d], dilation[d]);
+      }
+      if (!fits) continue;
+      const std::vector<int64_t> shape = {shape_[0], shape_[1], out[0], out[1]};
+      if (max) {
+        MaxPool2dSpec pool;
+        pool.kernel_h = kernel[0];
+        pool.kernel_w = kernel[1];
+        pool.stride_h = stride[0];
+        pool.stride_w = stride[1];
+        pool.pad_h = pad[0];
+        pool.pad_w = pad[1];
+        pool.dilation_h = dilation[0];
+        pool.dilation_w = dilation[1];
+        pool.ceil_mode = ceil_mode;
+        Append("pool", pool, shape);
+      } else {
+        AvgPool2dSpec pool;
+        pool.kernel_h = kernel[0];
+        pool.kernel_w = kernel[1];
+        pool.stride_h = stride[0];
+        pool.stride_w = stride[1];
+        pool.pad_h = pad[0];
+        pool.pad_w = pad[1];
+        pool.ceil_mode = ceil_mode;
+        pool.count_include_pad = Chance(0.5);
+        Append("pool", pool, shape);
+      }
+      return;
+    }
+  }
+
+  // Cross-entropy more often on [N, C] logits than per pixel; its label_smoothing and an
+  // ignore_index that is PyTorch's default, another negative value, or a class index.
+  void DrawObjective(PropertyCase* c) {
+    const bool flat = c->output_shape.size() == 2;
+    if (Chance(flat ? 0.6 : 0.25)) {
+      c->objective = ObjectiveKind::kCrossEntropy;
+      c->labels_shape = {c->output_shape[0]};
+      if (!flat) {
+        c->labels_shape.push_back(c->output_shape[2]);
+        c->labels_shape.push_back(c->output_shape[3]);
+      }
+      c->label_smoothing = Chance(0.4) ? 0.0 : UniformReal(0.0, 0.6);
+      const int64_t which = Uniform(0, 3);
+      c->ignore_index = which < 2 ? -100 : which == 2 ? -1 : Uniform(0, c->output_shape[1] - 1);
+    } else {
+      c->objective = kObjectiveKinds[Uniform(0, std::size(kObjectiveKinds) - 1)];
+    }
+  }
+
+  void DrawValues(PropertyCase* c) {
+    c->input.resize(static_cast<size_t>(NumElements(c->input_shape)));
+    for (float& v : c->input) v = Normal(1.0);
+    c->parameter_values.clear();
+    for (const auto& [name, shape] : c->parameter_shapes) {
+      std::vector<float>& values = c->parameter_values[name];
+      values.resize(static_cast<size_t>(NumElements(shape)));
+      const std::string suffix = name.substr(name.rfind('.') + 1);
+      for (float& v : values) {
+        if (suffix == "running_var") {
+          v = UniformReal(0.25, 2.0);
+        } else if (suffix == "running_mean") {
+          v = Normal(0.5);
+        } else if (suffix == "bias") {
+          v = Normal(0.5);
+        } else if (shape.size() == 1) {  // a batch norm's scale, mostly positive
+          v = (Chance(0.9) ? 1.0f : -1.0f) + Normal(0.3);
+        } else {  // conv or linear: 1/sqrt(fan_in) keeps activations O(1)
+          v = Normal(1.0 / std::sqrt(static_cast<double>(NumElements(shape) / shape[0])));
+        }
+      }
+    }
+    c->objective_tensor.clear();
+    if (c->objective == ObjectiveKind::kMse || c->objective == ObjectiveKind::kGradOutput) {
+      c->objective_tensor.resize(static_cast<size_t>(NumElements(c->output_shape)));
+      for (float& v : c->objective_tensor) v = Normal(1.0);
+    }
+    c->labels.clear();
+    if (c->objective == ObjectiveKind::kCrossEntropy) {
+      c->labels.resize(static_cast<size_t>(NumElements(c->labels_shape)));
+      for (int64_t& label : c->labels) {
+        label = Chance(0.15) ? c->ignore_index : Uniform(0, c->output_shape[1] - 1);
+      }
+    }
+  }
+
+  const uint64_t seed_;
+  const uint64_t index_;
+  // The network being drawn, its input's and every layer's output shape, the last layer's
+  // output shape and name (kNetworkInput before the first), the training-mode batch norms
+  // whose running statistics the request leaves out, and the multiply-adds so far.
+  gradengine::NetworkSpec* network_ = nullptr;
+  std::vector<int64_t> input_shape_;
+  std::map<std::string, std::vector<int64_t>> shapes_;
+  std::vector<int64_t> shape_;
+  std::string last_;
+  std::set<std::string> omitted_stats_;
+  int64_t multiply_adds_ = 0;
+};
+
+PropertyCase MakeMixedCase(uint64_t index, Rejections* rejections) {
+  return MixedCaseGenerator(RunSeed(), index).Generate(rejections);
+}
+
 template <typename Values>
 ::testing::AssertionResult Close(const std::string& what, absl::Span<const int64_t> actual_shape,
                                  const Values& actual, const RefTensor& expected) {
@@ -433,7 +1236,21 @@ template <typename Values>
                       absl::MakeConstSpan(expected.data));
 }
 
-// Output, loss, and exactly the requested gradients, each close to the reference.
+// Exactly the updated running statistics of the reference (those of every batch norm in
+// training mode), each close to it.
+void ExpectRunningStatsMatch(const gradengine::ParameterTensors& actual,
+                             const std::map<std::string, RefTensor>& expected) {
+  std::set<std::string> actual_names, expected_names;
+  for (const auto& [name, stats] : actual) actual_names.insert(name);
+  for (const auto& [name, stats] : expected) expected_names.insert(name);
+  ASSERT_EQ(actual_names, expected_names) << "running_stats";
+  for (const auto& [name, stats] : actual) {
+    EXPECT_TRUE(Close(name, stats.shape, stats.data, expected.at(name)));
+  }
+}
+
+// Output, loss, exactly the requested gradients and the updated running statistics, each close
+// to the reference.
 void ExpectMatchesReference(const PropertyCase& c, const GradientResult& actual,
                             const ReferenceResult& expected) {
   EXPECT_TRUE(Close("output", actual.output.shape, actual.output.data, expected.output));
@@ -458,6 +1275,7 @@ void ExpectMatchesReference(const PropertyCase& c, const GradientResult& actual,
   for (const auto& [name, grad] : actual.parameter_grads) {
     EXPECT_TRUE(Close(name + " grad", grad.shape, grad.data, expected.parameter_grads.at(name)));
   }
+  ExpectRunningStatsMatch(actual.running_stats, expected.running_stats);
 }
 
 bool BitIdentical(const gradengine::Tensor& a, const gradengine::Tensor& b) {
@@ -492,6 +1310,17 @@ bool BitIdentical(const GradientResult& a, const GradientResult& b, std::string*
       return false;
     }
   }
+  if (a.running_stats.size() != b.running_stats.size()) {
+    *why = "the set of running stats";
+    return false;
+  }
+  for (const auto& [name, stats] : a.running_stats) {
+    auto it = b.running_stats.find(name);
+    if (it == b.running_stats.end() || !BitIdentical(stats, it->second)) {
+      *why = name;
+      return false;
+    }
+  }
   return true;
 }
 
@@ -504,6 +1333,17 @@ struct Coverage {
       with_bias = 0, without_bias = 0, batched = 0, non_square_input = 0, multi_layer = 0,
       input_grad_on = 0, input_grad_off = 0, all_parameters = 0, parameter_list = 0,
       channels_not_multiple_of_16 = 0;
+  // Layers of the mixed networks.
+  int max_pool = 0, avg_pool = 0, pool_ceil_mode = 0, pool_padded = 0, pool_dilated = 0,
+      pool_overlapping = 0, pool_non_square = 0, avg_pool_excluding_padding = 0,
+      batch_norm_training = 0, batch_norm_inference = 0, batch_norm_not_affine = 0,
+      batch_norm_default_stats = 0, batch_norm_given_stats_training = 0,
+      batch_norm_odd_momentum = 0, adds = 0, adds_of_the_input = 0, adds_of_flat_tensors = 0,
+      named_inputs = 0, projections = 0, strided_projections = 0, linear = 0,
+      linear_without_bias = 0, linear_on_spatial_input = 0;
+  // Objectives of the mixed networks.
+  int cross_entropy_flat = 0, cross_entropy_per_pixel = 0, label_smoothing = 0, ignored_labels = 0,
+      ignore_index_a_class = 0, loss_on_spatial_output = 0, loss_on_flat_output = 0;
 
   void Add(const PropertyCase& c) {
     objectives.insert(c.objective);
@@ -514,20 +1354,83 @@ struct Coverage {
     input_grad_off += !c.gradients.input;
     all_parameters += c.gradients.all_parameters;
     parameter_list += !c.gradients.all_parameters && !c.gradients.parameters.empty();
-    for (const LayerSpec& layer : c.network.layers) {
-      if (const auto* conv = std::get_if<Conv2dSpec>(&layer.op)) {
-        grouped += conv->groups > 1;
-        strided += conv->stride_h > 1 || conv->stride_w > 1;
-        padded_asymmetrically +=
-            conv->pad_top != conv->pad_bottom || conv->pad_left != conv->pad_right;
-        dilated += conv->dilation_h > 1 || conv->dilation_w > 1;
-        non_square_kernel += conv->kernel_h != conv->kernel_w;
-        with_bias += conv->bias;
-        without_bias += !conv->bias;
-        channels_not_multiple_of_16 += conv->in_channels % 16 != 0 || conv->out_channels % 16 != 0;
-      } else {
-        activations.insert(std::get<ActivationSpec>(layer.op).kind);
-      }
+    const bool flat_output = c.output_shape.size() == 2;
+    if (c.objective == ObjectiveKind::kCrossEntropy) {
+      cross_entropy_flat += flat_output;
+      cross_entropy_per_pixel += !flat_output;
+      label_smoothing += c.label_smoothing > 0.0;
+      ignored_labels += std::count(c.labels.begin(), c.labels.end(), c.ignore_index) > 0;
+      ignore_index_a_class += c.ignore_index >= 0;
+    } else {
+      loss_on_spatial_output += !flat_output;
+      loss_on_flat_output += flat_output;
+    }
+    // The rank of each layer's output: 2 from a linear layer on, else 4.
+    std::vector<size_t> ranks;
+    for (size_t i = 0; i < c.network.layers.size(); ++i) {
+      const LayerSpec& layer = c.network.layers[i];
+      const int source = RefInputSource(c.network, i);
+      const size_t input_rank = source < 0 ? c.input_shape.size() : ranks[source];
+      const bool is_linear = std::holds_alternative<LinearSpec>(layer.op);
+      ranks.push_back(is_linear ? 2 : input_rank);
+      linear_on_spatial_input += is_linear && input_rank == 4;
+      adds_of_flat_tensors += std::holds_alternative<AddSpec>(layer.op) && input_rank == 2;
+      named_inputs += !layer.input.empty();
+      std::visit(
+          Overloaded{
+              [&](const Conv2dSpec& conv) {
+                grouped += conv.groups > 1;
+                strided += conv.stride_h > 1 || conv.stride_w > 1;
+                padded_asymmetrically +=
+                    conv.pad_top != conv.pad_bottom || conv.pad_left != conv.pad_right;
+                dilated += conv.dilation_h > 1 || conv.dilation_w > 1;
+                non_square_kernel += conv.kernel_h != conv.kernel_w;
+                with_bias += conv.bias;
+                without_bias += !conv.bias;
+                channels_not_multiple_of_16 +=
+                    conv.in_channels % 16 != 0 || conv.out_channels % 16 != 0;
+                const bool projection =
+                    conv.kernel_h == 1 && conv.kernel_w == 1 && !layer.input.empty();
+                projections += projection;
+                strided_projections += projection && conv.stride_h == 2;
+              },
+              [&](const ActivationSpec& activation) { activations.insert(activation.kind); },
+              [&](const MaxPool2dSpec& pool) {
+                ++max_pool;
+                pool_ceil_mode += pool.ceil_mode;
+                pool_padded += pool.pad_h > 0 || pool.pad_w > 0;
+                pool_dilated += pool.dilation_h > 1 || pool.dilation_w > 1;
+                pool_overlapping += pool.stride_h < pool.kernel_h || pool.stride_w < pool.kernel_w;
+                pool_non_square += pool.kernel_h != pool.kernel_w;
+              },
+              [&](const AvgPool2dSpec& pool) {
+                ++avg_pool;
+                pool_ceil_mode += pool.ceil_mode;
+                pool_padded += pool.pad_h > 0 || pool.pad_w > 0;
+                pool_overlapping += pool.stride_h < pool.kernel_h || pool.stride_w < pool.kernel_w;
+                pool_non_square += pool.kernel_h != pool.kernel_w;
+                avg_pool_excluding_padding +=
+                    !pool.count_include_pad && (pool.pad_h > 0 || pool.pad_w > 0 || pool.ceil_mode);
+              },
+              [&](const BatchNorm2dSpec& norm) {
+                const bool given = c.buffers.count(layer.name + ".running_mean") > 0;
+                batch_norm_training += norm.training;
+                batch_norm_inference += !norm.training;
+                batch_norm_not_affine += !norm.affine;
+                batch_norm_default_stats += norm.training && !given;
+                batch_norm_given_stats_training += norm.training && given;
+                batch_norm_odd_momentum += norm.momentum != 0.1;
+              },
+              [&](const LinearSpec& linear_spec) {
+                ++linear;
+                linear_without_bias += !linear_spec.bias;
+              },
+              [&](const AddSpec& add) {
+                ++adds;
+                adds_of_the_input += add.other == gradengine::kNetworkInput;
+              },
+          },
+          layer.op);
     }
   }
 
@@ -541,6 +1444,51 @@ struct Coverage {
       EXPECT_GT(count, 0);
     }
   }
+
+  void ExpectMixedComplete() const {
+    EXPECT_EQ(activations.size(), std::size(kActivationKinds));
+    EXPECT_EQ(objectives.size(), std::size(kObjectiveKinds) + 1);  // and cross-entropy
+    int index = 0;
+    for (int count : {max_pool,
+                      avg_pool,
+                      pool_ceil_mode,
+                      pool_padded,
+                      pool_dilated,
+                      pool_overlapping,
+                      pool_non_square,
+                      avg_pool_excluding_padding,
+                      batch_norm_training,
+                      batch_norm_inference,
+                      batch_norm_not_affine,
+                      batch_norm_default_stats,
+                      batch_norm_given_stats_training,
+                      batch_norm_odd_momentum,
+                      adds,
+                      adds_of_the_input,
+                      adds_of_flat_tensors,
+                      named_inputs,
+                      projections,
+                      strided_projections,
+                      linear,
+                      linear_without_bias,
+                      linear_on_spatial_input,
+                      cross_entropy_flat,
+                      cross_entropy_per_pixel,
+                      label_smoothing,
+                      ignored_labels,
+                      ignore_index_a_class,
+                      loss_on_spatial_output,
+                      loss_on_flat_output,
+                      batched,
+                      non_square_input,
+                      input_grad_on,
+                      input_grad_off,
+                      all_parameters,
+                      parameter_list}) {
+      EXPECT_GT(count, 0) << "mixed coverage counter " << index;
+      ++index;
+    }
+  }
 };
 
 std::unique_ptr<gradengine::Engine> MakeEngine(
@@ -551,7 +1499,9 @@ std::unique_ptr<gradengine::Engine> MakeEngine(
 }
 
 // Runs case `c` (number `index`) on `engine` and compares everything with the reference.
-void CheckCase(gradengine::Engine& engine, const PropertyCase& c, int index) {
+// Every `forward_every`-th case also runs forward-only.
+void CheckCase(gradengine::Engine& engine, const PropertyCase& c, int index,
+               int forward_every = 4) {
   const GradientRequest request = c.MakeRequest();
   const ReferenceResult expected = RunReference(request);
 
@@ -559,13 +1509,15 @@ void CheckCase(gradengine::Engine& engine, const PropertyCase& c, int index) {
   ASSERT_TRUE(actual.ok()) << actual.status();
   ExpectMatchesReference(c, *actual, expected);
 
-  // Every fourth case also forward-only, and every tenth once more: the plan is then cached,
-  // and the cached plan must give the same bits.
-  if (index % 4 == 0) {
+  // Some cases also forward-only, and every tenth once more: the plan is then cached, and the
+  // cached plan must give the same bits.
+  if (index % forward_every == 0) {
     absl::StatusOr<gradengine::ForwardResult> forward = engine.Forward(c.MakeForwardRequest());
     ASSERT_TRUE(forward.ok()) << forward.status();
     EXPECT_TRUE(
         Close("forward output", forward->output.shape, forward->output.data, expected.output));
+    SCOPED_TRACE("forward");
+    ExpectRunningStatsMatch(forward->running_stats, expected.running_stats);
   }
   if (index % 10 == 0) {
     const int64_t hits_before = engine.stats().plan_cache_hits;
@@ -629,6 +1581,57 @@ TEST(EnginePropertyTest, MatchesReferenceOnRandomCases) {
   if (!only.has_value()) {
     EXPECT_EQ(cases_run, kCases);
     coverage.ExpectComplete();
+  }
+}
+
+// Random networks of every layer kind (see kMixedCases), well conditioned for float32 (see
+// WellConditioned), on both engines, gradients and forward-only, against the reference.
+TEST(EnginePropertyTest, MixedNetworksMatchReference) {
+  ReportSeed();
+  std::unique_ptr<gradengine::Engine> engine = MakeEngine();
+  ASSERT_NE(engine, nullptr);
+  gradengine::EngineOptions winograd_everywhere;
+  winograd_everywhere.winograd_min_channels = 1;
+  std::unique_ptr<gradengine::Engine> winograd_engine = MakeEngine(winograd_everywhere);
+  ASSERT_NE(winograd_engine, nullptr);
+  const std::optional<int> only = NumberFromEnvironment<int>("GRAD_TEST_CASE");
+  Coverage coverage;
+  Rejections rejections;
+  int cases_run = 0;
+  size_t layers = 0;
+  std::vector<int> failed_cases;
+  const auto start = std::chrono::steady_clock::now();
+  for (int index = only.value_or(0); index < (only.has_value() ? *only + 1 : kMixedCases);
+       ++index) {
+    const PropertyCase c = MakeMixedCase(static_cast<uint64_t>(index), &rejections);
+    coverage.Add(c);
+    ++cases_run;
+    layers += c.network.layers.size();
+    const int failures_before = FailureCount();
+    {
+      SCOPED_TRACE(c.Describe());
+      CheckCase(*engine, c, index, /*forward_every=*/1);
+      SCOPED_TRACE("engine with winograd_min_channels=1");
+      CheckCase(*winograd_engine, c, index, /*forward_every=*/3);
+    }
+    if (FailureCount() != failures_before) failed_cases.push_back(index);
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::string reasons;
+  for (const auto& [reason, count] : rejections.by_reason) {
+    absl::StrAppend(&reasons, " ", reason, ": ", count, ";");
+  }
+  std::cout << cases_run << " mixed cases (" << layers << " layers) in " << seconds << " s; "
+            << rejections.value_draws << " value draws, rejected:" << reasons
+            << " networks redrawn " << rejections.networks_redrawn << "\n";
+  EXPECT_TRUE(failed_cases.empty()) << failed_cases.size() << " of " << cases_run
+                                    << " cases failed: " << absl::StrJoin(failed_cases, ", ");
+  if (!only.has_value()) {
+    EXPECT_EQ(cases_run, kMixedCases);
+    coverage.ExpectMixedComplete();
+    // Conditioning that rejects most draws would test a biased sample of networks.
+    EXPECT_LE(rejections.value_draws, 2 * kMixedCases);
   }
 }
 
@@ -735,6 +1738,12 @@ TEST(EnginePropertyTest, ConcurrentCallsGiveSerialResults) {
   for (int i = 0; i < kConcurrentCases; ++i) {
     cases.push_back(MakeCase(kConcurrentCaseOffset + static_cast<uint64_t>(i)));
   }
+  // Mixed networks too: batch norms, whose running statistics must come out the same, and
+  // branches.
+  Rejections rejections;
+  for (int i = 0; i < kConcurrentMixedCases; ++i) {
+    cases.push_back(MakeMixedCase(kConcurrentCaseOffset + static_cast<uint64_t>(i), &rejections));
+  }
   std::vector<absl::StatusOr<GradientResult>> serial;
   for (const PropertyCase& c : cases) {
     serial.push_back(engine->ComputeGradients(c.MakeRequest()));
@@ -777,7 +1786,7 @@ TEST(EnginePropertyTest, ConcurrentCallsGiveSerialResults) {
           << "concurrent result differs from the serial one in " << why;
     }
   }
-  EXPECT_EQ(compared, kThreads * kConcurrentCases);
+  EXPECT_EQ(compared, kThreads * (kConcurrentCases + kConcurrentMixedCases));
 }
 
 }  // namespace
