@@ -41,34 +41,6 @@ bool HasRows(const gradengine::LabelsView& labels, int64_t batch) {
          Elements(labels.shape) == labels.size;
 }
 
-template <typename... Ts>
-struct Overloaded : Ts... {
-  using Ts::operator()...;
-};
-template <typename... Ts>
-Overloaded(Ts...) -> Overloaded<Ts...>;
-
-constexpr char kBatchNormTraining[] =
-    "a batch_norm2d with training=true, which normalises with the statistics of the whole batch";
-
-// Why a layer's output rows depend on other rows of the batch, or "" if they do not. Every
-// kind answers, so that a kind added to LayerOp must.
-std::string RowMixing(const gradengine::LayerOp& op) {
-  const Overloaded mixing{
-      [](const gradengine::Conv2dSpec&) { return std::string(); },
-      [](const gradengine::ActivationSpec&) { return std::string(); },
-      [](const gradengine::MaxPool2dSpec&) { return std::string(); },
-      [](const gradengine::AvgPool2dSpec&) { return std::string(); },
-      [](const gradengine::BatchNorm2dSpec& norm) {
-        // In inference mode it is a per-channel affine map.
-        return norm.training ? std::string(kBatchNormTraining) : std::string();
-      },
-      [](const gradengine::LinearSpec&) { return std::string(); },
-      [](const gradengine::AddSpec&) { return std::string(); },
-  };
-  return std::visit(mixing, op);
-}
-
 gradengine::TensorView SliceRows(const gradengine::TensorView& tensor, BatchSlice slice) {
   const int64_t row = tensor.shape[0] == 0 ? 0 : tensor.size / tensor.shape[0];
   gradengine::TensorView part;
@@ -188,13 +160,14 @@ std::vector<BatchSlice> SplitBatch(int64_t batch, int shards) {
 absl::Status CheckRowsIndependent(const gradengine::NetworkSpec& network, int shards) {
   if (shards <= 1) return absl::OkStatus();
   for (size_t i = 0; i < network.layers.size(); ++i) {
-    const std::string why = RowMixing(network.layers[i].op);
-    if (!why.empty()) {
+    const gradengine::LayerSpec& layer = network.layers[i];
+    if (gradengine::MixesBatch(layer.op)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "shards=", shards, " cannot be used: layers[", i, "] (",
-          gradengine::Quote(network.layers[i].name), ") is ", why,
-          ", so parts of the batch would not compute the whole batch's result; send it with "
-          "shards=1"));
+          "shards=", shards, " cannot be used: layers[", i, "] (", gradengine::Quote(layer.name),
+          ", ", gradengine::LayerKindName(layer.op),
+          ") mixes the rows of the batch (a batch_norm2d in training mode normalises with the "
+          "whole batch's statistics), so parts of the batch would not compute the whole "
+          "batch's result; send it with shards=1"));
     }
   }
   return absl::OkStatus();

@@ -121,6 +121,10 @@ const char* LayerKindName(const LayerOp& op) {
   return VisitLayer(op, [](auto kind, const auto&) -> const char* { return kind.kName; });
 }
 
+bool MixesBatch(const LayerOp& op) {
+  return VisitLayer(op, [](auto kind, const auto& spec) { return kind.MixesBatch(spec); });
+}
+
 std::vector<ParameterInfo> LayerParameters(const LayerSpec& layer) {
   std::vector<ParameterInfo> parameters;
   VisitLayer(layer.op,
@@ -273,8 +277,8 @@ absl::StatusOr<ValidatedNetwork> ValidateNetwork(const NetworkSpec& network,
     if (source >= 0) ++readers[source];
     context.input_shape = shape_of(source);
     std::vector<int64_t> out_shape;
+    result.mixes_batch |= MixesBatch(layer.op);
     absl::Status status = VisitLayer(layer.op, [&](auto kind, const auto& spec) {
-      result.mixes_batch |= kind.MixesBatch(spec);
       return kind.InferShape(spec, context, &out_shape);
     });
     if (!status.ok()) return status;

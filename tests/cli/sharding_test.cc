@@ -349,8 +349,8 @@ TEST(CheckRowsIndependentTest, RefusesBatchNormInTrainingModeNamingIt) {
   const absl::Status status = CheckRowsIndependent(NetworkWithBatchNorm(true), 2);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
   EXPECT_TRUE(absl::StrContains(status.message(),
-                                "shards=2 cannot be used: layers[1] (\"bn1\") is a batch_norm2d "
-                                "with training=true"))
+                                "shards=2 cannot be used: layers[1] (\"bn1\", batch_norm2d) "
+                                "mixes the rows of the batch"))
       << status;
   EXPECT_TRUE(CheckRowsIndependent(NetworkWithBatchNorm(true), 1).ok());
   // In inference mode a batch norm is a per-channel affine map: rows stay independent.

@@ -187,6 +187,10 @@ struct ParameterInfo {
   bool updated = false;
 };
 
+// Whether a row of the layer's output depends on other rows of the batch (batch norm in
+// training mode): a call through such a layer cannot be split into parts of the batch.
+bool MixesBatch(const LayerOp& op);
+
 // The parameters and buffers of `layer`, in PyTorch's order. The one place parameter names
 // and shapes come from: the engine, the wire, the clients and the tests all use it.
 std::vector<ParameterInfo> LayerParameters(const LayerSpec& layer);
