@@ -25,7 +25,8 @@ class LoweredLinear : public LoweredLayer {
     const bool want_bias = spec.bias && b.WantsGrad(bias_name);
     const memory::desc bias_any = spec.bias ? AnyDesc({spec.out_features}) : memory::desc();
     if (want_weight || want_bias) {
-      dnnl::inner_product_backward_weights::desc desc(AnyDesc(in_shape), AnyDesc(weights_shape),
+      // The forward pass's layouts, so that nothing is reordered for the backward one.
+      dnnl::inner_product_backward_weights::desc desc(b.DescOf(src), AnyDesc(weights_shape),
                                                       bias_any, AnyDesc(out_shape));
       dnnl::inner_product_backward_weights::primitive_desc pd(desc, UserScratchpadAttr(), b.cpu(),
                                                               forward);
@@ -46,7 +47,7 @@ class LoweredLinear : public LoweredLayer {
       if (spec.bias) b.FinishParameterGrad(bias_grad);
     }
     if (context.want_diff_src) {
-      dnnl::inner_product_backward_data::desc desc(AnyDesc(in_shape), AnyDesc(weights_shape),
+      dnnl::inner_product_backward_data::desc desc(b.DescOf(src), forward.weights_desc(),
                                                    AnyDesc(out_shape));
       dnnl::inner_product_backward_data::primitive_desc pd(desc, UserScratchpadAttr(), b.cpu(),
                                                            forward);
@@ -96,7 +97,9 @@ std::unique_ptr<LoweredLayer> Lowering<LinearSpec>::Forward(PlanBuilder& b, cons
     attr.set_post_ops(ops);
   }
   const memory::desc bias_any = s.bias ? AnyDesc({s.out_features}) : memory::desc();
-  dnnl::inner_product_forward::desc desc(b.forward_prop(), AnyDesc(l.in_shape),
+  // The input in the layout the layer before wrote it (a blocked one after a convolution or a
+  // pool): the inner product then picks weights to match instead of a reorder of the input.
+  dnnl::inner_product_forward::desc desc(b.forward_prop(), b.DescOf(context.src),
                                          AnyDesc(l.weights_shape), bias_any, AnyDesc(l.out_shape));
   l.forward = dnnl::inner_product_forward::primitive_desc(desc, attr, b.cpu());
   std::vector<Plan::Op>* ops = b.forward_ops();

@@ -123,8 +123,17 @@ void PlanBuilder::AddHostOp(std::vector<Plan::Op>* ops, Plan::HostFunction funct
 
 int PlanBuilder::Convert(std::vector<Plan::Op>* ops, int from, const memory::desc& want) {
   if (DescOf(from) == want) return from;
+  int original = from;
+  for (const auto& [copy, source] : converted_) {
+    if (copy == from) original = source;
+  }
+  if (DescOf(original) == want) return original;
+  for (const auto& [copy, source] : converted_) {
+    if (source == original && DescOf(copy) == want) return copy;
+  }
   int to = AddSlot(want);
-  ConvertInto(ops, from, to);
+  ConvertInto(ops, original, to);
+  converted_.emplace_back(to, original);
   return to;
 }
 

@@ -77,7 +77,9 @@ class PlanBuilder {
   void AddHostOp(std::vector<Plan::Op>* ops, Plan::HostFunction function, std::vector<int> slots);
 
   // A slot holding `from`'s contents in layout `want`: `from` itself when the layouts agree,
-  // otherwise a new slot filled by a reorder appended to `ops`.
+  // one made by an earlier Convert of the same contents (slots are written once, and ops run
+  // in the order they are added, so it is already filled), otherwise a new slot filled by a
+  // reorder appended to `ops`.
   int Convert(std::vector<Plan::Op>* ops, int from, const dnnl::memory::desc& want);
   void ConvertInto(std::vector<Plan::Op>* ops, int from, int to);
   // A new slot holding a + b (for a gradient that several layers contribute to).
@@ -113,6 +115,8 @@ class PlanBuilder {
 
   Plan* plan_;
   dnnl::engine cpu_;
+  // For every slot Convert made: the slot whose contents it holds.
+  std::vector<std::pair<int, int>> converted_;  // (copy, original)
   const PlanNeeds& needs_;
   const EngineOptions& options_;
   size_t scratchpad_bytes_ = 0;
