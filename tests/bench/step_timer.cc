@@ -19,8 +19,9 @@
 // Every command answers with exactly one line on stdout, flushed. A workload's first step of
 // each kind compiles its plan, so the first command that needs one runs one untimed: `run` and
 // `forward` never time compilation. `dump` writes raw float32 little-endian files
-// <dir>/input.bin, <dir>/<parameter>.bin (e.g. conv1.weight.bin) and <dir>/target.bin, and
-// <dir>/shapes.txt with one "<name> <dim> <dim> ..." line per file.
+// <dir>/input.bin, <dir>/<parameter>.bin (e.g. conv1.weight.bin) and <dir>/target.bin (or,
+// for a cross-entropy workload, int64 <dir>/labels.bin), and <dir>/shapes.txt with one
+// "<name> <dim> <dim> ..." line per file.
 //
 // With ONEDNN_VERBOSE=1 in the environment, oneDNN's own "onednn_verbose,..." lines for the
 // primitives a command executes appear on stdout before that command's reply.
@@ -38,6 +39,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -71,13 +73,18 @@ struct LoadedWorkload {
   bool forward_compiled = false;
 };
 
-// Writes `values` as float32 little-endian, independent of the host's byte order.
-absl::Status WriteFloat32File(const std::filesystem::path& path, const std::vector<float>& values) {
-  std::string bytes(values.size() * 4, '\0');
+// Writes `values` (float32 or int64) little-endian, independent of the host's byte order.
+template <typename T>
+absl::Status WriteLittleEndianFile(const std::filesystem::path& path,
+                                   const std::vector<T>& values) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  std::string bytes(values.size() * sizeof(T), '\0');
   for (size_t i = 0; i < values.size(); ++i) {
-    uint32_t bits;
+    Bits bits;
     std::memcpy(&bits, &values[i], sizeof(bits));
-    for (int b = 0; b < 4; ++b) bytes[4 * i + b] = static_cast<char>((bits >> (8 * b)) & 0xff);
+    for (size_t b = 0; b < sizeof(T); ++b) {
+      bytes[sizeof(T) * i + b] = static_cast<char>((bits >> (8 * b)) & 0xff);
+    }
   }
   std::ofstream file(path, std::ios::binary | std::ios::trunc);
   file.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
@@ -232,8 +239,8 @@ class StepTimer {
     const auto stop = std::chrono::steady_clock::now();
     if (!result.ok()) return result.status();
     if (!result->loss.has_value()) {
-      return absl::InternalError(absl::StrCat("workload=", loaded.workload.name,
-                                              ": the engine returned no loss for an MSE step"));
+      return absl::InternalError(
+          absl::StrCat("workload=", loaded.workload.name, ": the engine returned no loss"));
     }
     loaded.last_loss = *result->loss;
     return std::chrono::duration<double, std::milli>(stop - start).count();
@@ -248,17 +255,19 @@ class StepTimer {
     }
     std::ostringstream shapes;
     auto write = [&](const std::string& name, const std::vector<int64_t>& shape,
-                     const std::vector<float>& values) {
+                     const auto& values) {
       shapes << name << " " << absl::StrJoin(shape, " ") << "\n";
-      return WriteFloat32File(root / (name + ".bin"), values);
+      return WriteLittleEndianFile(root / (name + ".bin"), values);
     };
     if (absl::Status s = write("input", workload.input_shape, workload.input); !s.ok()) return s;
     for (const auto& [name, parameter] : workload.parameters) {
       if (absl::Status s = write(name, parameter.shape, parameter.values); !s.ok()) return s;
     }
-    if (absl::Status s = write("target", workload.output_shape, workload.target); !s.ok()) {
-      return s;
-    }
+    absl::Status written =
+        workload.labels.empty()
+            ? write("target", workload.output_shape, workload.target)
+            : write("labels", {static_cast<int64_t>(workload.labels.size())}, workload.labels);
+    if (!written.ok()) return written;
     std::ofstream file(root / "shapes.txt", std::ios::trunc);
     file << shapes.str();
     file.close();
