@@ -284,6 +284,18 @@ TEST(ValidateNetworkTest, RejectsMalformedNewKindsWithFieldAndValue) {
   }
 }
 
+TEST(ValidateNetworkTest, PoolingASideBeyondInt64IsRejected) {
+  NetworkSpec net;
+  MaxPool2dSpec pool = MaxPool2dSpec::Square(3, 2, 1);
+  pool.ceil_mode = true;
+  net.layers = {LayerSpec{"p", pool}};
+  absl::StatusOr<ValidatedNetwork> v = ValidateNetwork(net, {1, 1, kNoLimit, 1}, kNoLimit);
+  EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(v.status().message()),
+              HasSubstr("layers[0].max_pool2d.padding [1, 1] makes its input "
+                        "[1, 1, 9223372036854775807, 1] longer than int64 can count"));
+}
+
 TEST(PoolOutputSizeTest, MatchesPyTorchIncludingCeilMode) {
   EXPECT_EQ(PoolOutputSize(28, 2, 2, 0, 1, false), 14);
   EXPECT_EQ(PoolOutputSize(7, 2, 2, 0, 1, false), 3);

@@ -1,5 +1,6 @@
 // max_pool2d's and avg_pool2d's shape rules: F.max_pool2d and F.avg_pool2d.
 
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,15 @@ absl::Status InferPoolShape(const Window& w, absl::string_view kind, const Shape
   }
   if (absl::Status s = CheckFourDims(context, kind); !s.ok()) return s;
   const std::vector<int64_t>& in = context.input_shape;
+  // As for conv2d: without an element limit a side can be near INT64_MAX, and the padded side
+  // plus a stride (ceil_mode's rounding) must still be countable; padding and stride are at
+  // most kMaxWindow by now.
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  if (in[2] > kMax - 2 * w.pad_h - kMaxWindow || in[3] > kMax - 2 * w.pad_w - kMaxWindow) {
+    return absl::InvalidArgumentError(absl::StrCat(p, "padding [", w.pad_h, ", ", w.pad_w,
+                                                   "] makes its input ", ShapeToString(in),
+                                                   " longer than int64 can count"));
+  }
   const int64_t sizes[2] = {
       PoolOutputSize(in[2], w.kernel_h, w.stride_h, w.pad_h, w.dilation_h, w.ceil_mode),
       PoolOutputSize(in[3], w.kernel_w, w.stride_w, w.pad_w, w.dilation_w, w.ceil_mode)};
