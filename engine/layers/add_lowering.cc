@@ -1,5 +1,9 @@
-// add as a oneDNN binary primitive, with a following activation fused as a post-op. Its
-// backward pass is free: dL/d(input) and dL/d(other) are both dL/d(output).
+// add as a oneDNN sum primitive. Its backward pass is free: dL/d(input) and dL/d(other) are
+// both dL/d(output).
+//
+// Not a binary primitive with the following activation fused: oneDNN 2.6.3's binary kernels
+// write up to 128 bytes past the end of small blocked tensors on AVX-512, which corrupts
+// whatever lies there.
 
 #include <memory>
 
@@ -10,14 +14,10 @@ namespace {
 
 class LoweredAdd : public LoweredLayer {
  public:
-  void Backward(PlanBuilder& b, const BackwardContext& context, BackwardResult* result) override {
-    int diff = context.diff_dst;
-    if (activation) diff = AppendEltwiseBackward(b, *activation, dst, diff);
-    result->diff_src = diff;
-    result->diff_other = diff;
+  void Backward(PlanBuilder&, const BackwardContext& context, BackwardResult* result) override {
+    result->diff_src = context.diff_dst;
+    result->diff_other = context.diff_dst;
   }
-
-  std::optional<EltwiseAlgorithm> activation;  // fused
 };
 
 }  // namespace
@@ -25,23 +25,8 @@ class LoweredAdd : public LoweredLayer {
 std::unique_ptr<LoweredLayer> Lowering<AddSpec>::Forward(PlanBuilder& b, const AddSpec&,
                                                          const ForwardContext& context) {
   auto lowered = std::make_unique<LoweredAdd>();
-  lowered->activation = FusableActivation(context.fusable_next, b.needs().training);
-  lowered->fused_next = lowered->activation.has_value();
-  dnnl::primitive_attr attr = UserScratchpadAttr();
-  if (lowered->activation) {
-    dnnl::post_ops ops;
-    ops.append_eltwise(1.0f, lowered->activation->forward, lowered->activation->alpha,
-                       lowered->activation->beta);
-    attr.set_post_ops(ops);
-  }
-  const dnnl::memory::desc src = b.DescOf(context.src);
-  // Both operands in one layout, the one the input has.
-  const int other = b.Convert(b.forward_ops(), context.other, src);
-  dnnl::binary::desc desc(dnnl::algorithm::binary_add, src, src, src);
-  dnnl::binary::primitive_desc pd(desc, attr, b.cpu());
-  lowered->dst = b.AddSlot(pd.dst_desc());
-  b.AddOp(b.forward_ops(), pd, dnnl::binary(pd),
-          {{DNNL_ARG_SRC_0, context.src}, {DNNL_ARG_SRC_1, other}, {DNNL_ARG_DST, lowered->dst}});
+  // The sum takes each operand in its own layout and writes the input's.
+  lowered->dst = b.Accumulate(b.forward_ops(), context.src, context.other);
   return lowered;
 }
 

@@ -10,14 +10,27 @@ namespace {
 
 using dnnl::memory;
 
-// Appends a = a * factor (broadcast over N and C) into a new slot in a's layout.
+// Appends a host step computing factor * a (the factor [1, 1, H, W] broadcast over N and C)
+// into a new plain slot. On the host rather than as a binary primitive: oneDNN 2.6.3's binary
+// kernels write past the end of small blocked tensors on AVX-512.
 int AppendMultiply(PlanBuilder& b, std::vector<Plan::Op>* ops, int a, int factor) {
-  const memory::desc desc = b.DescOf(a);
-  dnnl::binary::desc mul(dnnl::algorithm::binary_mul, desc, b.DescOf(factor), desc);
-  dnnl::binary::primitive_desc pd(mul, UserScratchpadAttr(), b.cpu());
-  const int product = b.AddSlot(pd.dst_desc());
-  b.AddOp(ops, pd, dnnl::binary(pd),
-          {{DNNL_ARG_SRC_0, a}, {DNNL_ARG_SRC_1, factor}, {DNNL_ARG_DST, product}});
+  const std::vector<int64_t> shape(b.DescOf(a).dims());
+  const int plain = b.Convert(ops, a, PlainDesc(shape));
+  const int product = b.AddSlot(PlainDesc(shape));
+  const int64_t planes = shape[0] * shape[1];
+  const int64_t pixels = shape[2] * shape[3];
+  b.AddHostOp(ops,
+              [planes, pixels](const std::vector<void*>& buffers) {
+                const float* in = static_cast<const float*>(buffers[0]);
+                const float* scale = static_cast<const float*>(buffers[1]);
+                float* out = static_cast<float*>(buffers[2]);
+                for (int64_t plane = 0; plane < planes; ++plane) {
+                  for (int64_t i = 0; i < pixels; ++i) {
+                    out[plane * pixels + i] = in[plane * pixels + i] * scale[i];
+                  }
+                }
+              },
+              {plain, factor, product});
   return product;
 }
 
@@ -109,7 +122,7 @@ std::unique_ptr<LoweredPool> LowerPool(PlanBuilder& b, dnnl::algorithm algorithm
   b.AddOp(b.forward_ops(), l.forward, dnnl::pooling_v2_forward(l.forward), std::move(args));
   l.dst = pooled;
   if (!divisor_fix.empty()) {
-    // A binary primitive of its own: as a post-op of the pooling, oneDNN 2.6.3 computes wrong
+    // A step of its own: as a binary post-op of the pooling, oneDNN 2.6.3 computes wrong
     // values for windows past the padded edge of a blocked input.
     const memory::desc fix_desc({1, 1, out[2], out[3]}, memory::data_type::f32,
                                 memory::format_tag::abcd);

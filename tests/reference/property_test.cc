@@ -14,6 +14,7 @@
 // A failing case is printed in full, in the grammar of the PyTorch fixtures' case.txt.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -30,6 +31,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -124,6 +126,9 @@ constexpr double kUnitRoundoff = 6e-8;
 // A case is kept only if that modelled error of its output is a tenth of the tolerance (the
 // fixtures' generator asks the same of float32 against float64, tests/fixtures/README.md).
 constexpr double kModelledErrorFraction = 0.1;
+// Samples of the errors a batch norm channel's reductions share, by which
+// GradientsWellConditioned estimates their mean square in each gradient.
+constexpr int kErrorSamples = 4;
 // A batch norm in training mode divides x - mean by the batch's standard deviation, so the
 // float error of x - mean (about u sqrt(x^2 + mean^2 + V_x), oneDNN's CPU kernels computing the
 // variance in a second pass over x - mean) grows by 1 / std relative to the values. A channel
@@ -417,6 +422,12 @@ class RandomDraws {
   std::mt19937_64 rng_;
 };
 
+// Every value of `t` squared.
+RefTensor Squared(RefTensor t) {
+  for (double& v : t.data) v *= v;
+  return t;
+}
+
 // Draws case `index` of run `seed`: the same pair always gives the same case.
 class CaseGenerator : RandomDraws {
  public:
@@ -542,11 +553,6 @@ class CaseGenerator : RandomDraws {
     return true;
   }
 
-  static RefTensor Squared(RefTensor t) {
-    for (double& v : t.data) v *= v;
-    return t;
-  }
-
   const uint64_t seed_;
   const uint64_t index_;
   std::mt19937_64 rng_;
@@ -560,6 +566,350 @@ struct Rejections {
   int networks_redrawn = 0;
   std::map<std::string, int> by_reason;
 };
+
+// A parameter or buffer of `layer` as the engine reads it: given, or its fill value.
+RefTensor LayerParameter(const RefParameters& parameters, const LayerSpec& layer,
+                         const std::string& suffix) {
+  const std::string name = layer.name + "." + suffix;
+  if (auto it = parameters.find(name); it != parameters.end()) return it->second;
+  for (const gradengine::ParameterInfo& info : gradengine::LayerParameters(layer)) {
+    if (info.name != name) continue;
+    RefTensor filled = RefTensor::Zeros(info.shape);
+    for (double& v : filled.data) v = info.fill;
+    return filled;
+  }
+  ADD_FAILURE() << "no parameter " << name;
+  return RefTensor();
+}
+
+// The objective of case `c`, as RunReference reads it.
+RefObjective ReferenceObjective(const PropertyCase& c) {
+  RefObjective objective;
+  objective.kind = c.objective;
+  if (c.objective == ObjectiveKind::kMse || c.objective == ObjectiveKind::kGradOutput) {
+    objective.tensor =
+        RefTensor::FromView(gradengine::TensorView(c.output_shape, c.objective_tensor));
+  }
+  objective.labels = c.labels;
+  objective.labels_shape = c.labels_shape;
+  objective.label_smoothing = c.label_smoothing;
+  objective.ignore_index = c.ignore_index;
+  return objective;
+}
+
+// The backward half of WellConditioned: whether the gradients the request asks for are clear
+// of the float32 noise of training-mode batch norms' cancellation.
+//
+// Elsewhere a backward op's rounding is relative to its result, which the tolerance allows
+// for. A batch norm in training mode instead returns dL/dx = gain (g - mean g - x_hat
+// mean(g x_hat)), gain = scale inv_std, which cancels to about 0 when g is about constant
+// (or linear in x_hat) over a channel, as under a sum objective or a convolution whose every
+// output reads every input; a float32 engine (and PyTorch) then returns the rounding of the
+// terms that cancel, which the weight gradients upstream sum over N H W. Two parts of it, in
+// units of kUnitRoundoff, are carried back to every gradient alongside the exact one (the
+// reference's per-op backward functions, on RunReference's path):
+//   W, independent per element: the rounding of the terms, M^2 with
+//     M = |gain| (|g| + |mean g| + |x_hat| |mean(g x_hat)|), passed back as variances (conv2d
+//     and linear as their backward of x^2 + V_x and weight^2, activations by f'(x)^2, pools to
+//     their taps, batch norms by gain^2);
+//   kErrorSamples samples of the errors shared by a whole channel: those of its reductions,
+//     each a float sum of N H W terms whose partial sums S_k round in turn (about u sqrt(sum
+//     S_k^2)): mean g, mean(g x_hat), and the forward pass's mean and variance, which move
+//     x_hat by a + b x_hat. To first order they add gain (d_g + d_gx x_hat - a (mean(g x_hat)
+//     + x_hat mean g) - 2 b x_hat mean(g x_hat)) + b dx to the channel, and a n mean g + b
+//     dL/dscale + n d_gx and n d_g to the scale's and the shift's gradients. Each sample draws
+//     d_g, d_gx, a and b per channel from normal distributions of those sizes and passes the
+//     result back through the exact (linear) backward of every layer, so that errors of
+//     different channels meet with their signs, as in the engine, and partly cancel.
+// The modelled error of a gradient is u sqrt(W + the mean square of its samples); a draw is
+// rejected where that of a requested gradient exceeds kModelledErrorFraction of its
+// tolerance, as the forward pass's output error is.
+bool GradientsWellConditioned(const PropertyCase& c, const RefParameters& parameters,
+                              const RefTensor& input, const std::vector<RefTensor>& outputs,
+                              const std::vector<RefTensor>& variances, std::string* reason,
+                              std::string* detail) {
+  const gradengine::NetworkSpec& network = c.network;
+  const size_t layers = network.layers.size();
+  // Without a training-mode batch norm there is nothing to carry back.
+  bool any_training_norm = false;
+  for (const LayerSpec& layer : network.layers) {
+    const auto* norm = std::get_if<BatchNorm2dSpec>(&layer.op);
+    any_training_norm = any_training_norm || (norm != nullptr && norm->training);
+  }
+  if (!any_training_norm) return true;
+  // The samples' own draws; fixed, so that a case's conditioning is a function of the case.
+  std::mt19937_64 rng(0);
+  std::normal_distribution<double> normal;
+  const RefTensor input_variance = RefTensor::Zeros(input.shape);
+  // For the network's input (index 0) and every layer's output (index i + 1): dL/d(it),
+  // accumulated over its readers, its W and its samples.
+  struct Gradient {
+    RefTensor exact, independent;
+    std::array<RefTensor, kErrorSamples> samples;
+  };
+  const auto zeros = [](const std::vector<int64_t>& shape) {
+    Gradient grad{RefTensor::Zeros(shape), RefTensor::Zeros(shape), {}};
+    for (RefTensor& sample : grad.samples) sample = RefTensor::Zeros(shape);
+    return grad;
+  };
+  std::vector<Gradient> grads;
+  grads.push_back(zeros(input.shape));
+  for (const RefTensor& output : outputs) grads.push_back(zeros(output.shape));
+  grads.back().exact = ObjectiveGrad(ReferenceObjective(c), outputs.back());
+  std::map<std::string, Gradient> parameter_grads;
+  const auto pass_back = [&](int source, const Gradient& grad) {
+    Gradient& total = grads[static_cast<size_t>(source + 1)];
+    for (size_t k = 0; k < grad.exact.data.size(); ++k) {
+      total.exact.data[k] += grad.exact.data[k];
+      total.independent.data[k] += grad.independent.data[k];
+      for (int s = 0; s < kErrorSamples; ++s) total.samples[s].data[k] += grad.samples[s].data[k];
+    }
+  };
+
+  for (size_t i = layers; i-- > 0;) {
+    const LayerSpec& layer = network.layers[i];
+    const int source = RefInputSource(network, i);
+    const RefTensor& x = source < 0 ? input : outputs[static_cast<size_t>(source)];
+    const RefTensor& x_variance =
+        source < 0 ? input_variance : variances[static_cast<size_t>(source)];
+    const Gradient& g = grads[i + 1];
+    RefTensor magnitudes = Squared(x);
+    for (size_t k = 0; k < magnitudes.data.size(); ++k) magnitudes.data[k] += x_variance.data[k];
+    std::visit(
+        Overloaded{
+            [&](const Conv2dSpec& conv) {
+              const RefTensor weight = LayerParameter(parameters, layer, "weight");
+              Conv2dGrads exact = Conv2dBackward(conv, x, weight, g.exact);
+              Conv2dGrads independent =
+                  Conv2dBackward(conv, magnitudes, Squared(weight), g.independent);
+              Gradient back{std::move(exact.input_grad), std::move(independent.input_grad), {}};
+              Gradient weight_grad{
+                  std::move(exact.weight_grad), std::move(independent.weight_grad), {}};
+              Gradient bias_grad{std::move(exact.bias_grad), std::move(independent.bias_grad), {}};
+              for (int s = 0; s < kErrorSamples; ++s) {
+                Conv2dGrads sample = Conv2dBackward(conv, x, weight, g.samples[s]);
+                back.samples[s] = std::move(sample.input_grad);
+                weight_grad.samples[s] = std::move(sample.weight_grad);
+                bias_grad.samples[s] = std::move(sample.bias_grad);
+              }
+              pass_back(source, back);
+              parameter_grads[layer.name + ".weight"] = std::move(weight_grad);
+              if (conv.bias) parameter_grads[layer.name + ".bias"] = std::move(bias_grad);
+            },
+            [&](const LinearSpec& linear) {
+              const RefTensor weight = LayerParameter(parameters, layer, "weight");
+              LinearGrads exact = LinearBackward(linear, x, weight, g.exact);
+              LinearGrads independent =
+                  LinearBackward(linear, magnitudes, Squared(weight), g.independent);
+              Gradient back{std::move(exact.input_grad), std::move(independent.input_grad), {}};
+              Gradient weight_grad{
+                  std::move(exact.weight_grad), std::move(independent.weight_grad), {}};
+              Gradient bias_grad{std::move(exact.bias_grad), std::move(independent.bias_grad), {}};
+              for (int s = 0; s < kErrorSamples; ++s) {
+                LinearGrads sample = LinearBackward(linear, x, weight, g.samples[s]);
+                back.samples[s] = std::move(sample.input_grad);
+                weight_grad.samples[s] = std::move(sample.weight_grad);
+                bias_grad.samples[s] = std::move(sample.bias_grad);
+              }
+              pass_back(source, back);
+              parameter_grads[layer.name + ".weight"] = std::move(weight_grad);
+              if (linear.bias) parameter_grads[layer.name + ".bias"] = std::move(bias_grad);
+            },
+            [&](const ActivationSpec& activation) {
+              Gradient back{
+                  ActivationBackward(activation, x, g.exact), RefTensor::Zeros(x.shape), {}};
+              for (size_t k = 0; k < x.data.size(); ++k) {
+                const double slope = ActivationDerivative(activation, x.data[k]);
+                back.independent.data[k] = slope * slope * g.independent.data[k];
+              }
+              for (int s = 0; s < kErrorSamples; ++s) {
+                back.samples[s] = ActivationBackward(activation, x, g.samples[s]);
+              }
+              pass_back(source, back);
+            },
+            [&](const MaxPool2dSpec& pool) {
+              Gradient back{MaxPool2dBackward(pool, x, g.exact),
+                            MaxPool2dBackward(pool, x, g.independent),
+                            {}};
+              for (int s = 0; s < kErrorSamples; ++s) {
+                back.samples[s] = MaxPool2dBackward(pool, x, g.samples[s]);
+              }
+              pass_back(source, back);
+            },
+            [&](const AvgPool2dSpec& pool) {
+              // The squared backward of sqrt(W) bounds the sum of W / divisor^2 over the
+              // windows an input is in, and is that sum where windows do not overlap.
+              RefTensor roots = g.independent;
+              for (double& v : roots.data) v = std::sqrt(v);
+              Gradient back{AvgPool2dBackward(pool, x, g.exact),
+                            Squared(AvgPool2dBackward(pool, x, roots)),
+                            {}};
+              for (int s = 0; s < kErrorSamples; ++s) {
+                back.samples[s] = AvgPool2dBackward(pool, x, g.samples[s]);
+              }
+              pass_back(source, back);
+            },
+            [&](const BatchNorm2dSpec& norm) {
+              const RefTensor mean_given = LayerParameter(parameters, layer, "running_mean");
+              const RefTensor var_given = LayerParameter(parameters, layer, "running_var");
+              const RefTensor weight =
+                  norm.affine ? LayerParameter(parameters, layer, "weight") : RefTensor();
+              const RefTensor* scale = norm.affine ? &weight : nullptr;
+              BatchNorm2dGrads exact =
+                  BatchNorm2dBackward(norm, x, scale, mean_given, var_given, g.exact);
+              Gradient back{std::move(exact.input_grad), RefTensor::Zeros(x.shape), {}};
+              Gradient scale_grad{
+                  std::move(exact.weight_grad), RefTensor::Zeros({norm.num_features}), {}};
+              Gradient shift_grad{
+                  std::move(exact.bias_grad), RefTensor::Zeros({norm.num_features}), {}};
+              for (int s = 0; s < kErrorSamples; ++s) {
+                BatchNorm2dGrads sample =
+                    BatchNorm2dBackward(norm, x, scale, mean_given, var_given, g.samples[s]);
+                back.samples[s] = std::move(sample.input_grad);
+                scale_grad.samples[s] = std::move(sample.weight_grad);
+                shift_grad.samples[s] = std::move(sample.bias_grad);
+              }
+              const int64_t batch = x.shape[0], height = x.shape[2], width = x.shape[3];
+              const double count = static_cast<double>(batch * height * width);
+              for (int64_t ch = 0; ch < norm.num_features; ++ch) {
+                const size_t ci = static_cast<size_t>(ch);
+                // u sqrt(sum S_k^2) of the partial sums of term(n, h, w) in (n, h, w) order,
+                // in units of u, and the sum.
+                const auto rounding = [&](const auto& term) {
+                  double partial = 0.0, squares = 0.0;
+                  for (int64_t n = 0; n < batch; ++n) {
+                    for (int64_t h = 0; h < height; ++h) {
+                      for (int64_t w = 0; w < width; ++w) {
+                        partial += term(n, h, w);
+                        squares += partial * partial;
+                      }
+                    }
+                  }
+                  return std::pair<double, double>(std::sqrt(squares), partial);
+                };
+                double mean = mean_given.data[ci], var = var_given.data[ci];
+                double mean_error = 0.0, var_error = 0.0;
+                if (norm.training) {
+                  double sum = 0.0;
+                  std::tie(mean_error, sum) =
+                      rounding([&](int64_t n, int64_t h, int64_t w) { return x.at(n, ch, h, w); });
+                  mean = sum / count;
+                  double sum_squares = 0.0;
+                  std::tie(var_error, sum_squares) = rounding([&](int64_t n, int64_t h, int64_t w) {
+                    return (x.at(n, ch, h, w) - mean) * (x.at(n, ch, h, w) - mean);
+                  });
+                  var = sum_squares / count;
+                  mean_error /= count;
+                  var_error /= count;
+                }
+                const double inv_std = 1.0 / std::sqrt(var + norm.eps);
+                const double gain = (norm.affine ? weight.data[ci] : 1.0) * inv_std;
+                const auto x_hat_at = [&](int64_t n, int64_t h, int64_t w) {
+                  return (x.at(n, ch, h, w) - mean) * inv_std;
+                };
+                const auto [g_error, sum_g] = rounding(
+                    [&](int64_t n, int64_t h, int64_t w) { return g.exact.at(n, ch, h, w); });
+                const auto [g_x_hat_error, sum_g_x_hat] =
+                    rounding([&](int64_t n, int64_t h, int64_t w) {
+                      return g.exact.at(n, ch, h, w) * x_hat_at(n, h, w);
+                    });
+                const double mean_g = sum_g / count, mean_g_x_hat = sum_g_x_hat / count;
+                double sum_independent = 0.0, sum_independent_x_hat = 0.0;
+                for (int64_t n = 0; n < batch; ++n) {
+                  for (int64_t h = 0; h < height; ++h) {
+                    for (int64_t w = 0; w < width; ++w) {
+                      const double x_hat = x_hat_at(n, h, w);
+                      const double independent = g.independent.at(n, ch, h, w);
+                      sum_independent += independent;
+                      sum_independent_x_hat += independent * x_hat * x_hat;
+                      scale_grad.independent.data[ci] += independent * x_hat * x_hat;
+                      shift_grad.independent.data[ci] += independent;
+                    }
+                  }
+                }
+                for (int64_t n = 0; n < batch; ++n) {
+                  for (int64_t h = 0; h < height; ++h) {
+                    for (int64_t w = 0; w < width; ++w) {
+                      const double g_independent = g.independent.at(n, ch, h, w);
+                      double& independent = back.independent.at(n, ch, h, w);
+                      if (!norm.training) {
+                        independent = gain * gain * g_independent;
+                        continue;
+                      }
+                      const double x_hat = x_hat_at(n, h, w);
+                      const double cancelled =
+                          std::abs(gain) * (std::abs(g.exact.at(n, ch, h, w)) + std::abs(mean_g) +
+                                            std::abs(x_hat) * std::abs(mean_g_x_hat));
+                      independent = cancelled * cancelled +
+                                    gain * gain *
+                                        (g_independent +
+                                         (sum_independent + x_hat * x_hat * sum_independent_x_hat) /
+                                             (count * count));
+                    }
+                  }
+                }
+                if (!norm.training) continue;
+                for (int s = 0; s < kErrorSamples; ++s) {
+                  const double d_g = normal(rng) * g_error / count;
+                  const double d_gx = normal(rng) * g_x_hat_error / count;
+                  const double shift = normal(rng) * mean_error * inv_std;
+                  const double stretch = normal(rng) * 0.5 * var_error * inv_std * inv_std;
+                  for (int64_t n = 0; n < batch; ++n) {
+                    for (int64_t h = 0; h < height; ++h) {
+                      for (int64_t w = 0; w < width; ++w) {
+                        const double x_hat = x_hat_at(n, h, w);
+                        back.samples[s].at(n, ch, h, w) +=
+                            gain * (d_g + d_gx * x_hat - shift * (mean_g_x_hat + x_hat * mean_g) -
+                                    2.0 * stretch * x_hat * mean_g_x_hat) +
+                            stretch * back.exact.at(n, ch, h, w);
+                      }
+                    }
+                  }
+                  if (norm.affine) {
+                    scale_grad.samples[s].data[ci] +=
+                        shift * sum_g + stretch * scale_grad.exact.data[ci] + d_gx * count;
+                    shift_grad.samples[s].data[ci] += d_g * count;
+                  }
+                }
+              }
+              pass_back(source, back);
+              if (norm.affine) {
+                parameter_grads[layer.name + ".weight"] = std::move(scale_grad);
+                parameter_grads[layer.name + ".bias"] = std::move(shift_grad);
+              }
+            },
+            [&](const AddSpec& add) {
+              pass_back(source, g);
+              pass_back(RefLayerIndex(network, add.other, i), g);
+            },
+        },
+        layer.op);
+  }
+
+  const auto check = [&](const std::string& what, const Gradient& grad) {
+    double scale = 1.0;
+    for (double v : grad.exact.data) scale = std::max(scale, std::abs(v));
+    for (size_t k = 0; k < grad.exact.data.size(); ++k) {
+      double variance = grad.independent.data[k];
+      for (const RefTensor& sample : grad.samples) {
+        variance += sample.data[k] * sample.data[k] / kErrorSamples;
+      }
+      const double error = kUnitRoundoff * std::sqrt(variance);
+      if (error > kModelledErrorFraction * kRelativeTolerance * scale) {
+        *reason = "batch_norm2d cancellation";
+        *detail =
+            absl::StrCat(what, "[", k, "] = ", grad.exact.data[k], ", modelled error ", error);
+        return false;
+      }
+    }
+    return true;
+  };
+  if (c.gradients.input && !check("input_grad", grads[0])) return false;
+  for (const std::string& name : c.RequestedParameters()) {
+    if (!check(name + " grad", parameter_grads.at(name))) return false;
+  }
+  return true;
+}
 
 // The conditioning of mixed cases: whether a correct float32 engine is certain to match the
 // double-precision reference on case `c`. If not, `*reason` names the kind of problem and
@@ -586,7 +936,9 @@ struct Rejections {
 //     copies lead back to the same gradient;
 //   - a batch_norm2d in training mode normalises a channel whose variance is below
 //     kMinBatchVarianceRatio of its mean of x^2 + V_x (an all-zero channel excepted);
-//   - the modelled error of an output exceeds kModelledErrorFraction of the tolerance.
+//   - the modelled error of an output exceeds kModelledErrorFraction of the tolerance;
+//   - that of a requested gradient does, where training-mode batch norms cancel
+//     (GradientsWellConditioned).
 bool WellConditioned(const PropertyCase& c, std::string* reason, std::string* detail) {
   const RefParameters parameters = RefParametersFromViews(c.Parameters());
   const RefTensor input = RefTensor::FromView(gradengine::TensorView(c.input_shape, c.input));
@@ -599,22 +951,8 @@ bool WellConditioned(const PropertyCase& c, std::string* reason, std::string* de
   const auto variance = [&](int source) -> const RefTensor& {
     return source < 0 ? input_variance : variances[static_cast<size_t>(source)];
   };
-  // A parameter or buffer as the engine reads it: given, or its fill value.
   const auto parameter = [&](const LayerSpec& layer, const std::string& suffix) {
-    const std::string name = layer.name + "." + suffix;
-    if (auto it = parameters.find(name); it != parameters.end()) return it->second;
-    for (const gradengine::ParameterInfo& info : gradengine::LayerParameters(layer)) {
-      if (info.name != name) continue;
-      RefTensor filled = RefTensor::Zeros(info.shape);
-      for (double& v : filled.data) v = info.fill;
-      return filled;
-    }
-    ADD_FAILURE() << "no parameter " << name;
-    return RefTensor();
-  };
-  const auto squared = [](RefTensor t) {
-    for (double& v : t.data) v *= v;
-    return t;
+    return LayerParameter(parameters, layer, suffix);
   };
   for (size_t i = 0; i < c.network.layers.size(); ++i) {
     const LayerSpec& layer = c.network.layers[i];
@@ -623,7 +961,7 @@ bool WellConditioned(const PropertyCase& c, std::string* reason, std::string* de
     const RefTensor& x_variance = variance(source);
     const RefTensor& y = outputs[i];
     // x^2 + V_x: the squared magnitudes a linear layer sums.
-    RefTensor magnitudes = squared(x);
+    RefTensor magnitudes = Squared(x);
     for (size_t k = 0; k < magnitudes.data.size(); ++k) magnitudes.data[k] += x_variance.data[k];
     RefTensor y_variance = RefTensor::Zeros(y.shape);
     const auto reject = [&](const char* why, const std::string& where) {
@@ -634,14 +972,14 @@ bool WellConditioned(const PropertyCase& c, std::string* reason, std::string* de
     const bool ok = std::visit(
         Overloaded{
             [&](const Conv2dSpec& conv) {
-              const RefTensor bias = conv.bias ? squared(parameter(layer, "bias")) : RefTensor();
-              y_variance = Conv2dForward(conv, magnitudes, squared(parameter(layer, "weight")),
+              const RefTensor bias = conv.bias ? Squared(parameter(layer, "bias")) : RefTensor();
+              y_variance = Conv2dForward(conv, magnitudes, Squared(parameter(layer, "weight")),
                                          conv.bias ? &bias : nullptr);
               return true;
             },
             [&](const LinearSpec& linear) {
-              const RefTensor bias = linear.bias ? squared(parameter(layer, "bias")) : RefTensor();
-              y_variance = LinearForward(linear, magnitudes, squared(parameter(layer, "weight")),
+              const RefTensor bias = linear.bias ? Squared(parameter(layer, "bias")) : RefTensor();
+              y_variance = LinearForward(linear, magnitudes, Squared(parameter(layer, "weight")),
                                          linear.bias ? &bias : nullptr);
               return true;
             },
@@ -795,7 +1133,7 @@ bool WellConditioned(const PropertyCase& c, std::string* reason, std::string* de
       return false;
     }
   }
-  return true;
+  return GradientsWellConditioned(c, parameters, input, outputs, variances, reason, detail);
 }
 
 // Whether every window of a pooled dim (output size `out`) holds an input element: with
