@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/json_util.h"
 #include "grad/v1/gradient_service.pb.h"
@@ -69,17 +70,21 @@ struct Sample {
   }
 };
 
-// Parameters for every conv layer of `sample.network`, given the input channels.
+// Every parameter `sample.network` must be given (gradengine::LayerParameters), as ramps;
+// buffers at their initial values.
 void AddParameters(Sample* sample) {
   float start = -1.0f;
   for (const gradengine::LayerSpec& layer : sample->network.layers) {
-    const auto* conv = std::get_if<Conv2dSpec>(&layer.op);
-    if (conv == nullptr) continue;
-    sample->parameters[layer.name + ".weight"] =
-        Ramp({conv->out_channels, conv->in_channels / conv->groups, conv->kernel_h, conv->kernel_w},
-             start);
-    if (conv->bias) sample->parameters[layer.name + ".bias"] = Ramp({conv->out_channels}, 0.5f);
-    start += 0.5f;
+    const std::vector<gradengine::ParameterInfo> infos = gradengine::LayerParameters(layer);
+    for (const gradengine::ParameterInfo& info : infos) {
+      const bool bias = absl::EndsWith(info.name, ".bias");
+      if (info.trainable) {
+        sample->parameters[info.name] = Ramp(info.shape, bias ? 0.5f : start);
+      } else if (info.required) {
+        sample->parameters[info.name] = Ramp(info.shape, info.fill);
+      }
+    }
+    if (!infos.empty()) start += 0.5f;
   }
 }
 
@@ -112,6 +117,33 @@ Sample Chain() {
   }
   sample.network.layers.push_back({"elu", ActivationSpec::Elu(1.0f)});
   sample.input = Ramp({2, 4, 7, 6}, -0.5f);
+  AddParameters(&sample);
+  return sample;
+}
+
+// Every other kind: conv, batch norm (training) and ReLU, a 1x1 projection read from the input,
+// an add, max and avg pooling, batch norm (inference), linear; input [2, 2, 6, 6], output
+// [2, 3].
+Sample Cnn() {
+  Sample sample;
+  gradengine::BatchNorm2dSpec train;
+  train.num_features = 4;
+  gradengine::BatchNorm2dSpec eval = train;
+  eval.training = false;
+  gradengine::AvgPool2dSpec avg = gradengine::AvgPool2dSpec::Square(2, 1, 1);
+  avg.ceil_mode = true;
+  sample.network.layers = {
+      {"conv1", Conv2dSpec::Square(2, 4, 3, 1, 1, false)},
+      {"bn1", train},
+      {"relu1", ActivationSpec{ActivationKind::kRelu, 0.0f}},
+      {"proj", Conv2dSpec::Square(2, 4, 1, 1, 0, false), gradengine::kNetworkInput},
+      {"add", gradengine::AddSpec{"relu1"}},
+      {"pool", gradengine::MaxPool2dSpec::Square(2)},
+      {"avg", avg},
+      {"bn2", eval},
+      {"fc", gradengine::LinearSpec{64, 3, true}},
+  };
+  sample.input = Ramp({2, 2, 6, 6}, -0.5f);
   AddParameters(&sample);
   return sample;
 }
@@ -191,6 +223,17 @@ void WriteRequests(const std::string& target) {
   gradengine::GradientRequest none = Gradient(small, gradengine::ObjectiveKind::kSum);
   none.gradients.all_parameters = false;
   WriteRequest(target, "gradients_sum_no_parameters", Selected(true, 0, GradientBytes(none)));
+  const Sample cnn = Cnn();
+  WriteRequest(target, "forward_cnn_every_other_kind",
+               Selected(false, 0, ForwardBytes(Forward(cnn))));
+  {
+    static const int64_t kLabels[] = {2, -100};
+    gradengine::GradientRequest request = Gradient(cnn, gradengine::ObjectiveKind::kMse);
+    request.objective = gradengine::Objective(gradengine::ObjectiveKind::kCrossEntropy);
+    request.objective.labels = {{2}, kLabels, 2};
+    request.objective.label_smoothing = 0.1;
+    WriteRequest(target, "gradients_cnn_cross_entropy", Selected(true, 0, GradientBytes(request)));
+  }
   chain.objective = Ramp({2, 3, 3, 2}, 0.0f);
   WriteRequest(
       target, "gradients_chain_grad_output",
