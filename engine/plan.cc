@@ -213,6 +213,144 @@ struct Plan::Workspace {
   std::vector<float> diff_output;  // dL/dy for the mse, sum and cross_entropy objectives
 };
 
+namespace {
+
+// One LoweredLayer and the layers it covers: one, or a layer and the next one it fused.
+struct Unit {
+  int first = 0;
+  int last = 0;
+  std::unique_ptr<LoweredLayer> lowered;
+};
+
+struct ForwardPass {
+  std::vector<Unit> units;
+  std::vector<int> unit_of;  // by layer
+  memory::desc output_desc;  // the network's output, plain
+};
+
+// Appends every layer's forward primitives and binds the output to the caller's tensor.
+ForwardPass LowerForwardPass(PlanBuilder& b, const NetworkSpec& network,
+                             const ValidatedNetwork& validated,
+                             const std::vector<int64_t>& input_shape) {
+  const int layers = static_cast<int>(network.layers.size());
+  // How many layers read each layer's output: a lowering may fuse the next layer only when
+  // that layer is the only reader.
+  std::vector<int> readers(layers, 0);
+  for (int i = 0; i < layers; ++i) {
+    if (validated.input_sources[i] >= 0) ++readers[validated.input_sources[i]];
+    if (validated.add_sources[i] >= 0) ++readers[validated.add_sources[i]];
+  }
+  ForwardPass pass;
+  pass.unit_of.assign(layers, -1);
+  const int input_slot = b.AddSlot(PlainDesc(input_shape), Plan::Role::kInput);
+  std::vector<int> output_slot(layers, -1);
+  auto slot_of = [&](int source) { return source < 0 ? input_slot : output_slot[source]; };
+  for (int i = 0; i < layers;) {
+    ForwardContext context;
+    context.layer = &network.layers[i];
+    const int source = validated.input_sources[i];
+    context.src = slot_of(source);
+    context.in_shape = source < 0 ? input_shape : validated.output_shapes[source];
+    context.out_shape = validated.output_shapes[i];
+    if (std::holds_alternative<AddSpec>(context.layer->op)) {
+      context.other = slot_of(validated.add_sources[i]);
+    }
+    if (i + 1 < layers && validated.input_sources[i + 1] == i && readers[i] == 1 &&
+        !std::holds_alternative<AddSpec>(network.layers[i + 1].op)) {
+      context.fusable_next = &network.layers[i + 1];
+    }
+    const size_t first_op = b.forward_ops()->size();
+    Unit unit;
+    unit.first = i;
+    unit.lowered = LowerForward(b, context);
+    unit.last = unit.lowered->fused_next ? i + 1 : i;
+    // The caller's ContinueCheck runs before each layer, whichever op comes first in it.
+    if (first_op < b.forward_ops()->size()) (*b.forward_ops())[first_op].starts_layer = true;
+    output_slot[unit.last] = unit.lowered->dst;
+    for (int k = unit.first; k <= unit.last; ++k) {
+      pass.unit_of[k] = static_cast<int>(pass.units.size());
+    }
+    i = unit.last + 1;
+    pass.units.push_back(std::move(unit));
+  }
+  // The network's output goes straight into the caller's tensor when the last primitive
+  // already writes it plain; otherwise one reorder at the edge. (The input itself is never
+  // the output: every layer writes a slot of its own.)
+  pass.output_desc = PlainDesc(validated.output_shapes.back());
+  const int last_output = output_slot[layers - 1];
+  if (b.DescOf(last_output) == pass.output_desc &&
+      b.SlotAt(last_output).role == Plan::Role::kNone) {
+    b.SlotAt(last_output).role = Plan::Role::kOutput;
+  } else {
+    b.ConvertInto(b.forward_ops(), last_output, b.AddSlot(pass.output_desc, Plan::Role::kOutput));
+  }
+  return pass;
+}
+
+// Appends the backward primitives, in reverse, of the units whose gradients anyone wants,
+// starting from dL/d(output) in `diff_output`.
+void LowerBackwardPass(PlanBuilder& b, const NetworkSpec& network,
+                       const ValidatedNetwork& validated, const std::vector<int64_t>& input_shape,
+                       const ForwardPass& pass, int diff_output) {
+  const PlanNeeds& needs = b.needs();
+  const std::vector<Unit>& units = pass.units;
+  // needed[u]: whether unit u's backward pass runs: it has a wanted parameter gradient, or what
+  // it reads needs dL/d(it).
+  std::vector<bool> needed(units.size(), false);
+  auto wants_diff = [&](int source) {
+    return source < 0 ? needs.input_grad : static_cast<bool>(needed[pass.unit_of[source]]);
+  };
+  auto is_add = [&](const Unit& unit) {
+    return std::holds_alternative<AddSpec>(network.layers[unit.first].op);
+  };
+  for (size_t u = 0; u < units.size(); ++u) {
+    bool own = false;
+    for (int k = units[u].first; k <= units[u].last; ++k) {
+      for (const ParameterInfo& parameter : LayerParameters(network.layers[k])) {
+        own |= b.WantsGrad(parameter.name);
+      }
+    }
+    const int first = units[u].first;
+    needed[u] = own || wants_diff(validated.input_sources[first]) ||
+                (is_add(units[u]) && wants_diff(validated.add_sources[first]));
+  }
+  // dL/d(output of layer k), accumulated as the layers that read it are differentiated.
+  std::vector<int> diff(network.layers.size(), -1);
+  int diff_input = -1;
+  diff.back() = diff_output;
+  auto deliver = [&](int source, int slot) {
+    int& target = source < 0 ? diff_input : diff[source];
+    target = target < 0 ? slot : b.Accumulate(b.backward_ops(), target, slot);
+  };
+  for (int u = static_cast<int>(units.size()) - 1; u >= 0; --u) {
+    if (!needed[u]) continue;
+    const Unit& unit = units[u];
+    const int source = validated.input_sources[unit.first];
+    const int other = validated.add_sources[unit.first];
+    BackwardContext context;
+    context.diff_dst = diff[unit.last];
+    context.want_diff_src = wants_diff(source);
+    context.want_diff_other = is_add(unit) && wants_diff(other);
+    const size_t first_op = b.backward_ops()->size();
+    BackwardResult result;
+    unit.lowered->Backward(b, context, &result);
+    // The caller's ContinueCheck runs before each layer's backward pass.
+    if (first_op < b.backward_ops()->size()) (*b.backward_ops())[first_op].starts_layer = true;
+    if (context.want_diff_src) deliver(source, result.diff_src);
+    if (context.want_diff_other) deliver(other, result.diff_other);
+  }
+  if (needs.input_grad) {
+    const memory::desc input_desc = PlainDesc(input_shape);
+    if (b.DescOf(diff_input) == input_desc && b.SlotAt(diff_input).role == Plan::Role::kNone) {
+      b.SlotAt(diff_input).role = Plan::Role::kInputGrad;
+    } else {
+      b.ConvertInto(b.backward_ops(), diff_input, b.AddSlot(input_desc, Plan::Role::kInputGrad));
+    }
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
     const dnnl::engine& cpu, const NetworkSpec& network, const ValidatedNetwork& validated,
     const std::vector<int64_t>& input_shape, const PlanNeeds& needs, const EngineOptions& options) {
@@ -222,123 +360,12 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
   plan->threads_ = ThreadsFor(network, validated, input_shape, needs, options.threads_per_call);
   // oneDNN sizes its kernels' work split for the thread count in force at creation.
   ScopedOmpThreads threads(plan->threads_);
-  const int layers = static_cast<int>(network.layers.size());
   try {
     PlanBuilder b(plan.get(), cpu, needs, options);
-    // How many layers read each layer's output: a lowering may fuse the next layer only when
-    // that layer is the only reader.
-    std::vector<int> readers(layers, 0);
-    for (int i = 0; i < layers; ++i) {
-      if (validated.input_sources[i] >= 0) ++readers[validated.input_sources[i]];
-      if (validated.add_sources[i] >= 0) ++readers[validated.add_sources[i]];
-    }
-
-    // ---- Forward: one LoweredLayer per layer, or per layer and the next one it fused.
-    struct Unit {
-      int first = 0;
-      int last = 0;
-      std::unique_ptr<LoweredLayer> lowered;
-    };
-    std::vector<Unit> units;
-    std::vector<int> unit_of(layers, -1);
-    const int input_slot = b.AddSlot(PlainDesc(input_shape), Role::kInput);
-    std::vector<int> output_slot(layers, -1);
-    auto slot_of = [&](int source) { return source < 0 ? input_slot : output_slot[source]; };
-    for (int i = 0; i < layers;) {
-      ForwardContext context;
-      context.layer = &network.layers[i];
-      const int source = validated.input_sources[i];
-      context.src = slot_of(source);
-      context.in_shape = source < 0 ? input_shape : validated.output_shapes[source];
-      context.out_shape = validated.output_shapes[i];
-      if (std::holds_alternative<AddSpec>(context.layer->op)) {
-        context.other = slot_of(validated.add_sources[i]);
-      }
-      if (i + 1 < layers && validated.input_sources[i + 1] == i && readers[i] == 1 &&
-          !std::holds_alternative<AddSpec>(network.layers[i + 1].op)) {
-        context.fusable_next = &network.layers[i + 1];
-      }
-      const size_t first_op = plan->forward_ops_.size();
-      Unit unit;
-      unit.first = i;
-      unit.lowered = LowerForward(b, context);
-      unit.last = unit.lowered->fused_next ? i + 1 : i;
-      // The caller's ContinueCheck runs before each layer, whichever op comes first in it.
-      if (first_op < plan->forward_ops_.size()) plan->forward_ops_[first_op].starts_layer = true;
-      output_slot[unit.last] = unit.lowered->dst;
-      for (int k = unit.first; k <= unit.last; ++k) unit_of[k] = static_cast<int>(units.size());
-      i = unit.last + 1;
-      units.push_back(std::move(unit));
-    }
-    // The network's output goes straight into the caller's tensor when the last primitive
-    // already writes it plain; otherwise one reorder at the edge. (The input itself is never
-    // the output: every layer writes a slot of its own.)
-    const std::vector<int64_t>& output_shape = validated.output_shapes.back();
-    const memory::desc output_desc = PlainDesc(output_shape);
-    const int last_output = output_slot[layers - 1];
-    if (b.DescOf(last_output) == output_desc && b.SlotAt(last_output).role == Role::kNone) {
-      b.SlotAt(last_output).role = Role::kOutput;
-    } else {
-      b.ConvertInto(&plan->forward_ops_, last_output, b.AddSlot(output_desc, Role::kOutput));
-    }
-
-    // ---- Backward, in reverse, over the units whose gradients anyone wants.
+    const ForwardPass pass = LowerForwardPass(b, network, validated, input_shape);
     if (needs.training) {
-      // needed[u]: whether unit u's backward pass runs: it has a wanted parameter gradient, or
-      // what it reads needs dL/d(it).
-      std::vector<bool> needed(units.size(), false);
-      auto wants_diff = [&](int source) {
-        return source < 0 ? needs.input_grad : static_cast<bool>(needed[unit_of[source]]);
-      };
-      for (size_t u = 0; u < units.size(); ++u) {
-        bool own = false;
-        for (int k = units[u].first; k <= units[u].last; ++k) {
-          for (const ParameterInfo& parameter : LayerParameters(network.layers[k])) {
-            own |= needs.parameter_grads.count(parameter.name) > 0;
-          }
-        }
-        const int first = units[u].first;
-        const bool is_add = std::holds_alternative<AddSpec>(network.layers[first].op);
-        needed[u] = own || wants_diff(validated.input_sources[first]) ||
-                    (is_add && wants_diff(validated.add_sources[first]));
-      }
-      plan->diff_output_slot_ = b.AddSlot(output_desc, Role::kDiffOutput);
-      // dL/d(output of layer k), accumulated as the layers that read it are differentiated.
-      std::vector<int> diff(layers, -1);
-      int diff_input = -1;
-      diff[layers - 1] = plan->diff_output_slot_;
-      auto deliver = [&](int source, int slot) {
-        int& target = source < 0 ? diff_input : diff[source];
-        target = target < 0 ? slot : b.Accumulate(&plan->backward_ops_, target, slot);
-      };
-      for (int u = static_cast<int>(units.size()) - 1; u >= 0; --u) {
-        if (!needed[u]) continue;
-        const Unit& unit = units[u];
-        const int source = validated.input_sources[unit.first];
-        const bool is_add = std::holds_alternative<AddSpec>(network.layers[unit.first].op);
-        const int other = validated.add_sources[unit.first];
-        BackwardContext context;
-        context.diff_dst = diff[unit.last];
-        context.want_diff_src = wants_diff(source);
-        context.want_diff_other = is_add && wants_diff(other);
-        const size_t first_op = plan->backward_ops_.size();
-        BackwardResult result;
-        unit.lowered->Backward(b, context, &result);
-        if (first_op < plan->backward_ops_.size()) {
-          plan->backward_ops_[first_op].starts_layer = true;
-        }
-        if (context.want_diff_src) deliver(source, result.diff_src);
-        if (context.want_diff_other) deliver(other, result.diff_other);
-      }
-      if (needs.input_grad) {
-        const memory::desc input_desc = PlainDesc(input_shape);
-        if (b.DescOf(diff_input) == input_desc && b.SlotAt(diff_input).role == Role::kNone) {
-          b.SlotAt(diff_input).role = Role::kInputGrad;
-        } else {
-          const int input_grad = b.AddSlot(input_desc, Role::kInputGrad);
-          b.ConvertInto(&plan->backward_ops_, diff_input, input_grad);
-        }
-      }
+      plan->diff_output_slot_ = b.AddSlot(pass.output_desc, Role::kDiffOutput);
+      LowerBackwardPass(b, network, validated, input_shape, pass, plan->diff_output_slot_);
     }
     b.Finish();
   } catch (const dnnl::error& e) {
@@ -365,11 +392,21 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
                      "the limit of ",
                      options.max_workspace_bytes, " (EngineOptions::max_workspace_bytes)"));
   }
-  // Padded activations that a convolution multiplies by its weights' zero padding: the source
-  // of a forward convolution and the gradient a backward-data convolution reads. (Backward
-  // weights only fill the padding of the weight gradient, which is dropped.)
+  plan->ZeroPaddingWhereMultiplied();
+  plan->workspace_bytes_ = static_cast<int64_t>(workspace_bytes);
+  plan->structure_bytes_ =
+      static_cast<int64_t>(plan->forward_ops_.size() + plan->backward_ops_.size()) *
+          kStructureBytesPerOp +
+      static_cast<int64_t>(plan->slots_.size()) * kStructureBytesPerSlot;
+  return plan;
+}
+
+void Plan::ZeroPaddingWhereMultiplied() {
+  // Padded activations that a convolution or inner product multiplies by its weights' zero
+  // padding: the source of a forward pass and the gradient a backward-data pass reads.
+  // (Backward weights only fill the padding of the weight gradient, which is dropped.)
   std::set<int> multiplied;
-  for (const std::vector<Op>* ops : {&plan->forward_ops_, &plan->backward_ops_}) {
+  for (const std::vector<Op>* ops : {&forward_ops_, &backward_ops_}) {
     for (const Op& op : *ops) {
       bool weights = false;
       bool diff_weights = false;
@@ -383,22 +420,16 @@ absl::StatusOr<std::unique_ptr<Plan>> Plan::Create(
       }
     }
   }
-  for (std::vector<Op>* ops : {&plan->forward_ops_, &plan->backward_ops_}) {
+  for (std::vector<Op>* ops : {&forward_ops_, &backward_ops_}) {
     for (Op& op : *ops) {
       for (const auto& [arg, slot] : op.args) {
         if ((arg == DNNL_ARG_DST || arg == DNNL_ARG_DIFF_SRC) && multiplied.count(slot) > 0 &&
-            plan->slots_[slot].role == Role::kNone && HasChannelPadding(plan->slots_[slot].desc)) {
+            slots_[slot].role == Role::kNone && HasChannelPadding(slots_[slot].desc)) {
           op.zero_padding_after.push_back(slot);
         }
       }
     }
   }
-  plan->workspace_bytes_ = static_cast<int64_t>(workspace_bytes);
-  plan->structure_bytes_ =
-      static_cast<int64_t>(plan->forward_ops_.size() + plan->backward_ops_.size()) *
-          kStructureBytesPerOp +
-      static_cast<int64_t>(plan->slots_.size()) * kStructureBytesPerSlot;
-  return plan;
 }
 
 Plan::~Plan() {

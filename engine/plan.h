@@ -168,6 +168,8 @@ class Plan {
 
   Plan() = default;
 
+  // Sets Op::zero_padding_after for every op that writes a padded slot a later op multiplies.
+  void ZeroPaddingWhereMultiplied();
   std::unique_ptr<Workspace> NewWorkspace() const;
   void ReleaseWorkspace(WorkspaceLease lease) ABSL_LOCKS_EXCLUDED(pool_mu_);
   // Points the workspace's caller-bound slots at this call's tensors.
