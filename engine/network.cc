@@ -132,9 +132,13 @@ std::vector<ParameterInfo> LayerParameters(const LayerSpec& layer) {
   return parameters;
 }
 
-absl::Status CheckPositive(const std::string& field, int64_t value, int64_t limit) {
-  if (value < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(field, "=", value, " must be positive"));
+namespace {
+
+// `field` is in [least, limit]; `least_text` says the lower bound in words.
+absl::Status CheckRange(const std::string& field, int64_t value, int64_t least,
+                        absl::string_view least_text, int64_t limit) {
+  if (value < least) {
+    return absl::InvalidArgumentError(absl::StrCat(field, "=", value, " must be ", least_text));
   }
   if (value > limit) {
     return absl::InvalidArgumentError(
@@ -143,15 +147,20 @@ absl::Status CheckPositive(const std::string& field, int64_t value, int64_t limi
   return absl::OkStatus();
 }
 
+}  // namespace
+
+absl::Status CheckPositive(const std::string& field, int64_t value, int64_t limit) {
+  return CheckRange(field, value, 1, "positive", limit);
+}
+
 absl::Status CheckNonNegative(const std::string& field, int64_t value, int64_t limit) {
-  if (value < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(field, "=", value, " must be >= 0"));
-  }
-  if (value > limit) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, "=", value, " exceeds the supported maximum ", limit));
-  }
-  return absl::OkStatus();
+  return CheckRange(field, value, 0, ">= 0", limit);
+}
+
+double ElementCount(absl::Span<const int64_t> shape) {
+  double elements = 1.0;
+  for (int64_t d : shape) elements *= static_cast<double>(d);
+  return elements;
 }
 
 absl::Status CheckFourDims(const ShapeContext& context, absl::string_view kind) {

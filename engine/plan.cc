@@ -277,13 +277,7 @@ ForwardPass LowerForwardPass(PlanBuilder& b, const NetworkSpec& network,
   // already writes it plain; otherwise one reorder at the edge. (The input itself is never
   // the output: every layer writes a slot of its own.)
   pass.output_desc = PlainDesc(validated.output_shapes.back());
-  const int last_output = output_slot[layers - 1];
-  if (b.DescOf(last_output) == pass.output_desc &&
-      b.SlotAt(last_output).role == Plan::Role::kNone) {
-    b.SlotAt(last_output).role = Plan::Role::kOutput;
-  } else {
-    b.ConvertInto(b.forward_ops(), last_output, b.AddSlot(pass.output_desc, Plan::Role::kOutput));
-  }
+  b.BindToCaller(b.forward_ops(), output_slot[layers - 1], pass.output_desc, Plan::Role::kOutput);
   return pass;
 }
 
@@ -340,12 +334,7 @@ void LowerBackwardPass(PlanBuilder& b, const NetworkSpec& network,
     if (context.want_diff_other) deliver(other, result.diff_other);
   }
   if (needs.input_grad) {
-    const memory::desc input_desc = PlainDesc(input_shape);
-    if (b.DescOf(diff_input) == input_desc && b.SlotAt(diff_input).role == Plan::Role::kNone) {
-      b.SlotAt(diff_input).role = Plan::Role::kInputGrad;
-    } else {
-      b.ConvertInto(b.backward_ops(), diff_input, b.AddSlot(input_desc, Plan::Role::kInputGrad));
-    }
+    b.BindToCaller(b.backward_ops(), diff_input, PlainDesc(input_shape), Plan::Role::kInputGrad);
   }
 }
 

@@ -27,9 +27,7 @@ void LayerKind<AddSpec>::AppendKey(const AddSpec& spec, std::string* key) {
 
 double LayerKind<AddSpec>::Flops(const AddSpec&, absl::Span<const int64_t>,
                                  absl::Span<const int64_t> out) {
-  double elements = 1.0;
-  for (int64_t d : out) elements *= static_cast<double>(d);
-  return elements;
+  return ElementCount(out);
 }
 
 }  // namespace gradengine

@@ -64,9 +64,7 @@ void LayerKind<BatchNorm2dSpec>::AppendKey(const BatchNorm2dSpec& spec, std::str
 
 double LayerKind<BatchNorm2dSpec>::Flops(const BatchNorm2dSpec&, absl::Span<const int64_t>,
                                          absl::Span<const int64_t> out) {
-  double elements = 1.0;
-  for (int64_t d : out) elements *= static_cast<double>(d);
-  return 8.0 * elements;
+  return 8.0 * ElementCount(out);
 }
 
 }  // namespace gradengine

@@ -86,7 +86,7 @@ void LayerKind<Conv2dSpec>::AppendKey(const Conv2dSpec& c, std::string* key) {
 
 double LayerKind<Conv2dSpec>::Flops(const Conv2dSpec& c, absl::Span<const int64_t>,
                                     absl::Span<const int64_t> out) {
-  const double out_elements = static_cast<double>(out[0]) * out[1] * out[2] * out[3];
+  const double out_elements = ElementCount(out);
   return 2.0 * out_elements * static_cast<double>(c.in_channels / c.groups) *
          static_cast<double>(c.kernel_h * c.kernel_w);
 }

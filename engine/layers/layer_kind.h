@@ -86,6 +86,8 @@ inline constexpr int64_t kMaxWindow = 4096;  // kernel size, stride, padding and
 absl::Status CheckPositive(const std::string& field, int64_t value, int64_t limit);
 // `field` is >= 0 and <= limit.
 absl::Status CheckNonNegative(const std::string& field, int64_t value, int64_t limit);
+// The number of elements of `shape`, as a double, for the kinds' Flops.
+double ElementCount(absl::Span<const int64_t> shape);
 // The layer needs an NCHW input; refuses the [N, F] a linear layer gives.
 absl::Status CheckFourDims(const ShapeContext& context, absl::string_view kind);
 

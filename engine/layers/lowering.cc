@@ -142,6 +142,15 @@ void PlanBuilder::ConvertInto(std::vector<Plan::Op>* ops, int from, int to) {
   AddOp(ops, pd, dnnl::reorder(pd), {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}});
 }
 
+void PlanBuilder::BindToCaller(std::vector<Plan::Op>* ops, int slot, const memory::desc& plain,
+                               Plan::Role role) {
+  if (DescOf(slot) == plain && SlotAt(slot).role == Plan::Role::kNone) {
+    SlotAt(slot).role = role;
+  } else {
+    ConvertInto(ops, slot, AddSlot(plain, role));
+  }
+}
+
 int PlanBuilder::Accumulate(std::vector<Plan::Op>* ops, int a, int b) {
   const memory::desc desc = DescOf(a);
   dnnl::sum::primitive_desc pd(desc, {1.0f, 1.0f}, {desc, DescOf(b)}, cpu_, UserScratchpadAttr());

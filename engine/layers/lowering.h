@@ -82,6 +82,11 @@ class PlanBuilder {
   // reorder appended to `ops`.
   int Convert(std::vector<Plan::Op>* ops, int from, const dnnl::memory::desc& want);
   void ConvertInto(std::vector<Plan::Op>* ops, int from, int to);
+  // Makes `slot`'s contents the caller's tensor of `role` (kOutput, kInputGrad), plain in
+  // `plain`: the slot itself is bound to it when it already has that layout and belongs to the
+  // workspace, otherwise a reorder into a new bound slot is appended to `ops`.
+  void BindToCaller(std::vector<Plan::Op>* ops, int slot, const dnnl::memory::desc& plain,
+                    Plan::Role role);
   // A new slot holding a + b (for a gradient that several layers contribute to).
   int Accumulate(std::vector<Plan::Op>* ops, int a, int b);
 

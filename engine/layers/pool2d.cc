@@ -69,9 +69,7 @@ void AppendWindowKey(const Window& w, std::string* key) {
 }
 
 double WindowFlops(const Window& w, absl::Span<const int64_t> out) {
-  double elements = 1.0;
-  for (int64_t d : out) elements *= static_cast<double>(d);
-  return elements * static_cast<double>(w.kernel_h * w.kernel_w);
+  return ElementCount(out) * static_cast<double>(w.kernel_h * w.kernel_w);
 }
 
 Window WindowOf(const MaxPool2dSpec& s) {
