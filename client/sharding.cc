@@ -28,25 +28,22 @@ int64_t Elements(absl::Span<const int64_t> shape) {
   return elements;
 }
 
-// True if `tensor` has `batch` whole rows: at least one dim, dim 0 == batch, and data that
-// match the shape.
-bool HasRows(const gradengine::TensorView& tensor, int64_t batch) {
-  return !tensor.shape.empty() && tensor.shape[0] == batch && tensor.data != nullptr &&
-         Elements(tensor.shape) == tensor.size;
+// True if `view` (a TensorView or LabelsView) has `batch` whole rows: at least one dim,
+// dim 0 == batch, and data that match the shape.
+template <typename View>
+bool HasRows(const View& view, int64_t batch) {
+  return !view.shape.empty() && view.shape[0] == batch && view.data != nullptr &&
+         Elements(view.shape) == view.size;
 }
 
-// As HasRows, for class indices.
-bool HasRows(const gradengine::LabelsView& labels, int64_t batch) {
-  return !labels.shape.empty() && labels.shape[0] == batch && labels.data != nullptr &&
-         Elements(labels.shape) == labels.size;
-}
-
-gradengine::TensorView SliceRows(const gradengine::TensorView& tensor, BatchSlice slice) {
-  const int64_t row = tensor.shape[0] == 0 ? 0 : tensor.size / tensor.shape[0];
-  gradengine::TensorView part;
-  part.shape = tensor.shape;
+// The rows of `slice` of a TensorView or LabelsView, borrowed.
+template <typename View>
+View SliceRows(const View& view, BatchSlice slice) {
+  const int64_t row = view.shape[0] == 0 ? 0 : view.size / view.shape[0];
+  View part;
+  part.shape = view.shape;
   part.shape[0] = slice.rows();
-  part.data = tensor.data + slice.begin * row;
+  part.data = view.data + slice.begin * row;
   part.size = slice.rows() * row;
   return part;
 }
@@ -77,16 +74,6 @@ gradengine::Tensor ConcatRows(const std::vector<const gradengine::Tensor*>& part
     }
   }
   return whole;
-}
-
-gradengine::LabelsView SliceRows(const gradengine::LabelsView& labels, BatchSlice slice) {
-  const int64_t row = labels.shape[0] == 0 ? 0 : labels.size / labels.shape[0];
-  gradengine::LabelsView part;
-  part.shape = labels.shape;
-  part.shape[0] = slice.rows();
-  part.data = labels.data + slice.begin * row;
-  part.size = slice.rows() * row;
-  return part;
 }
 
 // The labels of `slice` that count in cross-entropy's mean: those not equal to ignore_index.
