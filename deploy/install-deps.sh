@@ -18,6 +18,10 @@ test_packages=(
   python3 python3-numpy python3-torch
   python3-yaml openssl  # tests/deploy/manifest_test.py: reads the manifests, makes a test certificate
   python3-prometheus-client  # tests/service/metrics_endpoint_test.py: parses the /metrics text
+  # python/: the Python client (gradservice) and its pytest suite, pip-installed into a venv by
+  # a test; the handwritten digits training demo (scikit-learn's bundled data set, matplotlib)
+  python3-grpcio python3-protobuf python3-pytest python3-venv python3-pip python3-setuptools
+  python3-sklearn python3-matplotlib
   buildah debootstrap   # deploy/test-image.sh: builds and runs the image without a Docker engine
   # tests/fuzz: libFuzzer and the sanitizers' runtimes come with clang, and the engine's
   # OpenMP needs clang's own runtime (libomp) for the clang build to configure
