@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -353,30 +354,58 @@ uint64_t LoadLittleEndian(absl::string_view bytes, size_t offset, size_t width) 
   return value;
 }
 
+uint64_t LoadBigEndian(absl::string_view bytes, size_t offset, size_t width) {
+  uint64_t value = 0;
+  for (size_t i = 0; i < width; ++i) {
+    value = (value << 8) | static_cast<unsigned char>(bytes[offset + i]);
+  }
+  return value;
+}
+
 void AppendLittleEndian(uint64_t value, size_t width, std::string* out) {
   for (size_t i = 0; i < width; ++i) out->push_back(static_cast<char>((value >> (8 * i)) & 0xFF));
+}
+
+// A family of dtypes one reader accepts: numpy's kind character and the element widths, the
+// first of which is what the reader returns and needs no conversion.
+struct NpyFamily {
+  char kind;         // 'f' or 'i', as in '<f4'
+  const char* name;  // "float" / "int", for messages
+  std::vector<size_t> widths;
+  const char* accepted;  // the accepted descrs, for messages
+};
+const NpyFamily& FloatFamily() {
+  static const auto* family =
+      new NpyFamily{'f',
+                    "float",
+                    {4, 8, 2},
+                    "float32, float64 or float16 in either byte order ('<f4', '<f8', '<f2', "
+                    "'>f4', '>f8', '>f2')"};
+  return *family;
+}
+const NpyFamily& IntFamily() {
+  static const auto* family = new NpyFamily{
+      'i', "int", {8, 4}, "int64 or int32 in either byte order ('<i8', '<i4', '>i8', '>i4')"};
+  return *family;
 }
 
 // The validated header fields.
 struct NpyHeader {
   std::vector<int64_t> shape;
   int64_t element_count = 0;
+  std::string descr;  // as written, e.g. "<f8"
+  size_t width = 0;   // bytes per element
+  bool big_endian = false;
 };
 
-// The one dtype a reader accepts.
-struct NpyDtype {
-  const char* little;  // '<f4': the descr numpy writes on a little-endian host
-  const char* native;  // '=f4', taken as little-endian
-  const char* big;     // '>f4', refused with a hint
-  const char* name;    // "float32"
-  size_t bytes;
-};
-constexpr NpyDtype kFloat32 = {"<f4", "=f4", ">f4", "float32", sizeof(float)};
-constexpr NpyDtype kInt64 = {"<i8", "=i8", ">i8", "int64", sizeof(int64_t)};
+// "float64", "int32": numpy's name of a dtype of `family` with elements of `width` bytes.
+std::string TypeName(const NpyFamily& family, size_t width) {
+  return absl::StrCat(family.name, 8 * width);
+}
 
-// Checks the dict against what numpy writes for a C-order array of `expected`.
+// Checks the dict against what numpy writes for a C-order array of a dtype of `family`.
 absl::StatusOr<NpyHeader> InterpretHeader(const PyLiteral& dict, absl::string_view name,
-                                          absl::string_view header_text, const NpyDtype& expected) {
+                                          absl::string_view header_text, const NpyFamily& family) {
   const std::string quoted_header =
       QuoteForMessage(absl::StripTrailingAsciiWhitespace(header_text), kMaxQuotedHeaderBytes);
   if (dict.kind != PyLiteral::Kind::kDict) {
@@ -410,23 +439,27 @@ absl::StatusOr<NpyHeader> InterpretHeader(const PyLiteral& dict, absl::string_vi
                      "}, expected exactly 'descr', 'fortran_order' and 'shape'"));
   }
 
-  const std::string only =
-      absl::StrCat("only little-endian ", expected.name, " '", expected.little, "'");
   if (descr->kind != PyLiteral::Kind::kString) {
     return absl::InvalidArgumentError(
         absl::StrCat(name, ": unsupported dtype: descr=", LiteralForMessage(descr->source),
-                     " (structured dtypes are not supported; ", only, ")"));
+                     " (structured dtypes are not supported; expected ", family.accepted, ")"));
   }
+  // A descr is a byte order ('<' little, '>' big, '=' native, '|' not applicable), the kind and
+  // the width in bytes. numpy writes '<' or '>'; '=' and '|' mean the host's order, which this
+  // reader takes as little-endian, as numpy itself does on every little-endian host.
   const std::string& dtype = descr->string_value;
-  if (dtype == expected.big) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        name, ": unsupported dtype: descr='", expected.big, "' is big-endian ", expected.name, "; ",
-        only, " is supported (convert with array.astype('", expected.little, "'))"));
+  size_t width = 0;
+  if (dtype.size() == 3 &&
+      (dtype[0] == '<' || dtype[0] == '>' || dtype[0] == '=' || dtype[0] == '|') &&
+      dtype[1] == family.kind) {
+    for (size_t candidate : family.widths) {
+      if (dtype[2] == static_cast<char>('0' + candidate)) width = candidate;
+    }
   }
-  if (dtype != expected.little && dtype != expected.native) {
+  if (width == 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat(name, ": unsupported dtype: descr=", LiteralForMessage(descr->source), "; ",
-                     only, " is supported"));
+        absl::StrCat(name, ": unsupported dtype: descr=", LiteralForMessage(descr->source),
+                     "; expected ", family.accepted));
   }
 
   if (fortran_order->kind != PyLiteral::Kind::kBool) {
@@ -484,18 +517,21 @@ absl::StatusOr<NpyHeader> InterpretHeader(const PyLiteral& dict, absl::string_vi
     }
   }
   result.element_count = count;
+  result.descr = dtype;
+  result.width = width;
+  result.big_endian = dtype[0] == '>';
   return result;
 }
 
 // A parsed file: its header, and the bytes of its data, exactly element_count elements of
-// `expected`.
+// the header's dtype.
 struct NpyContents {
   NpyHeader header;
   absl::string_view data;
 };
 
 absl::StatusOr<NpyContents> ParseNpyContents(absl::string_view bytes, absl::string_view name,
-                                             const NpyDtype& expected) {
+                                             const NpyFamily& family) {
   if (!absl::StartsWith(bytes, kMagic)) {
     if (absl::StartsWith(kMagic, bytes)) {
       return absl::InvalidArgumentError(absl::StrCat(name, ": truncated .npy file: ", bytes.size(),
@@ -541,16 +577,17 @@ absl::StatusOr<NpyContents> ParseNpyContents(absl::string_view bytes, absl::stri
         name, ": malformed .npy header: ", literal.status().message(), "; header: ",
         QuoteForMessage(absl::StripTrailingAsciiWhitespace(header_text), kMaxQuotedHeaderBytes)));
   }
-  absl::StatusOr<NpyHeader> header = InterpretHeader(*literal, name, header_text, expected);
+  absl::StatusOr<NpyHeader> header = InterpretHeader(*literal, name, header_text, family);
   if (!header.ok()) return header.status();
 
   const absl::string_view data_bytes = bytes.substr(pos);
   const uint64_t count = static_cast<uint64_t>(header->element_count);
-  const size_t width = expected.bytes;
+  const size_t width = header->width;
+  const std::string type_name = TypeName(family, width);
   if (count > data_bytes.size() / width) {
     return absl::InvalidArgumentError(
         absl::StrCat(name, ": truncated .npy file: shape ", ShapeRepr(header->shape), " needs ",
-                     count, " ", expected.name, " values but only ", data_bytes.size(), " bytes (",
+                     count, " ", type_name, " values but only ", data_bytes.size(), " bytes (",
                      data_bytes.size() / width, " values) follow the header"));
   }
   if (data_bytes.size() != count * width) {
@@ -594,30 +631,97 @@ absl::StatusOr<std::string> ReadFileBytes(const std::string& path) {
 
 }  // namespace
 
-absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes, absl::string_view name) {
-  absl::StatusOr<NpyContents> contents = ParseNpyContents(bytes, name, kFloat32);
-  if (!contents.ok()) return contents.status();
-  const uint64_t count = static_cast<uint64_t>(contents->header.element_count);
-  NpyArray array;
-  array.shape = std::move(contents->header.shape);
-  array.data.resize(count);
-  for (uint64_t i = 0; i < count; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(LoadLittleEndian(contents->data, 4 * i, 4));
-    std::memcpy(&array.data[i], &bits, sizeof(float));
+float Float16ToFloat32(uint16_t bits) {
+  const uint32_t sign = static_cast<uint32_t>(bits >> 15) << 31;
+  const uint32_t exponent = (bits >> 10) & 0x1F;
+  uint32_t mantissa = bits & 0x3FF;
+  uint32_t result;
+  if (exponent == 0x1F) {
+    // Infinity, or NaN with its payload kept in the top mantissa bits (quiet stays quiet).
+    result = sign | 0x7F800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    // Normal: rebias the exponent from 15 to 127.
+    result = sign | ((exponent - 15 + 127) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    result = sign;  // +-0
+  } else {
+    // Subnormal, mantissa * 2^-24: shift the leading 1 into the implicit bit; every half
+    // subnormal is a normal float32.
+    int shift = 0;
+    while ((mantissa & 0x400) == 0) {
+      mantissa <<= 1;
+      ++shift;
+    }
+    result = sign | (static_cast<uint32_t>(127 - 14 - shift) << 23) | ((mantissa & 0x3FF) << 13);
   }
+  float value;
+  std::memcpy(&value, &result, sizeof(value));
+  return value;
+}
+
+float Float64ToFloat32(double value) {
+  constexpr double kMaxFloat = std::numeric_limits<float>::max();
+  // A finite double outside float's range cannot go through static_cast (undefined
+  // behaviour); round-to-nearest-even takes magnitudes from FLT_MAX + half its ulp (2^103) up
+  // to infinity and leaves the ones below at FLT_MAX.
+  if (std::isfinite(value) && std::abs(value) > kMaxFloat) {
+    const float magnitude = std::abs(value) >= kMaxFloat + 0x1p103
+                                ? std::numeric_limits<float>::infinity()
+                                : std::numeric_limits<float>::max();
+    return std::signbit(value) ? -magnitude : magnitude;
+  }
+  return static_cast<float>(value);
+}
+
+absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes, absl::string_view name) {
+  absl::StatusOr<NpyContents> contents = ParseNpyContents(bytes, name, FloatFamily());
+  if (!contents.ok()) return contents.status();
+  const NpyHeader& header = contents->header;
+  const uint64_t count = static_cast<uint64_t>(header.element_count);
+  const absl::string_view data = contents->data;
+  const size_t width = header.width;
+  auto load = header.big_endian ? LoadBigEndian : LoadLittleEndian;
+  NpyArray array;
+  array.data.resize(count);
+  if (width == 4) {
+    for (uint64_t i = 0; i < count; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(load(data, 4 * i, 4));
+      std::memcpy(&array.data[i], &bits, sizeof(float));
+    }
+  } else if (width == 8) {
+    for (uint64_t i = 0; i < count; ++i) {
+      const uint64_t bits = load(data, 8 * i, 8);
+      double value;
+      std::memcpy(&value, &bits, sizeof(value));
+      array.data[i] = Float64ToFloat32(value);
+    }
+  } else {
+    for (uint64_t i = 0; i < count; ++i) {
+      array.data[i] = Float16ToFloat32(static_cast<uint16_t>(load(data, 2 * i, 2)));
+    }
+  }
+  if (width != 4 || header.big_endian) array.converted_from = header.descr;
+  array.shape = std::move(contents->header.shape);
   return array;
 }
 
 absl::StatusOr<NpyInt64Array> ParseNpyInt64(absl::string_view bytes, absl::string_view name) {
-  absl::StatusOr<NpyContents> contents = ParseNpyContents(bytes, name, kInt64);
+  absl::StatusOr<NpyContents> contents = ParseNpyContents(bytes, name, IntFamily());
   if (!contents.ok()) return contents.status();
-  const uint64_t count = static_cast<uint64_t>(contents->header.element_count);
+  const NpyHeader& header = contents->header;
+  const uint64_t count = static_cast<uint64_t>(header.element_count);
+  const size_t width = header.width;
+  auto load = header.big_endian ? LoadBigEndian : LoadLittleEndian;
   NpyInt64Array array;
-  array.shape = std::move(contents->header.shape);
   array.data.resize(count);
   for (uint64_t i = 0; i < count; ++i) {
-    array.data[i] = static_cast<int64_t>(LoadLittleEndian(contents->data, 8 * i, 8));
+    const uint64_t bits = load(contents->data, width * i, width);
+    // int32 is sign-extended: every int32 is an int64.
+    array.data[i] =
+        width == 8 ? static_cast<int64_t>(bits) : static_cast<int64_t>(static_cast<int32_t>(bits));
   }
+  if (width != 8 || header.big_endian) array.converted_from = header.descr;
+  array.shape = std::move(contents->header.shape);
   return array;
 }
 

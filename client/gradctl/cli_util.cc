@@ -6,9 +6,13 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <limits>
+#include <sstream>
 #include <string>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -16,6 +20,7 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "client/gradctl/network_json.h"
 
 namespace gradctl {
 namespace {
@@ -40,7 +45,74 @@ absl::StatusOr<std::string> ReadFirstToken(const std::string& path) {
                    " holds no token (blank lines and lines starting with # are skipped)"));
 }
 
+// "float64 ('<f8')", "big-endian float32 ('>f4')": a .npy descr the readers convert from, for
+// the note on stderr.
+std::string DescribeDtype(const std::string& descr) {
+  if (descr.size() != 3) return absl::StrCat("'", descr, "'");
+  const int bits = 8 * (descr[2] - '0');
+  return absl::StrCat(descr[0] == '>' ? "big-endian " : "", descr[1] == 'f' ? "float" : "int", bits,
+                      " ('", descr, "')");
+}
+
+void NoteConversion(const std::string& path, const std::string& converted_from,
+                    absl::string_view to) {
+  if (converted_from.empty()) return;
+  std::cerr << "gradctl: note: " << path << " is " << DescribeDtype(converted_from)
+            << "; converted to " << to << "\n";
+}
+
+absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) {
+    const std::error_code error(errno, std::generic_category());
+    return absl::Status(absl::ErrnoToStatusCode(error.value()),
+                        absl::StrCat(path, ": cannot open: ", error.message()));
+  }
+  std::ostringstream text;
+  text << file.rdbuf();
+  if (file.bad()) return absl::DataLossError(absl::StrCat(path, ": cannot read"));
+  return text.str();
+}
+
 }  // namespace
+
+absl::StatusOr<gradengine::Tensor> ReadFloatNpy(const std::string& path) {
+  absl::StatusOr<gradclient::NpyArray> array = gradclient::ReadNpyFile(path);
+  if (!array.ok()) return array.status();
+  NoteConversion(path, array->converted_from, "float32");
+  return gradengine::Tensor(std::move(array->shape), std::move(array->data));
+}
+
+absl::StatusOr<gradclient::NpyInt64Array> ReadLabelsNpy(const std::string& path) {
+  absl::StatusOr<gradclient::NpyInt64Array> labels = gradclient::ReadNpyInt64File(path);
+  if (!labels.ok()) return labels.status();
+  NoteConversion(path, labels->converted_from, "int64");
+  return labels;
+}
+
+absl::StatusOr<gradengine::NetworkSpec> ReadNetworkFile(const std::string& path) {
+  absl::StatusOr<std::string> json = ReadTextFile(path);
+  if (!json.ok()) return json.status();
+  return ParseNetworkJson(*json, path);
+}
+
+absl::Status ReadParameters(const gradengine::NetworkSpec& network, const std::string& params_dir,
+                            std::map<std::string, gradengine::Tensor>* parameters) {
+  for (const gradengine::LayerSpec& layer : network.layers) {
+    for (const gradengine::ParameterInfo& parameter : gradengine::LayerParameters(layer)) {
+      const std::string path =
+          (std::filesystem::path(params_dir) / (parameter.name + ".npy")).string();
+      if (!parameter.required) {
+        std::error_code error;
+        if (!std::filesystem::exists(path, error)) continue;
+      }
+      absl::StatusOr<gradengine::Tensor> tensor = ReadFloatNpy(path);
+      if (!tensor.ok()) return tensor.status();
+      (*parameters)[parameter.name] = *std::move(tensor);
+    }
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<StagedRequest> StageInSharedMemory(gradclient::Client& client,
                                                   gradengine::GradientRequest* request,

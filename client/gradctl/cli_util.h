@@ -4,6 +4,7 @@
 #define CLIENT_GRADCTL_CLI_UTIL_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -12,8 +13,10 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "gradclient/client.h"
+#include "gradclient/npy.h"
 #include "gradclient/shared_memory.h"
 #include "gradengine/network.h"
+#include "gradengine/tensor.h"
 
 namespace gradctl {
 
@@ -61,6 +64,25 @@ struct StagedRequest {
 absl::StatusOr<StagedRequest> StageInSharedMemory(gradclient::Client& client,
                                                   gradengine::GradientRequest* request,
                                                   int result_copies);
+
+// Reads the float .npy file at `path` as float32 (gradclient::ReadNpyFile: float64, float16 and
+// big-endian files are converted). A converted file is reported with one line on stderr, e.g.
+// "gradctl: note: x.npy is float64 ('<f8'); converted to float32". Every command reads its
+// tensor files through this.
+absl::StatusOr<gradengine::Tensor> ReadFloatNpy(const std::string& path);
+
+// As ReadFloatNpy, for class labels (gradclient::ReadNpyInt64File: int32 and big-endian files
+// are converted to int64, with the same kind of note).
+absl::StatusOr<gradclient::NpyInt64Array> ReadLabelsNpy(const std::string& path);
+
+// Reads `path` as a network file (network_json.h).
+absl::StatusOr<gradengine::NetworkSpec> ReadNetworkFile(const std::string& path);
+
+// Reads every parameter and buffer of `network` (gradengine::LayerParameters) from
+// <params_dir>/<name>.npy with ReadFloatNpy: the required ones must be there, the optional ones
+// (running statistics in training mode) are read when present.
+absl::Status ReadParameters(const gradengine::NetworkSpec& network, const std::string& params_dir,
+                            std::map<std::string, gradengine::Tensor>* parameters);
 
 // `text` as a JSON string literal, quotes included.
 std::string JsonString(absl::string_view text);

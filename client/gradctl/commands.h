@@ -112,6 +112,81 @@ struct BenchOptions {
 // gradctl bench: a closed-loop load generator; see bench_command.cc.
 absl::Status RunBench(const BenchOptions& options);
 
+struct TrainOptions {
+  ConnectionOptions connection;
+  // The network (protobuf JSON of grad.v1.Network); its output must be logits [N, classes].
+  std::string net_path;
+  // Initial parameters as GradOptions::params_dir; empty for torch.nn's default
+  // initialisation drawn from `seed` (gradclient::InitializeParameters).
+  std::string params_dir;
+  // Training inputs [N, ...] (float .npy) and int64 class indices [N].
+  std::string inputs_path;
+  std::string labels_path;
+  // Optional test set, evaluated at each epoch's end and at the end: both or neither.
+  std::string test_inputs_path;
+  std::string test_labels_path;
+  // Passes over the data and examples per step. Required (>= 1).
+  int64_t epochs = 0;
+  int64_t batch = 0;
+  // "sgd", "adam" or "adamw". Required.
+  std::string optimizer;
+  // Required with sgd; torch's default for adam and adamw when unset.
+  std::optional<double> lr;
+  // sgd only (torch's defaults when unset): --momentum, --dampening, --nesterov.
+  std::optional<double> momentum;
+  std::optional<double> dampening;
+  std::optional<bool> nesterov;
+  // Every optimizer; the default is the optimizer's own (adamw: 1e-2, else 0).
+  std::optional<double> weight_decay;
+  // adam and adamw only (torch's defaults when unset).
+  std::optional<double> beta1;
+  std::optional<double> beta2;
+  std::optional<double> eps;
+  std::optional<bool> amsgrad;
+  // Default: true.
+  bool shuffle = true;
+  // Default: 0.
+  uint64_t seed = 0;
+  // Stop after this many steps in all; 0 for no limit. Default: 0.
+  int64_t max_steps = 0;
+  // Checkpoint every this many steps (besides epoch ends and the end); 0 for only those.
+  // Default: 0.
+  int64_t checkpoint_every = 0;
+  // Continue from <out>/checkpoint. Default: false.
+  bool resume = false;
+  // gradclient::CallOptions::shards of every call. Default: 1.
+  int shards = 1;
+  // Where history.jsonl, params/ and checkpoint/ go; created if missing. Required.
+  std::string out_dir;
+  // Refresh a progress line on stderr ("\r"); main.cc sets it when stderr is a terminal.
+  bool progress = false;
+};
+
+// gradctl train: trains with cross-entropy through the server and the gradclient Trainer,
+// writing <out>/history.jsonl, <out>/params/<name>.npy and <out>/checkpoint/; see
+// train_command.cc.
+absl::Status RunTrain(const TrainOptions& options);
+
+struct GradcheckOptions {
+  // The network, input, parameters and objective, as for grad (connection included);
+  // `gradients` must be true. Its out_dir, input_grad, param_grads, skip_output, shards and
+  // shared_memory are not used: gradcheck checks the input and every trainable parameter.
+  GradOptions request;
+  // Coordinates drawn per tensor (all of a smaller tensor). Default: 16.
+  int samples = 16;
+  // Seeds the choice of coordinates. Default: 0.
+  uint64_t seed = 0;
+  // The finite-difference step. Default: 1e-3 (kGradcheckTolerance in gradcheck_command.cc
+  // says why).
+  double eps = 1e-3;
+};
+
+// gradctl gradcheck: central finite differences of the loss through the server, on a random
+// sample of coordinates of the input and of every trainable parameter, against the gradients
+// of one ComputeGradients call. Prints a table per tensor; a DataLoss error names the tensors
+// past the tolerance. See gradcheck_command.cc.
+absl::Status RunGradcheck(const GradcheckOptions& options);
+
 }  // namespace gradctl
 
 #endif  // CLIENT_GRADCTL_COMMANDS_H_

@@ -1,11 +1,9 @@
 // gradctl grad and gradctl forward: a request made of files, results written as files.
 
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -18,68 +16,43 @@
 #include "absl/strings/str_split.h"
 #include "client/gradctl/cli_util.h"
 #include "client/gradctl/commands.h"
-#include "client/gradctl/network_json.h"
+#include "client/gradctl/grad_request.h"
 #include "gradclient/client.h"
 #include "gradclient/npy.h"
 #include "gradengine/network.h"
 #include "gradengine/tensor.h"
 
 namespace gradctl {
-namespace {
 
 using gradengine::Tensor;
 
-absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) {
-    const std::error_code error(errno, std::generic_category());
-    return absl::Status(absl::ErrnoToStatusCode(error.value()),
-                        absl::StrCat(path, ": cannot open: ", error.message()));
+absl::Status CheckObjectiveOptions(const GradOptions& options, absl::string_view command) {
+  if (!options.objective.empty() && options.objective != "sum" &&
+      options.objective != "cross_entropy") {
+    return UsageError(
+        absl::StrCat("--objective=", options.objective,
+                     " is not an objective flag value; expected sum or cross_entropy (MSE is "
+                     "--target=T.npy, a given dL/dy --grad_output=G.npy)"));
   }
-  std::ostringstream text;
-  text << file.rdbuf();
-  if (file.bad()) return absl::DataLossError(absl::StrCat(path, ": cannot read"));
-  return text.str();
-}
-
-// Reads `path` as a network file (network_json.h).
-absl::StatusOr<gradengine::NetworkSpec> ReadNetwork(const std::string& path) {
-  absl::StatusOr<std::string> json = ReadTextFile(path);
-  if (!json.ok()) return json.status();
-  return ParseNetworkJson(*json, path);
-}
-
-absl::StatusOr<Tensor> ReadTensor(const std::string& path) {
-  absl::StatusOr<gradclient::NpyArray> array = gradclient::ReadNpyFile(path);
-  if (!array.ok()) return array.status();
-  return Tensor(std::move(array->shape), std::move(array->data));
-}
-
-// The tensors a request borrows.
-struct RequestData {
-  gradengine::NetworkSpec network;
-  Tensor input;
-  std::map<std::string, Tensor> parameters;
-  Tensor objective_tensor;
-  gradclient::NpyInt64Array labels;  // --objective=cross_entropy
-};
-
-// Reads every parameter and buffer of `network` from <params_dir>/<name>.npy: the required
-// ones must be there, the optional ones (running statistics in training mode) are read when
-// present.
-absl::Status ReadParameters(const gradengine::NetworkSpec& network, const std::string& params_dir,
-                            std::map<std::string, Tensor>* parameters) {
-  for (const gradengine::LayerSpec& layer : network.layers) {
-    for (const gradengine::ParameterInfo& parameter : gradengine::LayerParameters(layer)) {
-      const std::string path =
-          (std::filesystem::path(params_dir) / (parameter.name + ".npy")).string();
-      if (!parameter.required) {
-        std::error_code error;
-        if (!std::filesystem::exists(path, error)) continue;
-      }
-      absl::StatusOr<Tensor> tensor = ReadTensor(path);
-      if (!tensor.ok()) return tensor.status();
-      (*parameters)[parameter.name] = *std::move(tensor);
+  const int objectives =
+      !options.target_path.empty() + !options.grad_output_path.empty() + !options.objective.empty();
+  if (objectives != 1) {
+    return UsageError(
+        absl::StrCat("gradctl ", command,
+                     " needs exactly one objective: --target=T.npy (MSE), --grad_output=G.npy, "
+                     "--objective=sum or --objective=cross_entropy --labels=L.npy; ",
+                     objectives == 0 ? "none was given" : "several were given"));
+  }
+  const bool cross_entropy = options.objective == "cross_entropy";
+  if (cross_entropy && options.labels_path.empty()) {
+    return UsageError("--objective=cross_entropy needs --labels=L.npy (int64 class indices)");
+  }
+  if (!cross_entropy) {
+    for (const auto& [flag, given] :
+         {std::pair<const char*, bool>{"--labels", !options.labels_path.empty()},
+          std::pair<const char*, bool>{"--label_smoothing", options.label_smoothing.has_value()},
+          std::pair<const char*, bool>{"--ignore_index", options.ignore_index.has_value()}}) {
+      if (given) return UsageError(absl::StrCat(flag, " goes only with --objective=cross_entropy"));
     }
   }
   return absl::OkStatus();
@@ -87,10 +60,10 @@ absl::Status ReadParameters(const gradengine::NetworkSpec& network, const std::s
 
 absl::StatusOr<RequestData> ReadRequestData(const GradOptions& options) {
   RequestData data;
-  absl::StatusOr<gradengine::NetworkSpec> network = ReadNetwork(options.net_path);
+  absl::StatusOr<gradengine::NetworkSpec> network = ReadNetworkFile(options.net_path);
   if (!network.ok()) return network.status();
   data.network = *std::move(network);
-  absl::StatusOr<Tensor> input = ReadTensor(options.input_path);
+  absl::StatusOr<Tensor> input = ReadFloatNpy(options.input_path);
   if (!input.ok()) return input.status();
   data.input = *std::move(input);
   if (absl::Status s = ReadParameters(data.network, options.params_dir, &data.parameters);
@@ -98,20 +71,39 @@ absl::StatusOr<RequestData> ReadRequestData(const GradOptions& options) {
     return s;
   }
   if (options.gradients && !options.labels_path.empty()) {
-    absl::StatusOr<gradclient::NpyInt64Array> labels =
-        gradclient::ReadNpyInt64File(options.labels_path);
+    absl::StatusOr<gradclient::NpyInt64Array> labels = ReadLabelsNpy(options.labels_path);
     if (!labels.ok()) return labels.status();
     data.labels = *std::move(labels);
   }
   const std::string& objective_path =
       !options.target_path.empty() ? options.target_path : options.grad_output_path;
   if (options.gradients && !objective_path.empty()) {
-    absl::StatusOr<Tensor> tensor = ReadTensor(objective_path);
+    absl::StatusOr<Tensor> tensor = ReadFloatNpy(objective_path);
     if (!tensor.ok()) return tensor.status();
     data.objective_tensor = *std::move(tensor);
   }
   return data;
 }
+
+gradengine::Objective MakeObjective(const GradOptions& options, const RequestData& data) {
+  gradengine::Objective objective;
+  if (!options.target_path.empty()) {
+    objective = {gradengine::ObjectiveKind::kMse, data.objective_tensor.view()};
+  } else if (!options.grad_output_path.empty()) {
+    objective = {gradengine::ObjectiveKind::kGradOutput, data.objective_tensor.view()};
+  } else if (options.objective == "cross_entropy") {
+    objective.kind = gradengine::ObjectiveKind::kCrossEntropy;
+    objective.labels = {data.labels.shape, data.labels.data.data(),
+                        static_cast<int64_t>(data.labels.data.size())};
+    objective.label_smoothing = options.label_smoothing.value_or(0.0);
+    if (options.ignore_index.has_value()) objective.ignore_index = *options.ignore_index;
+  } else {
+    objective = {gradengine::ObjectiveKind::kSum, {}};
+  }
+  return objective;
+}
+
+namespace {
 
 absl::Status CheckOptions(const GradOptions& options) {
   const char* command = options.gradients ? "grad" : "forward";
@@ -131,33 +123,7 @@ absl::Status CheckOptions(const GradOptions& options) {
         absl::StrCat("--shards=", options.shards, " is out of range 1..", gradclient::kMaxShards));
   }
   if (!options.gradients) return absl::OkStatus();
-  if (!options.objective.empty() && options.objective != "sum" &&
-      options.objective != "cross_entropy") {
-    return UsageError(
-        absl::StrCat("--objective=", options.objective,
-                     " is not an objective flag value; expected sum or cross_entropy (MSE is "
-                     "--target=T.npy, a given dL/dy --grad_output=G.npy)"));
-  }
-  const int objectives =
-      !options.target_path.empty() + !options.grad_output_path.empty() + !options.objective.empty();
-  if (objectives != 1) {
-    return UsageError(absl::StrCat(
-        "gradctl grad needs exactly one objective: --target=T.npy (MSE), --grad_output=G.npy, "
-        "--objective=sum or --objective=cross_entropy --labels=L.npy; ",
-        objectives == 0 ? "none was given" : "several were given"));
-  }
-  const bool cross_entropy = options.objective == "cross_entropy";
-  if (cross_entropy && options.labels_path.empty()) {
-    return UsageError("--objective=cross_entropy needs --labels=L.npy (int64 class indices)");
-  }
-  if (!cross_entropy) {
-    for (const auto& [flag, given] :
-         {std::pair<const char*, bool>{"--labels", !options.labels_path.empty()},
-          std::pair<const char*, bool>{"--label_smoothing", options.label_smoothing.has_value()},
-          std::pair<const char*, bool>{"--ignore_index", options.ignore_index.has_value()}}) {
-      if (given) return UsageError(absl::StrCat(flag, " goes only with --objective=cross_entropy"));
-    }
-  }
+  if (absl::Status s = CheckObjectiveOptions(options, command); !s.ok()) return s;
   if (options.param_grads.empty()) {
     return UsageError("--param_grads is empty; expected all, none or NAME,NAME,...");
   }
@@ -252,19 +218,7 @@ absl::Status RunGrad(const GradOptions& options) {
   request.network = data->network;
   request.parameters = parameters;
   request.input = data->input.view();
-  if (!options.target_path.empty()) {
-    request.objective = {gradengine::ObjectiveKind::kMse, data->objective_tensor.view()};
-  } else if (!options.grad_output_path.empty()) {
-    request.objective = {gradengine::ObjectiveKind::kGradOutput, data->objective_tensor.view()};
-  } else if (options.objective == "cross_entropy") {
-    request.objective.kind = gradengine::ObjectiveKind::kCrossEntropy;
-    request.objective.labels = {data->labels.shape, data->labels.data.data(),
-                                static_cast<int64_t>(data->labels.data.size())};
-    request.objective.label_smoothing = options.label_smoothing.value_or(0.0);
-    if (options.ignore_index.has_value()) request.objective.ignore_index = *options.ignore_index;
-  } else {
-    request.objective = {gradengine::ObjectiveKind::kSum, {}};
-  }
+  request.objective = MakeObjective(options, *data);
   request.gradients = Selection(options);
   // Declared after `client`, so destroyed (unregistered) before it.
   StagedRequest staged;

@@ -95,6 +95,32 @@ ABSL_FLAG(bool, shared_memory, false,
           "(the server must be on this host and run with --allow_shared_memory)");
 ABSL_FLAG(bool, verify, false,
           "bench: check every reply against the warm-up reply; a mismatch counts as failed");
+ABSL_FLAG(std::string, inputs, "", "train: the training inputs .npy, [N, ...]");
+ABSL_FLAG(std::string, test_inputs, "", "train: test inputs .npy, evaluated at each epoch's end");
+ABSL_FLAG(std::string, test_labels, "", "train: the test inputs' int64 class indices .npy");
+ABSL_FLAG(int64_t, epochs, 0, "train: passes over the training data");
+ABSL_FLAG(int64_t, batch, 0, "train: examples per optimizer step");
+ABSL_FLAG(std::string, optimizer, "", "train: sgd, adam or adamw (torch.optim's)");
+ABSL_FLAG(double, lr, 0.0, "train: learning rate (required with sgd; else torch's default)");
+ABSL_FLAG(double, momentum, 0.0, "train: sgd's momentum");
+ABSL_FLAG(double, dampening, 0.0, "train: sgd's dampening");
+ABSL_FLAG(bool, nesterov, false, "train: sgd's Nesterov momentum");
+ABSL_FLAG(double, weight_decay, 0.0,
+          "train: weight decay (default: the optimizer's own, 0, or 1e-2 for adamw)");
+ABSL_FLAG(double, beta1, 0.9, "train: adam's and adamw's beta1");
+ABSL_FLAG(double, beta2, 0.999, "train: adam's and adamw's beta2");
+ABSL_FLAG(double, eps, 1e-8,
+          "train: adam's and adamw's eps; gradcheck: the finite-difference step (default 1e-3)");
+ABSL_FLAG(bool, amsgrad, false, "train: adam's and adamw's AMSGrad variant");
+ABSL_FLAG(bool, shuffle, true, "train: visit each epoch's examples in a permutation from --seed");
+ABSL_FLAG(uint64_t, seed, 0,
+          "train: seed of the permutations and of the initial parameters; gradcheck: seed of "
+          "the sampled coordinates");
+ABSL_FLAG(int64_t, max_steps, 0, "train: stop after this many optimizer steps (0: no limit)");
+ABSL_FLAG(int64_t, checkpoint_every, 0,
+          "train: checkpoint every this many steps, besides epoch ends and the end");
+ABSL_FLAG(bool, resume, false, "train: continue from OUT/checkpoint");
+ABSL_FLAG(int, samples, 16, "gradcheck: coordinates checked per tensor");
 
 namespace {
 
@@ -122,6 +148,30 @@ usage: gradctl COMMAND [flags]
   bench     closed-loop load: --workload=seed1|seed4|seed4_b32|resblock|io64 --concurrency=C
             (--duration=10s | --requests=N) [--method=gradients|forward] [--skip_output]
             [--shards=K] [--verify] [--json] [--shared_memory]
+  train     trains with cross-entropy: --net=NET.json --inputs=X.npy --labels=Y.npy
+              --epochs=E --batch=B --optimizer=sgd|adam|adamw --out=OUT
+              [--params=DIR] [--test_inputs=X.npy --test_labels=Y.npy] [--lr=LR]
+              [--momentum=M --dampening=D --nesterov] (sgd) [--beta1 --beta2 --eps --amsgrad]
+              (adam, adamw) [--weight_decay=W] [--shuffle=true|false] [--seed=S]
+              [--max_steps=K] [--checkpoint_every=N] [--resume] [--shards=K]
+            torch.optim's update rules and defaults (sgd needs --lr). Without --params the
+            parameters are drawn as torch.nn's default initialisation does (the same
+            distribution, not the same numbers) from --seed. Writes OUT/history.jsonl (a
+            JSON line per step and per epoch), OUT/params/<name>.npy and OUT/checkpoint/
+            (every --checkpoint_every steps, each epoch's end and the end; --resume continues
+            from it exactly); prints test_accuracy=A with --test_inputs. On a terminal, a
+            progress line on stderr.
+  gradcheck central finite differences of the loss through the server against the gradients:
+              --net=NET.json --input=X.npy --params=DIR and one objective, as for grad
+              [--samples=N (default 16)] [--seed=S (default 0)] [--eps=H (default 1e-3)]
+            on N random coordinates of the input and of every trainable parameter, the loss
+            at x+H and x-H (float32 steps, as taken) against the analytical gradient; a
+            coordinate passes when |numeric - analytic| <= 1e-2 * max|analytic| (over the
+            tensor's sampled coordinates) + 1e-6 * |loss| / H. Where the one-sided differences
+            show a kink within the step (ReLU at 0, a max pool's argmax changing) and explain
+            the difference, the coordinate is counted as a kink and skipped. Prints a table per
+            tensor; exits 1 naming each tensor that disagrees (or whose every coordinate is
+            at a kink)
 
 every command takes --server=TARGET (default localhost:50051): HOST:PORT, a list of IP
 addresses A:PORT,B:PORT, unix:/PATH (a unix domain socket), or a gRPC target such as
@@ -147,7 +197,8 @@ NET.json is a grad.v1.Network in protobuf's JSON mapping, for example
               {"name": "relu1", "activation": {"kind": "RELU"}}]}
 Parameters are read from DIR/<layer>.weight.npy and DIR/<layer>.bias.npy, a batch_norm2d's
 running statistics from DIR/<layer>.running_mean.npy and DIR/<layer>.running_var.npy (optional
-in training mode); every .npy is little-endian float32 in C order, but --labels, int64 ('<i8').
+in training mode); every .npy is float32 in C order, but --labels, int64 ('<i8'); float64,
+float16, big-endian and (for --labels) int32 files are converted, with a note on stderr.
 
 exit status: 0 success; 1 failure, printed as "gradctl: CODE: message"; 2 usage error.
 )";
@@ -176,6 +227,19 @@ const std::vector<Command>& Commands() {
        0,
        {"workload", "method", "concurrency", "duration", "requests", "skip_output", "shards",
         "verify", "json", "shared_memory"}},
+      {"train",
+       0,
+       {"net", "params", "inputs", "labels", "test_inputs", "test_labels", "epochs", "batch", "out",
+        "shards",
+        // the optimizer's
+        "optimizer", "lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2",
+        "eps", "amsgrad",
+        // the order of the examples, and checkpoints
+        "shuffle", "seed", "max_steps", "checkpoint_every", "resume"}},
+      {"gradcheck",
+       0,
+       {"net", "input", "params", "target", "grad_output", "objective", "labels", "label_smoothing",
+        "ignore_index", "samples", "seed", "eps"}},
   };
   return *commands;
 }
@@ -280,6 +344,59 @@ absl::Status Run(const Command& command, const std::vector<std::string>& positio
     if (!positional.empty()) options.which = positional[0];
     options.data_dir = DemoDataDir();
     return gradctl::RunDemo(options);
+  }
+  if (name == "train") {
+    gradctl::TrainOptions options;
+    options.connection = connection;
+    options.net_path = absl::GetFlag(FLAGS_net);
+    options.params_dir = absl::GetFlag(FLAGS_params);
+    options.inputs_path = absl::GetFlag(FLAGS_inputs);
+    options.labels_path = absl::GetFlag(FLAGS_labels);
+    options.test_inputs_path = absl::GetFlag(FLAGS_test_inputs);
+    options.test_labels_path = absl::GetFlag(FLAGS_test_labels);
+    options.epochs = absl::GetFlag(FLAGS_epochs);
+    options.batch = absl::GetFlag(FLAGS_batch);
+    options.optimizer = absl::GetFlag(FLAGS_optimizer);
+    // Unset hyperparameters keep the optimizer's own defaults.
+    if (given.count("lr") != 0) options.lr = absl::GetFlag(FLAGS_lr);
+    if (given.count("momentum") != 0) options.momentum = absl::GetFlag(FLAGS_momentum);
+    if (given.count("dampening") != 0) options.dampening = absl::GetFlag(FLAGS_dampening);
+    if (given.count("nesterov") != 0) options.nesterov = absl::GetFlag(FLAGS_nesterov);
+    if (given.count("weight_decay") != 0) options.weight_decay = absl::GetFlag(FLAGS_weight_decay);
+    if (given.count("beta1") != 0) options.beta1 = absl::GetFlag(FLAGS_beta1);
+    if (given.count("beta2") != 0) options.beta2 = absl::GetFlag(FLAGS_beta2);
+    if (given.count("eps") != 0) options.eps = absl::GetFlag(FLAGS_eps);
+    if (given.count("amsgrad") != 0) options.amsgrad = absl::GetFlag(FLAGS_amsgrad);
+    options.shuffle = absl::GetFlag(FLAGS_shuffle);
+    options.seed = absl::GetFlag(FLAGS_seed);
+    options.max_steps = absl::GetFlag(FLAGS_max_steps);
+    options.checkpoint_every = absl::GetFlag(FLAGS_checkpoint_every);
+    options.resume = absl::GetFlag(FLAGS_resume);
+    options.shards = absl::GetFlag(FLAGS_shards);
+    options.out_dir = absl::GetFlag(FLAGS_out);
+    options.progress = isatty(STDERR_FILENO) != 0;
+    return gradctl::RunTrain(options);
+  }
+  if (name == "gradcheck") {
+    gradctl::GradcheckOptions options;
+    gradctl::GradOptions& request = options.request;
+    request.connection = connection;
+    request.net_path = absl::GetFlag(FLAGS_net);
+    request.input_path = absl::GetFlag(FLAGS_input);
+    request.params_dir = absl::GetFlag(FLAGS_params);
+    request.target_path = absl::GetFlag(FLAGS_target);
+    request.grad_output_path = absl::GetFlag(FLAGS_grad_output);
+    request.objective = absl::GetFlag(FLAGS_objective);
+    request.labels_path = absl::GetFlag(FLAGS_labels);
+    if (given.count("label_smoothing") != 0) {
+      request.label_smoothing = absl::GetFlag(FLAGS_label_smoothing);
+    }
+    if (given.count("ignore_index") != 0) request.ignore_index = absl::GetFlag(FLAGS_ignore_index);
+    options.samples = absl::GetFlag(FLAGS_samples);
+    options.seed = absl::GetFlag(FLAGS_seed);
+    // --eps is also train's, with its own default.
+    if (given.count("eps") != 0) options.eps = absl::GetFlag(FLAGS_eps);
+    return gradctl::RunGradcheck(options);
   }
   gradctl::BenchOptions options;
   options.connection = connection;

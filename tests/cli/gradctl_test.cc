@@ -462,18 +462,28 @@ TEST_F(GradctlInputTest, FortranOrderNpyIsRejectedNamingTheFile) {
   EXPECT_THAT(run.err, HasSubstr("fortran_order"));
 }
 
-TEST_F(GradctlInputTest, Float64NpyIsRejectedNamingTheFile) {
-  std::string bytes = ReadTextFile(case_dir_ + "/input.npy");
-  const size_t at = bytes.find("'<f4'");
+TEST_F(GradctlInputTest, Float64NpyIsConvertedWithANote) {
+  // The same input as float64 (numpy's default dtype): the header's '<f4' becomes '<f8', which
+  // keeps its length and so the data's alignment, and every value is widened.
+  const std::string bytes = ReadTextFile(case_dir_ + "/input.npy");
+  absl::StatusOr<gradclient::NpyArray> array = gradclient::ParseNpy(bytes, "input.npy");
+  ASSERT_TRUE(array.ok()) << array.status();
+  const size_t data_start = bytes.size() - array->data.size() * sizeof(float);
+  std::string header = bytes.substr(0, data_start);
+  const size_t at = header.find("'<f4'");
   ASSERT_NE(at, std::string::npos);
-  bytes.replace(at, 5, "'<f8'");
-  bytes.append(bytes.size(), '\0');  // room for the doubles, so only the dtype is wrong
+  header.replace(at, 5, "'<f8'");
+  std::string float64 = header;
+  for (float value : array->data) {
+    const double widened = value;
+    float64.append(reinterpret_cast<const char*>(&widened), sizeof(widened));
+  }
   const std::string input = dir_ + "/float64.npy";
-  WriteFile(input, bytes);
+  WriteFile(input, float64);
   const GradctlRun run = Gradctl(Args(net_, input));
-  EXPECT_EQ(run.exit_code, 1) << run;
-  EXPECT_THAT(run.err, HasSubstr(input));
-  EXPECT_THAT(run.err, HasSubstr("<f8"));
+  EXPECT_EQ(run.exit_code, 0) << run;
+  EXPECT_EQ(run.err,
+            absl::StrCat("gradctl: note: ", input, " is float64 ('<f8'); converted to float32\n"));
 }
 
 TEST_F(GradctlInputTest, NetworkJsonWithATypoIsRejectedNamingTheFile) {
@@ -553,8 +563,8 @@ TEST_F(GradctlInputTest, UsageErrorsExitWithTwo) {
   float_labels.push_back("--labels=" + case_dir_ + "/target.npy");
   run = Gradctl(float_labels);
   EXPECT_EQ(run.exit_code, 1) << run;
-  EXPECT_THAT(run.err, HasSubstr("target.npy: unsupported dtype: descr='<f4'; only little-endian "
-                                 "int64 '<i8' is supported"));
+  EXPECT_THAT(run.err, HasSubstr("target.npy: unsupported dtype: descr='<f4'; expected int64 or "
+                                 "int32"));
 
   for (const char* flag : {"--labels=l.npy", "--label_smoothing=0.1", "--ignore_index=3"}) {
     std::vector<std::string> stray = Args(net_, case_dir_ + "/input.npy");

@@ -1,9 +1,11 @@
-// Fuzzes the client library's .npy reader (gradclient::ParseNpy) with arbitrary file bytes.
+// Fuzzes the client library's .npy readers (gradclient::ParseNpy and ParseNpyInt64) with
+// arbitrary file bytes.
 //
 // Checks what npy.h promises: an error is InvalidArgument naming the file; a parsed array has
-// non-negative dims whose product is its element count, and no more data than the bytes held;
-// SerializeNpy of it parses back to the same shape and bits, and serializing that again gives
-// the same bytes.
+// non-negative dims whose product is its element count, no more elements than the bytes held at
+// the narrowest dtype's width (float16, int32), and records a conversion from exactly the dtypes
+// that need one; SerializeNpy of a float array parses back to the same shape and bits with no
+// conversion, and serializing that again gives the same bytes.
 
 #include <cstddef>
 #include <cstdint>
@@ -29,7 +31,22 @@ bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
          (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
-void CheckArray(const gradclient::NpyArray& array, size_t input_size) {
+// The descrs each reader converts from; every other accepted one needs no conversion.
+bool IsFloatConversion(const std::string& descr) {
+  for (const char* each : {"<f8", "=f8", "|f8", ">f8", "<f2", "=f2", "|f2", ">f2", ">f4"}) {
+    if (descr == each) return true;
+  }
+  return false;
+}
+bool IsInt64Conversion(const std::string& descr) {
+  for (const char* each : {"<i4", "=i4", "|i4", ">i4", ">i8"}) {
+    if (descr == each) return true;
+  }
+  return false;
+}
+
+template <typename Array>
+void CheckArray(const Array& array, size_t input_size, size_t narrowest_width) {
   bool has_zero = false;
   for (int64_t dim : array.shape) {
     FUZZ_CHECK(dim >= 0, "a parsed dim is ", dim);
@@ -43,7 +60,7 @@ void CheckArray(const gradclient::NpyArray& array, size_t input_size) {
   }
   FUZZ_CHECK(count == static_cast<__int128>(array.data.size()), "shape needs ",
              static_cast<int64_t>(count), " values, ", array.data.size(), " parsed");
-  FUZZ_CHECK(array.data.size() * sizeof(float) <= input_size, array.data.size(),
+  FUZZ_CHECK(array.data.size() * narrowest_width <= input_size, array.data.size(),
              " values parsed from ", input_size, " bytes");
 }
 
@@ -58,9 +75,25 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     gradfuzz::CheckError(array.status(), {absl::StatusCode::kInvalidArgument}, "ParseNpy");
     FUZZ_CHECK(absl::StartsWith(array.status().message(), absl::StrCat(kName, ": ")),
                "the message does not start with the file name: ", array.status().message());
-    return 0;
+  } else {
+    gradfuzz::CheckArray(*array, size, 2);
+    FUZZ_CHECK(array->converted_from.empty() || gradfuzz::IsFloatConversion(array->converted_from),
+               "a float conversion from ", array->converted_from);
   }
-  gradfuzz::CheckArray(*array, size);
+
+  absl::StatusOr<gradclient::NpyInt64Array> labels = gradclient::ParseNpyInt64(bytes, kName);
+  if (!labels.ok()) {
+    gradfuzz::CheckError(labels.status(), {absl::StatusCode::kInvalidArgument}, "ParseNpyInt64");
+    FUZZ_CHECK(absl::StartsWith(labels.status().message(), absl::StrCat(kName, ": ")),
+               "the message does not start with the file name: ", labels.status().message());
+  } else {
+    gradfuzz::CheckArray(*labels, size, 4);
+    FUZZ_CHECK(
+        labels->converted_from.empty() || gradfuzz::IsInt64Conversion(labels->converted_from),
+        "an int64 conversion from ", labels->converted_from);
+    FUZZ_CHECK(!array.ok(), "both readers accepted the same bytes");
+  }
+  if (!array.ok()) return 0;
 
   const std::string serialized = gradclient::SerializeNpy(array->shape, array->data);
   absl::StatusOr<gradclient::NpyArray> again = gradclient::ParseNpy(serialized, kName);
@@ -68,6 +101,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FUZZ_CHECK(again->shape == array->shape, "the shape changed through SerializeNpy");
   FUZZ_CHECK(gradfuzz::SameBits(again->data, array->data),
              "the values changed through SerializeNpy");
+  FUZZ_CHECK(again->converted_from.empty(), "SerializeNpy's output needs a conversion from ",
+             again->converted_from);
   FUZZ_CHECK(gradclient::SerializeNpy(again->shape, again->data) == serialized,
              "SerializeNpy is not a fixed point");
   return 0;
