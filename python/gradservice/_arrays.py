@@ -17,6 +17,11 @@ INT64 = np.dtype("<i8")
 _CONVERTED_FLOATS = (np.dtype(np.float64), np.dtype(np.float16))
 
 
+def element_count(shape):
+    """The number of elements of a tensor of `shape` (1 for a scalar's ())."""
+    return int(np.prod(shape, dtype=np.int64))
+
+
 def as_float32(value, what):
     """`value` as a C-contiguous little-endian float32 array, without copying when it is one.
 

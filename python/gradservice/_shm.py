@@ -32,6 +32,7 @@ import weakref
 import numpy as np
 
 from . import _wire
+from ._arrays import FLOAT32, element_count
 from ._proto import gradient_service_pb2 as pb
 from .network import Network, as_network, output_shape, parameter_infos
 from .objectives import GradOutput, Mse
@@ -76,8 +77,9 @@ class Region:
         return proof
 
     def view(self, offset, shape, dtype):
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        return np.frombuffer(self.map, dtype, count, offset).reshape(shape)
+        """An array of `shape` at `offset`: a reshaped view of a flat np.frombuffer array, which
+        holds a buffer export of the mapping (so the mapping cannot be closed under it)."""
+        return np.frombuffer(self.map, dtype, element_count(shape), offset).reshape(shape)
 
     def unlink(self):
         try:
@@ -109,14 +111,16 @@ class Lease:
 
     def resolve(self, ref, shape, dtype, what):
         """The result the server wrote at `ref`, as a writable view of the region."""
-        size = (int(np.prod(shape, dtype=np.int64)) if shape else 1) * dtype.itemsize
+        size = element_count(shape) * dtype.itemsize
         if (ref.region != self.region.name or ref.offset < HEADER_BYTES or ref.byte_size != size
                 or ref.offset + size > self.region.byte_size or ref.offset % dtype.itemsize):
             raise _wire.MalformedResponse(
                 f"{what} names {ref.region!r} offset {ref.offset} byte_size {ref.byte_size}, "
                 f"not the {size} bytes this call placed in region {self.region.name!r}")
         array = self.region.view(ref.offset, shape, dtype)
-        self._results.append(array)
+        # numpy makes every view of `array` a view of array.base, the flat np.frombuffer array
+        # over the mapping, so the region is in use for as long as that one lives.
+        self._results.append(array.base)
         return array
 
     def release_unless_used(self):
@@ -233,13 +237,6 @@ class SharedMemoryPool:
         except Exception:  # pylint: disable=broad-except
             pass  # best effort: a server that is gone has unmapped it already
 
-    def status(self):
-        """The server's view of this caller's regions (GetSharedMemoryStatus)."""
-        response, _ = self._client._call(  # pylint: disable=protected-access
-            "GetSharedMemoryStatus", pb.GetSharedMemoryStatusRequest().SerializeToString(),
-            self._client._deadline(None))  # pylint: disable=protected-access
-        return pb.GetSharedMemoryStatusResponse.FromString(response)
-
     def close(self):
         with self._lock:
             self._closed = True
@@ -262,11 +259,11 @@ def _results(call, base):
         infos = parameter_infos(network)
     except (ValueError, TypeError):
         return []
-    float_bytes = np.dtype(np.float32).itemsize
+    float_bytes = FLOAT32.itemsize
     results = []
     gradients = isinstance(base, pb.ComputeGradientsRequest)
     if not (gradients and base.skip_output):
-        results.append(("output", "", int(np.prod(out_shape, dtype=np.int64)) * float_bytes))
+        results.append(("output", "", element_count(out_shape) * float_bytes))
     if not gradients:
         return results
     selection = base.gradients
@@ -276,5 +273,5 @@ def _results(call, base):
     for info in sorted(infos, key=lambda p: p.name):
         if info.trainable and not selection.no_parameters and (not wanted or info.name in wanted):
             results.append(("parameter_grads", info.name,
-                            int(np.prod(info.shape, dtype=np.int64)) * float_bytes))
+                            element_count(info.shape) * float_bytes))
     return results

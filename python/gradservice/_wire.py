@@ -16,7 +16,7 @@ the rest go. A tensor the server placed in shared memory is resolved by `resolve
 
 import numpy as np
 
-from ._arrays import FLOAT32, INT64
+from ._arrays import FLOAT32, INT64, element_count
 from ._proto import gradient_service_pb2 as pb
 
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
@@ -199,7 +199,7 @@ def _decode_tensor(buf, start, end, what, resolve_ref):
     if any(d < 0 for d in shape):
         raise MalformedResponse(f"{what}.shape={shape} has a negative dim")
     numpy_dtype = _DTYPES[dtype]
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = element_count(shape)
     if ref is not None and data is None:
         if resolve_ref is None:
             raise MalformedResponse(f"{what} names shared memory this call did not give")
@@ -226,15 +226,17 @@ def _decode_named(buf, start, end, what, resolve_ref):
     return name, _decode_tensor(buf, tensor[0], tensor[1], f"{what}({name!r})", resolve_ref)
 
 
+# The keys of a result's `timing`: grad.v1.Timing's fields, in nanoseconds.
+_TIMING_FIELDS = tuple(field.name for field in pb.Timing.DESCRIPTOR.fields)
+
+
 def _timing(buf, s, e):
     timing = pb.Timing.FromString(buf[s:e])
-    return {"decode_ns": timing.decode_ns, "queue_ns": timing.queue_ns,
-            "forward_ns": timing.forward_ns, "backward_ns": timing.backward_ns,
-            "encode_ns": timing.encode_ns}
+    return {name: getattr(timing, name) for name in _TIMING_FIELDS}
 
 
 def empty_timing():
-    return {"decode_ns": 0, "queue_ns": 0, "forward_ns": 0, "backward_ns": 0, "encode_ns": 0}
+    return dict.fromkeys(_TIMING_FIELDS, 0)
 
 
 def decode_forward(buf, resolve_ref=None):

@@ -102,15 +102,19 @@ class TlsOptions:
 
 @dataclasses.dataclass
 class ForwardResult:
+    """What forward() returns. Arrays are read-only views of the response (module docstring).
+    timing: the server's decode/queue/forward/backward/encode_ns (with shards, each the
+    slowest part's); attempts: the attempts the call made (the most of any part)."""
     output: np.ndarray
     running_stats: dict
     request_id: str
-    timing: dict  # the server's decode/queue/forward/backward/encode_ns; the slowest part's
+    timing: dict
     attempts: int
 
 
 @dataclasses.dataclass
 class GradientResult:
+    """What compute_gradients() returns; arrays, timing and attempts as in ForwardResult."""
     output: typing.Optional[np.ndarray]  # None with skip_output
     loss: typing.Optional[float]  # None for GradOutput
     input_grad: typing.Optional[np.ndarray]  # None with input_grad=False
@@ -273,7 +277,9 @@ class Client:
         """Runs `network` forward on `input` ([N, C, H, W]) with `params` (name -> array).
 
         Returns a ForwardResult; a batch_norm2d in training mode updates its running statistics
-        (running_stats) as model.train() would.
+        (running_stats) as model.train() would. shards: cut the batch into that many parts sent
+        at once (1..64; module docstring). request_id: echoed by the server (default: random).
+        timeout: this call's deadline in seconds (default: the Client's).
         """
         call = self._prepare(network, params, input, None, shards, request_id, timeout)
         skeleton = pb.ForwardRequest(network=call.network, request_id=call.request_id)
@@ -291,8 +297,8 @@ class Client:
         """Runs forward, `objective` (Mse, Sum, GradOutput, CrossEntropy) and backward.
 
         input_grad: return dL/d(input). param_grads: "all", "none", or a list of parameter
-        names. skip_output: leave the output out (result.output None). Returns a
-        GradientResult, whose loss is None for GradOutput.
+        names. skip_output: leave the output out (result.output None). shards, request_id and
+        timeout as for forward(). Returns a GradientResult, whose loss is None for GradOutput.
         """
         if not isinstance(objective, OBJECTIVE_TYPES):
             raise TypeError("objective: expected gradservice.Mse, Sum, GradOutput or "
@@ -352,10 +358,10 @@ class Client:
         if not isinstance(params, typing.Mapping):
             raise TypeError(f"params: expected a mapping of parameter names to arrays, got "
                             f"{type(params).__name__}")
-        call.param_names = sorted(params)
-        for name in call.param_names:
+        for name in params:
             if not isinstance(name, str):
                 raise TypeError(f"params: names must be str, got {type(name).__name__} {name!r}")
+        call.param_names = sorted(params)
         # Sorted by name, as the C++ client sends them; the server needs no order.
         call.param_arrays = [as_float32(params[name], f"params[{name!r}]")
                              for name in call.param_names]

@@ -133,6 +133,26 @@ def test_results_live_in_the_region_and_the_request_carried_references(shm_serve
         assert len(region_status(plain)) == 0
 
 
+def test_a_view_of_a_result_keeps_its_region_in_use(shm_server):
+    net = gs.Network([gs.Conv2d("conv1", 1, 2, 3)])
+    params = {p.name: np.ones(p.shape, np.float32) for p in gs.parameter_infos(net)}
+    x = np.ones((2, 1, 5, 5), np.float32)
+    with gs.Client(shm_server, shared_memory=True) as client:
+        result = client.forward(net, params, x)
+        row = result.output[1]
+        expected = np.array(row)
+        del result
+        gc.collect()
+        # The region still holds `row`: the next call must not write its results over it.
+        client.forward(net, {name: 2 * value for name, value in params.items()}, x)
+        assert len(region_status(client)) == 2
+        assert np.array_equal(row, expected)
+        del row
+        gc.collect()
+        client.forward(net, params, x)
+        assert len(region_status(client)) == 2
+
+
 def test_a_server_without_the_flag_refuses(server):
     net = gs.Network([gs.Conv2d("conv1", 1, 2, 3)])
     params = {p.name: np.ones(p.shape, np.float32) for p in gs.parameter_infos(net)}

@@ -26,11 +26,12 @@ SEED = 0
 
 @pytest.fixture(scope="module")
 def recipe(repo_root):
-    """(optimizer, lr, batch) of the digits demo: the `readonly NAME=VALUE` lines of
-    deploy/train-digits.sh."""
+    """(optimizer, lr, weight_decay, batch) of the digits demo: the `readonly NAME=VALUE` lines
+    of deploy/train-digits.sh (weight_decay None, the optimizer's default, if it sets none)."""
     text = (repo_root / "deploy" / "train-digits.sh").read_text(encoding="utf-8")
     values = dict(re.findall(r"^readonly (\w+)=(\S+)$", text, flags=re.MULTILINE))
-    return values["OPTIMIZER"], float(values["LR"]), int(values["BATCH"])
+    weight_decay = float(values["WEIGHT_DECAY"]) if "WEIGHT_DECAY" in values else None
+    return values["OPTIMIZER"], float(values["LR"]), weight_decay, int(values["BATCH"])
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def train_with_loss_call(remote, optimizer, inputs, labels, batch, reference):
 @pytest.mark.parametrize("path", ["forward", "loss"])
 def test_first_steps_match_local_pytorch(client, repo_root, reference, digits, recipe, tolerance,
                                          path):
-    optimizer_name, lr, batch = recipe
+    optimizer_name, lr, weight_decay, batch = recipe
     inputs, labels = digits
     assert len(inputs) >= STEPS * batch
     local = reference.build_model(reference.load_network(repo_root / NETWORK), seed=SEED)
@@ -87,9 +88,10 @@ def test_first_steps_match_local_pytorch(client, repo_root, reference, digits, r
         assert torch.equal(tensor, local_state[name]), f"initial {name}"
 
     local_losses = reference.train_steps(
-        local, reference.make_optimizer(local, optimizer_name, lr=lr), inputs, labels,
-        batch=batch, max_steps=STEPS)
-    optimizer = reference.make_optimizer(remote, optimizer_name, lr=lr)
+        local, reference.make_optimizer(local, optimizer_name, lr=lr, weight_decay=weight_decay),
+        inputs, labels, batch=batch, max_steps=STEPS)
+    optimizer = reference.make_optimizer(remote, optimizer_name, lr=lr,
+                                         weight_decay=weight_decay)
     if path == "forward":
         # The same loop trains both: the remote network is an ordinary torch.nn.Module.
         remote_losses = reference.train_steps(remote, optimizer, inputs, labels, batch=batch,
