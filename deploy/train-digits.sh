@@ -25,7 +25,8 @@ done
 # order (deploy/digits/README.md has the accuracies it reached over seeds). Each of the
 # network's convolutions has fewer than 32 channels on one side; with 32 or more on both the
 # engine uses Winograd kernels, whose rounding makes exactly-zero weight gradients about 1e-9,
-# which Adam's normalisation turns into real steps, so the run would drift from PyTorch's.
+# which Adam's normalisation turns into real steps, so the run would drift from PyTorch's
+# (unless the server runs with --winograd=false).
 readonly EPOCHS=20
 readonly BATCH=32
 readonly OPTIMIZER=adamw

@@ -39,6 +39,9 @@ ABSL_FLAG(int, max_message_mb, gradserver::ServerOptions().max_message_mb,
           "Largest request or response message, in MiB (1 to 2047)");
 ABSL_FLAG(int64_t, max_elements, gradserver::ServerOptions().max_elements,
           "Largest tensor, in elements");
+ABSL_FLAG(bool, winograd, gradserver::ServerOptions().winograd,
+          "Use Winograd kernels for the 3x3 convolutions that have them (faster; not "
+          "bit-compatible with direct convolution)");
 ABSL_FLAG(int64_t, max_memory_mb, gradserver::ServerOptions().max_memory_mb,
           "Memory budget of the whole process in MiB: calls reserve their requests, buffers and "
           "unsent responses from it, cached plans count too; 0 = 75% of the cgroup's memory "
@@ -129,6 +132,7 @@ int main(int argc, char** argv) {
   options.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
   options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
   options.max_elements = absl::GetFlag(FLAGS_max_elements);
+  options.winograd = absl::GetFlag(FLAGS_winograd);
   options.max_memory_mb = absl::GetFlag(FLAGS_max_memory_mb);
   for (auto [flag, name, duration] :
        {std::make_tuple(&FLAGS_shutdown_grace_seconds, "shutdown_grace_seconds",

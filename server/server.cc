@@ -489,6 +489,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   engine_options.threads_per_call = options.threads_per_request;
   engine_options.max_elements = options.max_elements;
   engine_options.max_workspace_bytes = options.max_workspace_bytes;
+  engine_options.winograd = options.winograd;
   engine_options.memory_budget = budget->get();
   engine_options.max_plan_cache_bytes = memory->bytes / kPlanCacheShareOfBudget;
   absl::StatusOr<std::unique_ptr<gradengine::Engine>> engine =

@@ -50,6 +50,13 @@ struct ServerOptions {
   int64_t max_elements = int64_t{1} << 30;
   // Largest intermediate memory of one call (the engine's limit). Default: 8 GiB.
   int64_t max_workspace_bytes = int64_t{8} << 30;
+  // Let the engine use Winograd kernels for the 3x3 convolutions that have them
+  // (gradengine::EngineOptions::winograd): about half the arithmetic, at a rounding error well
+  // inside the tests' tolerance but not bit-compatible with direct convolution (a weight
+  // gradient that is exactly zero comes out about 1e-9). Training with Adam, which normalises
+  // each gradient by its own size, follows PyTorch's trajectory more closely without them.
+  // Default: true.
+  bool winograd = true;
   // The memory budget of the whole process, in MiB: every call reserves what it will hold
   // (its decoded request, its intermediate buffers, its results until they are sent) before
   // it allocates, and cached plans count too (gradengine/memory_budget.h). A call that does not

@@ -53,6 +53,11 @@ OPTIMIZERS = [
 # 0.09 with Adam).
 LEARNED_LOSS_RATIO = 0.75
 STARTUP_SECONDS = 60
+# gradengine::EngineOptions::winograd_min_channels, the channels from which a 3x3 convolution
+# uses Winograd kernels on a server with its default options, read from the engine's header.
+WINOGRAD_MIN_CHANNELS = int(re.search(
+    r"int64_t winograd_min_channels = (\d+);",
+    (ROOT / "engine" / "include" / "gradengine" / "engine.h").read_text()).group(1))
 LISTENING = re.compile(r"^gradserver listening on (\S+)$", re.MULTILINE)
 
 
@@ -90,14 +95,14 @@ def binary(variable, default):
     return path
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A gradserver on a free loopback port; its target. Must exit 0 after SIGTERM."""
+def start_server(tmp_path_factory, *flags):
+    """Runs a gradserver on a free loopback port with `flags`, yielding its target; it must exit
+    0 after SIGTERM."""
     log_path = tmp_path_factory.mktemp("server") / "gradserver.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [str(binary("GRADSERVER_BINARY", "build/server/gradserver")),
-             "--address=127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=log)
+             "--address=127.0.0.1:0", *flags], stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + STARTUP_SECONDS
     match = None
     while match is None:
@@ -110,6 +115,18 @@ def server(tmp_path_factory):
     yield match.group(1)
     process.terminate()
     assert process.wait(timeout=60) == 0, f"gradserver exited with {process.returncode}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A gradserver with its default options."""
+    yield from start_server(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def direct_server(tmp_path_factory):
+    """A gradserver computing every convolution directly (--winograd=false)."""
+    yield from start_server(tmp_path_factory, "--winograd=false")
 
 
 @pytest.fixture(scope="module")
@@ -136,17 +153,16 @@ def read_step_losses(history):
     return [losses[step] for step in sorted(losses)]
 
 
-@pytest.mark.parametrize("name,flags,torch_optimizer", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
-def test_first_steps_match_pytorch(server, data, tmp_path, name, flags, torch_optimizer):
+def check_first_steps(server, data, tmp_path, network_path, name, flags, torch_optimizer):
     directory, inputs, labels = data
-    network = torch_reference.load_network(NETWORK)
+    network = torch_reference.load_network(network_path)
     model = torch_reference.build_model(network, seed=INIT_SEED)
     torch_reference.write_params(model, tmp_path / "initial")
     initial = torch_reference.params_numpy(model)
 
     out = tmp_path / "out"
     command = [str(binary("GRADCTL_BINARY", "build/client/gradctl")), "train",
-               f"--server={server}", f"--net={NETWORK}", f"--params={tmp_path / 'initial'}",
+               f"--server={server}", f"--net={network_path}", f"--params={tmp_path / 'initial'}",
                f"--inputs={directory / 'inputs.npy'}", f"--labels={directory / 'labels.npy'}",
                "--epochs=1", f"--batch={BATCH}", "--shuffle=false", f"--max_steps={STEPS}",
                f"--out={out}", *flags]
@@ -172,3 +188,24 @@ def test_first_steps_match_pytorch(server, data, tmp_path, name, flags, torch_op
         # The steps moved this parameter: a trainer that wrote back its input would fail here.
         assert np.abs(expected - initial[parameter]).max() > 10 * TOLERANCE, parameter
         assert_close(f"{name}: {parameter} after {STEPS} steps", trained, expected)
+
+
+@pytest.mark.parametrize("name,flags,torch_optimizer", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+def test_first_steps_match_pytorch(server, data, tmp_path, name, flags, torch_optimizer):
+    check_first_steps(server, data, tmp_path, NETWORK, name, flags, torch_optimizer)
+
+
+def test_wide_network_matches_pytorch_with_direct_convolutions(direct_server, data, tmp_path):
+    """With 32 and more channels on both sides of conv2, the engine would use Winograd kernels,
+    whose rounding turns weight gradients that are exactly zero in PyTorch into about 1e-9, and
+    Adam makes those real steps; on a server started with --winograd=false Adam follows
+    PyTorch's steps on such a network too."""
+    network = json.loads(NETWORK.read_text())
+    conv1, conv2 = (layer["conv2d"] for layer in network["layers"] if "conv2d" in layer)
+    assert conv2["outChannels"] >= WINOGRAD_MIN_CHANNELS
+    conv1["outChannels"] = conv2["inChannels"] = WINOGRAD_MIN_CHANNELS
+    wide = tmp_path / "wide_cnn.json"
+    wide.write_text(json.dumps(network))
+    name, flags, torch_optimizer = OPTIMIZERS[0]
+    check_first_steps(direct_server, data, tmp_path, wide, f"{name} (wide)", flags,
+                      torch_optimizer)
