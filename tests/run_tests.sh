@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: a warnings-as-errors build with every test and the main job
 # (deploy/run-demo.sh: gradserver + gradctl demo), then the tests again under AddressSanitizer +
-# UndefinedBehaviorSanitizer (all but the PyTorch comparisons, which run in the first build),
+# UndefinedBehaviorSanitizer (all but the engine-against-PyTorch fixtures, which run in the
+# first build; the Python and training tests run the sanitized gradserver and gradctl),
 # then each libFuzzer target for 30 s in a clang build of its own (tests/fuzz/run_fuzzers.sh:
 # the request decoders and validation, shared memory references and framing, the .npy reader,
 # gradctl's network JSON, network validation; any crash, leak or timeout fails), and finally
@@ -39,7 +40,8 @@ cmake -S "$root" -B "$asan_build" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DGRAD_WERRO
 cmake --build "$asan_build" -j "$jobs"
 ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1" \
   LSAN_OPTIONS="suppressions=$root/tests/lsan.supp" \
-  ctest --test-dir "$asan_build" --output-on-failure -L "engine|reference|wire|client|cli|service"
+  ctest --test-dir "$asan_build" --output-on-failure \
+  -L "engine|reference|wire|client|cli|service|train|python"
 
 echo "== fuzzing: each libFuzzer target for 30 s ($fuzz_build)"
 cmake -S "$root" -B "$fuzz_build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DGRAD_WERROR=ON \
