@@ -74,8 +74,9 @@ fi
   --epochs="$EPOCHS" --batch="$BATCH" --optimizer="$OPTIMIZER" --lr="$LR" \
   --weight_decay="$WEIGHT_DECAY" --seed="$SEED" \
   --out="$out" | tee "$out/train.log"
-stop_server
+# Disarmed first: a failing stop_server must not run again from the trap on a reaped pid.
 trap - EXIT
+stop_server
 finished=$(date +%s.%N)
 
 "$python" "$digits/plot_history.py" "$out/history.jsonl" --png "$out/history.png"

@@ -37,13 +37,15 @@ def read_history(path):
             missing = [key for key in needed if key not in record]
             if missing:
                 raise ValueError(f"{path}:{number}: a {kind!r} record without {missing}")
+            # float(): a diverged run writes NaN and the infinities as the strings "NaN",
+            # "Infinity" and "-Infinity" (protobuf's JSON mapping), which float() reads.
             if kind == "step":
                 steps.append(record["step"])
-                losses.append(record["loss"])
+                losses.append(float(record["loss"]))
             elif kind == "epoch" and "test_accuracy" in record:
                 epoch_steps.append(record["step"])
                 epochs.append(record["epoch"])
-                accuracies.append(record["test_accuracy"])
+                accuracies.append(float(record["test_accuracy"]))
     if not steps:
         raise ValueError(f"{path}: no \"step\" records")
     return steps, losses, epoch_steps, epochs, accuracies

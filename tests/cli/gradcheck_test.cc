@@ -1,8 +1,10 @@
 // gradctl gradcheck end to end against an in-process gradserver::Server: it passes on correct
 // networks with every objective, and fails, naming the tensor, when a proxy in front of the
-// server scales one returned gradient by 1.05. Also: float64 / float16 / big-endian / int32
-// .npy files are read by gradcheck and grad with one note each and give the same results as
-// their float32 / int64 equivalents.
+// server scales one returned gradient by 1.05, on a smooth network and on a ReLU + max pool one
+// (whose kinks must not hide it). The coordinates follow --seed; the usage text states the rule
+// and default --eps applied. Also: float64 / big-endian / int32 .npy files are read by
+// gradcheck, grad and forward with one note each and give the same results as their float32 /
+// int64 equivalents.
 
 #include <grpcpp/grpcpp.h>
 
@@ -12,6 +14,7 @@
 #include <fstream>
 #include <memory>
 #include <random>
+#include <regex>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -271,6 +274,23 @@ class GradcheckTest : public ::testing::Test {
     return args;
   }
 
+  // The ReLU + max pool network's files: net.json, x.npy [4, 1, 8, 8], params/ and labels.npy
+  // (int32 [4]), for ReluObjective().
+  void WriteReluCase() {
+    WriteFile(Path("net.json"), kReluNet);
+    std::mt19937 random(5);
+    WriteFloat32("x.npy", {4, 1, 8, 8}, Normal({4, 1, 8, 8}, 1.0f, random));
+    WriteFloat32("params/conv1.weight.npy", {8, 1, 3, 3}, Normal({8, 1, 3, 3}, 0.3f, random));
+    WriteFloat32("params/conv1.bias.npy", {8}, Normal({8}, 0.1f, random));
+    WriteFloat32("params/fc.weight.npy", {10, 128}, Normal({10, 128}, 0.1f, random));
+    WriteFloat32("params/fc.bias.npy", {10}, Normal({10}, 0.1f, random));
+    WriteFile(Path("labels.npy"), NpyBytes("<i4", {4}, std::vector<float>{3, 0, 9, 5}));
+  }
+
+  std::vector<std::string> ReluObjective() const {
+    return {"--objective=cross_entropy", "--labels=" + Path("labels.npy"), "--samples=48"};
+  }
+
   GradctlRun Gradctl(const std::vector<std::string>& args) { return RunGradctl(dir_, args); }
 
   static inline gradserver::Server* server_ = nullptr;
@@ -290,6 +310,9 @@ std::string Row(const std::string& out, const std::string& tensor) {
   }
   return "";
 }
+
+const std::vector<std::string> kReluTensors = {"input", "conv1.weight", "conv1.bias", "fc.weight",
+                                               "fc.bias"};
 
 const std::vector<std::string> kCheckedTensors = {
     "input", "conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "conv2.weight", "conv2.bias"};
@@ -325,19 +348,77 @@ TEST_F(GradcheckTest, PassesOnACorrectNetworkWithEveryObjective) {
 }
 
 TEST_F(GradcheckTest, PassesOnAReluMaxPoolNetwork) {
-  WriteFile(Path("net.json"), kReluNet);
-  std::mt19937 random(5);
-  WriteFloat32("x.npy", {4, 1, 8, 8}, Normal({4, 1, 8, 8}, 1.0f, random));
-  WriteFloat32("params/conv1.weight.npy", {8, 1, 3, 3}, Normal({8, 1, 3, 3}, 0.3f, random));
-  WriteFloat32("params/conv1.bias.npy", {8}, Normal({8}, 0.1f, random));
-  WriteFloat32("params/fc.weight.npy", {10, 128}, Normal({10, 128}, 0.1f, random));
-  WriteFloat32("params/fc.bias.npy", {10}, Normal({10}, 0.1f, random));
-  WriteFile(Path("labels.npy"), NpyBytes("<i4", {4}, std::vector<float>{3, 0, 9, 5}));
-  const GradctlRun run = Gradctl(GradcheckArgs(
-      Target(), {"--objective=cross_entropy", "--labels=" + Path("labels.npy"), "--samples=48"}));
+  WriteReluCase();
+  const GradctlRun run = Gradctl(GradcheckArgs(Target(), ReluObjective()));
   ASSERT_EQ(run.exit_code, 0) << run;
-  for (const char* tensor : {"input", "conv1.weight", "conv1.bias", "fc.weight", "fc.bias"}) {
+  for (const std::string& tensor : kReluTensors) {
     EXPECT_THAT(Row(run.out, tensor), HasSubstr(" ok")) << tensor << "\n" << run;
+  }
+}
+
+// Coordinates at a kink are skipped, but only those whose one-sided differences explain the
+// error: a gradient 5% off still fails on the ReLU + max pool network.
+TEST_F(GradcheckTest, KinksDoNotHideAWrongGradient) {
+  WriteReluCase();
+  for (const std::string& scaled : kReluTensors) {
+    std::unique_ptr<RunningProxy> proxy = StartProxy(Target(), scaled, 1.05f);
+    const GradctlRun run =
+        Gradctl(GradcheckArgs(absl::StrCat("127.0.0.1:", proxy->port), ReluObjective()));
+    EXPECT_EQ(run.exit_code, 1) << scaled << "\n" << run;
+    for (const std::string& tensor : kReluTensors) {
+      EXPECT_THAT(Row(run.out, tensor), HasSubstr(tensor == scaled ? " MISMATCH" : " ok"))
+          << scaled << " " << tensor << "\n"
+          << run;
+    }
+  }
+}
+
+// The usage text states the rule and the default --eps that gradcheck applies (and prints
+// before its table), so the two cannot drift apart.
+TEST_F(GradcheckTest, UsageStatesTheRuleAndDefaultEpsItApplies) {
+  WriteSmoothCase();
+  const GradctlRun run = Gradctl(GradcheckArgs(Target(), {"--objective=sum"}));
+  ASSERT_EQ(run.exit_code, 0) << run;
+  const GradctlRun help = Gradctl({"help"});
+  ASSERT_EQ(help.exit_code, 0) << help;
+  const std::string number = "([0-9.eE+-]+)";
+  std::smatch applied, stated;
+  const std::string run_out = run.out, help_out = help.out;
+  ASSERT_TRUE(std::regex_search(
+      run_out, applied,
+      std::regex(" eps=" + number + " [\\s\\S]*\\|numeric - analytic\\| <= " + number +
+                 " \\* max\\|analytic\\| \\+ " + number + " \\* \\|loss\\| / eps")))
+      << run;
+  ASSERT_TRUE(std::regex_search(
+      help_out, stated,
+      std::regex("\\[--eps=H \\(default " + number + "\\)\\][\\s\\S]*\\|numeric - analytic\\| <= " +
+                 number + " \\* max\\|analytic\\|[\\s\\S]*?\\+ " + number + " \\* \\|loss\\| / H")))
+      << help;
+  for (int i = 1; i <= 3; ++i) {
+    EXPECT_EQ(std::stod(stated[i].str()), std::stod(applied[i].str()))
+        << "usage: " << stated[0] << "\napplied: " << applied[0];
+  }
+}
+
+// The coordinates are drawn from --seed: the same seed gives the same table, another seed
+// other coordinates.
+TEST_F(GradcheckTest, SamplesAreReproducibleWithSeed) {
+  WriteSmoothCase();
+  const std::vector<std::string> objective = {"--objective=sum"};
+  auto run_with_seed = [&](const std::string& seed) {
+    std::vector<std::string> args = GradcheckArgs(Target(), objective);
+    args.push_back("--seed=" + seed);
+    GradctlRun run = Gradctl(args);
+    EXPECT_EQ(run.exit_code, 0) << run;
+    return run.out;
+  };
+  const std::string first = run_with_seed("7");
+  EXPECT_THAT(first, HasSubstr("seed=7"));
+  EXPECT_EQ(run_with_seed("7"), first);
+  const std::string other = run_with_seed("8");
+  // input: 16 of 216 values; conv1.weight: 16 of 108.
+  for (const char* tensor : {"input", "conv1.weight", "conv2.weight"}) {
+    EXPECT_NE(Row(other, tensor), Row(first, tensor)) << tensor << "\n" << first << other;
   }
 }
 
@@ -398,14 +479,16 @@ TEST_F(GradcheckTest, ReadsConvertedFilesWithOneNoteEach) {
                                   "--input=" + Path("x64.npy"), "--params=" + Path("converted"),
                                   "--objective=cross_entropy", "--labels=" + Path("labels32.npy")});
   ASSERT_EQ(run.exit_code, 0) << run;
-  EXPECT_EQ(run.err, absl::StrCat("gradctl: note: ", Path("x64.npy"),
-                                  " is float64 ('<f8'); converted to float32\n",
-                                  "gradctl: note: ", Path("converted/bn1.bias.npy"),
-                                  " is big-endian float32 ('>f4'); converted to float32\n",
-                                  "gradctl: note: ", Path("converted/conv2.weight.npy"),
-                                  " is big-endian float64 ('>f8'); converted to float32\n",
-                                  "gradctl: note: ", Path("labels32.npy"),
-                                  " is int32 ('<i4'); converted to int64\n"));
+  // The float files' notes, in the order they are read: the input, then the parameters.
+  const std::string float_notes = absl::StrCat(
+      "gradctl: note: ", Path("x64.npy"), " is float64 ('<f8'); converted to float32\n",
+      "gradctl: note: ", Path("converted/bn1.bias.npy"),
+      " is big-endian float32 ('>f4'); converted to float32\n",
+      "gradctl: note: ", Path("converted/conv2.weight.npy"),
+      " is big-endian float64 ('>f8'); converted to float32\n");
+  const std::string labels_note = absl::StrCat("gradctl: note: ", Path("labels32.npy"),
+                                               " is int32 ('<i4'); converted to int64\n");
+  EXPECT_EQ(run.err, float_notes + labels_note);
 
   // gradctl grad on the converted files gives what it gives on the float32 originals.
   for (const auto& [input, params, labels_file, out] :
@@ -417,10 +500,14 @@ TEST_F(GradcheckTest, ReadsConvertedFilesWithOneNoteEach) {
                  "--input=" + Path(input), "--params=" + Path(params), "--out=" + Path(out),
                  "--objective=cross_entropy", "--labels=" + Path(labels_file)});
     ASSERT_EQ(grad.exit_code, 0) << grad;
-    EXPECT_EQ(absl::StrContains(grad.err, "x64.npy is float64 ('<f8'); converted to float32\n"),
-              input == "x64.npy")
-        << grad;
+    EXPECT_EQ(grad.err, input == "x64.npy" ? float_notes + labels_note : "") << grad;
   }
+  // gradctl forward reads no labels: the float files' notes only.
+  const GradctlRun forward = Gradctl({"forward", "--server=" + Target(),
+                                      "--net=" + Path("net.json"), "--input=" + Path("x64.npy"),
+                                      "--params=" + Path("converted"), "--out=" + Path("fwd")});
+  ASSERT_EQ(forward.exit_code, 0) << forward;
+  EXPECT_EQ(forward.err, float_notes) << forward;
   for (const char* file : {"output.npy", "input.grad.npy", "conv2.weight.grad.npy",
                            "bn1.bias.grad.npy", "bn1.running_mean.npy"}) {
     EXPECT_EQ(gradservicetest::ReadTextFile(Path(absl::StrCat("out32/", file))),

@@ -110,11 +110,18 @@ def start_server(tmp_path_factory, *flags):
         if match is None:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
+                process.wait()
                 pytest.fail(f"gradserver did not start:\n{log_path.read_text()}")
             time.sleep(0.05)
     yield match.group(1)
     process.terminate()
-    assert process.wait(timeout=60) == 0, f"gradserver exited with {process.returncode}"
+    try:
+        code = process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+    assert code == 0, f"gradserver exited with {code}"
 
 
 @pytest.fixture(scope="module")
