@@ -31,6 +31,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "client/sharding.h"
 #include "google/protobuf/struct.pb.h"
 #include "google/protobuf/util/json_util.h"
 #include "gradclient/client.h"
@@ -108,20 +109,6 @@ absl::StatusOr<std::string> NpyFileName(const std::string& name) {
         absl::StrCat("tensor name \"", name, "\" cannot be a checkpoint file name"));
   }
   return name + kNpySuffix;
-}
-
-absl::Status WriteTensors(const fs::path& dir, const ParameterTensors& tensors) {
-  std::error_code error;
-  fs::create_directories(dir, error);
-  if (error) return ErrnoStatus(absl::StrCat("cannot create ", dir.string()), error.value());
-  for (const auto& [name, tensor] : tensors) {
-    absl::StatusOr<std::string> file = NpyFileName(name);
-    if (!file.ok()) return file.status();
-    if (absl::Status s = WriteNpyFile((dir / *file).string(), tensor.shape, tensor.data); !s.ok()) {
-      return s;
-    }
-  }
-  return absl::OkStatus();
 }
 
 absl::StatusOr<Tensor> ReadTensor(const fs::path& path) {
@@ -343,6 +330,19 @@ absl::StatusOr<LossAndHits> ScoreLogits(const Tensor& logits, const int64_t* lab
 
 }  // namespace
 
+absl::Status WriteTensorFiles(const std::string& dir, const ParameterTensors& tensors) {
+  std::error_code error;
+  fs::create_directories(dir, error);
+  if (error) return ErrnoStatus(absl::StrCat("cannot create ", dir), error.value());
+  for (const auto& [name, tensor] : tensors) {
+    absl::StatusOr<std::string> file = NpyFileName(name);
+    if (!file.ok()) return file.status();
+    const std::string path = (fs::path(dir) / *file).string();
+    if (absl::Status s = WriteNpyFile(path, tensor.shape, tensor.data); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 ParameterTensors InitializeParameters(const gradengine::NetworkSpec& network, uint64_t seed) {
   ParameterTensors parameters;
   uint64_t stream = 0;
@@ -409,6 +409,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(Client* client, Trainer
     return absl::InvalidArgumentError(
         absl::StrCat("shards=", options.shards, " is out of range 1..", kMaxShards));
   }
+  // Refused here rather than at the first step: a batch_norm2d in training mode cannot shard.
+  if (absl::Status s = CheckRowsIndependent(options.network, options.shards); !s.ok()) return s;
   const std::vector<int64_t>& input_shape = train->inputs.shape;
   const int64_t rows = input_shape.empty() ? 0 : input_shape[0];
   if (input_shape.size() < 2 || rows < 1) {
@@ -425,6 +427,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(Client* client, Trainer
   for (const gradengine::LayerSpec& layer : options.network.layers) {
     for (const gradengine::ParameterInfo& info : gradengine::LayerParameters(layer)) {
       known.insert(info.name);
+      if (info.trainable) trainable.push_back(info.name);
       auto it = parameters.find(info.name);
       if (it == parameters.end()) {
         if (info.required) {
@@ -442,7 +445,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(Client* client, Trainer
             "parameter \"", info.name, "\" has shape ", gradengine::ShapeToString(it->second.shape),
             "; the network needs ", gradengine::ShapeToString(info.shape)));
       }
-      if (info.trainable) trainable.push_back(info.name);
     }
   }
   if (parameters.size() != known.size()) {
@@ -473,11 +475,16 @@ Trainer::Trainer(Client* client, TrainerOptions options, ParameterTensors parame
 Trainer::~Trainer() = default;
 
 int64_t Trainer::batches_per_epoch() const {
-  return (examples() + options_.batch_size - 1) / options_.batch_size;
+  // Not (examples + batch_size - 1) / batch_size, which overflows for a batch_size near 2^63.
+  return examples() / options_.batch_size + (examples() % options_.batch_size != 0 ? 1 : 0);
 }
 
 int64_t Trainer::total_steps() const {
-  const int64_t all = options_.epochs * batches_per_epoch();
+  // epochs * batches_per_epoch, saturated at the int64 maximum rather than overflowing.
+  const int64_t batches = batches_per_epoch();
+  const int64_t all = options_.epochs > std::numeric_limits<int64_t>::max() / batches
+                          ? std::numeric_limits<int64_t>::max()
+                          : options_.epochs * batches;
   return options_.max_steps > 0 ? std::min(all, options_.max_steps) : all;
 }
 
@@ -536,17 +543,19 @@ absl::StatusOr<StepReport> Trainer::Step() {
   if (!reply->result.loss.has_value()) {
     return absl::InternalError("the server's cross-entropy reply holds no loss");
   }
+  // Checked before anything changes, so that a failed step updates nothing.
+  for (const auto& [name, tensor] : reply->result.running_stats) {
+    auto it = parameters_.find(name);
+    if (it == parameters_.end() || it->second.shape != tensor.shape) {
+      return absl::InternalError(absl::StrCat(
+          "the server returned running statistics \"", name, "\" with shape ",
+          gradengine::ShapeToString(tensor.shape), ", which the network does not have"));
+    }
+  }
   if (absl::Status s = optimizer_->Step(reply->result.parameter_grads, &parameters_); !s.ok()) {
     return s;
   }
-  for (auto& [name, tensor] : reply->result.running_stats) {
-    auto it = parameters_.find(name);
-    if (it == parameters_.end() || it->second.shape != tensor.shape) {
-      return absl::InternalError(absl::StrCat("the server returned running statistics \"", name,
-                                              "\" the network does not have"));
-    }
-    it->second = std::move(tensor);
-  }
+  for (auto& [name, tensor] : reply->result.running_stats) parameters_[name] = std::move(tensor);
 
   StepReport report;
   report.epoch = epoch_;
@@ -600,8 +609,12 @@ absl::Status Trainer::SaveCheckpoint() {
   // exchange below) is stale.
   fs::remove_all(staging, error);
   if (error) return ErrnoStatus(absl::StrCat("cannot remove ", staging.string()), error.value());
-  if (absl::Status s = WriteTensors(staging / kParamsDir, parameters_); !s.ok()) return s;
-  if (absl::Status s = WriteTensors(staging / kOptimizerDir, optimizer_->ExportState()); !s.ok()) {
+  if (absl::Status s = WriteTensorFiles((staging / kParamsDir).string(), parameters_); !s.ok()) {
+    return s;
+  }
+  if (absl::Status s =
+          WriteTensorFiles((staging / kOptimizerDir).string(), optimizer_->ExportState());
+      !s.ok()) {
     return s;
   }
   if (absl::Status s = WriteTextFile(staging / kPositionFile, PositionJson()); !s.ok()) return s;
@@ -703,6 +716,13 @@ absl::Status Trainer::RestoreCheckpoint() {
   }
   absl::StatusOr<int64_t> step = reader->Count(root, "step");
   if (!step.ok()) return step.status();
+  // Every epoch has the same number of batches, one step each.
+  if (*epoch > (std::numeric_limits<int64_t>::max() - *batch_in_epoch) / batches_per_epoch() ||
+      *step != *epoch * batches_per_epoch() + *batch_in_epoch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(position_path.string(), ": step=", *step, " is not epoch=", *epoch, " times ",
+                     batches_per_epoch(), " batches plus batch_in_epoch=", *batch_in_epoch));
+  }
   absl::StatusOr<double> loss_sum = reader->Number(root, "epoch_loss_sum");
   if (!loss_sum.ok()) return loss_sum.status();
   absl::StatusOr<int64_t> epoch_examples = reader->Count(root, "epoch_examples");

@@ -244,24 +244,6 @@ std::string Clock(absl::Duration duration) {
   return absl::StrFormat("%d:%02d", seconds / 60, seconds % 60);
 }
 
-absl::Status WriteParams(const fs::path& dir, const gradengine::ParameterTensors& parameters) {
-  std::error_code error;
-  fs::create_directories(dir, error);
-  if (error) return ErrnoStatus(absl::StrCat("cannot create ", dir.string()), error.value());
-  for (const auto& [name, tensor] : parameters) {
-    // The names come from the network's layer names; keep them inside the directory.
-    if (name.find('/') != std::string::npos || name.rfind('.', 0) == 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("parameter name \"", name, "\" cannot be a file name in ", dir.string()));
-    }
-    const std::string path = (dir / (name + ".npy")).string();
-    if (absl::Status s = gradclient::WriteNpyFile(path, tensor.shape, tensor.data); !s.ok()) {
-      return s;
-    }
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 absl::Status RunTrain(const TrainOptions& options) {
@@ -328,18 +310,25 @@ absl::Status RunTrain(const TrainOptions& options) {
   };
 
   const int64_t first_step = trainer.step();
-  absl::Duration this_run;  // training time in this process, for the ETA
+  // The ETA extrapolates this process's wall time per step, which includes the evaluations and
+  // checkpoints still to come, not only the steps' own time.
+  const absl::Time run_start = absl::Now();
   std::optional<gradclient::Evaluation> last_test;
   int64_t last_test_step = -1;
   double last_train_loss = std::numeric_limits<double>::quiet_NaN();
   absl::Time last_refresh = absl::InfinitePast();
+  // Ends the progress line, if one is showing, so that what follows starts on a line of its own.
+  bool progress_shown = false;
+  auto end_progress_line = [&] {
+    if (progress_shown) std::cerr << "\n";
+    progress_shown = false;
+  };
   while (!trainer.Done()) {
     absl::StatusOr<gradclient::StepReport> report = trainer.Step();
     if (!report.ok()) {
-      if (options.progress) std::cerr << "\n";
+      end_progress_line();
       return report.status();
     }
-    this_run += report->duration;
     const double seconds = absl::ToDoubleSeconds(report->duration);
     if (absl::Status s = write_line(absl::StrCat(
             "{\"kind\":\"step\",\"epoch\":", report->epoch + 1, ",\"step\":", report->step,
@@ -347,6 +336,7 @@ absl::Status RunTrain(const TrainOptions& options) {
             JsonNumber(seconds > 0 ? static_cast<double>(report->batch_size) / seconds : 0.0),
             ",\"elapsed_s\":", JsonNumber(absl::ToDoubleSeconds(report->elapsed)), "}"));
         !s.ok()) {
+      end_progress_line();
       return s;
     }
     // At most ten refreshes a second: a small network takes a step in well under a millisecond.
@@ -354,12 +344,13 @@ absl::Status RunTrain(const TrainOptions& options) {
     if (options.progress && (now - last_refresh >= kProgressRefresh || trainer.Done())) {
       last_refresh = now;
       const int64_t done = report->step - first_step;
-      const absl::Duration eta = this_run / done * (trainer.total_steps() - report->step);
+      const absl::Duration eta = (now - run_start) / done * (trainer.total_steps() - report->step);
       std::cerr << absl::StrFormat(
                        "\repoch %d/%d  step %d/%d  loss %.4f  %.0f samples/s  ETA %s   ",
                        report->epoch + 1, options.epochs, report->step, trainer.total_steps(),
                        report->loss, seconds > 0 ? report->batch_size / seconds : 0.0, Clock(eta))
                 << std::flush;
+      progress_shown = true;
     }
     if (report->epoch_end) {
       last_train_loss = report->epoch_loss;
@@ -369,7 +360,7 @@ absl::Status RunTrain(const TrainOptions& options) {
       if (test.has_value()) {
         absl::StatusOr<gradclient::Evaluation> evaluation = trainer.Evaluate(*test);
         if (!evaluation.ok()) {
-          if (options.progress) std::cerr << "\n";
+          end_progress_line();
           return evaluation.status();
         }
         last_test = *evaluation;
@@ -379,17 +370,26 @@ absl::Status RunTrain(const TrainOptions& options) {
       }
       absl::StrAppend(&line, ",\"elapsed_s\":", JsonNumber(absl::ToDoubleSeconds(report->elapsed)),
                       "}");
-      if (absl::Status s = write_line(line); !s.ok()) return s;
+      if (absl::Status s = write_line(line); !s.ok()) {
+        end_progress_line();
+        return s;
+      }
     }
     // After the step's history lines, so that a checkpoint never runs ahead of the history.
     if (report->checkpoint_due) {
-      if (absl::Status s = trainer.SaveCheckpoint(); !s.ok()) return s;
+      if (absl::Status s = trainer.SaveCheckpoint(); !s.ok()) {
+        end_progress_line();
+        return s;
+      }
     }
   }
-  if (options.progress) std::cerr << "\n";
+  end_progress_line();
 
   const fs::path params_dir = out / kParamsDir;
-  if (absl::Status s = WriteParams(params_dir, trainer.parameters()); !s.ok()) return s;
+  if (absl::Status s = gradclient::WriteTensorFiles(params_dir.string(), trainer.parameters());
+      !s.ok()) {
+    return s;
+  }
   if (test.has_value() && last_test_step != trainer.step()) {
     absl::StatusOr<gradclient::Evaluation> evaluation = trainer.Evaluate(*test);
     if (!evaluation.ok()) return evaluation.status();

@@ -1,15 +1,25 @@
 // `gradctl train` end to end against an in-process server: a run SIGKILLed mid-way (with
 // --checkpoint_every=1) and resumed with --resume ends with the parameters, history and test
-// accuracy of an unbroken run; the history file's lines; usage errors naming the flag.
+// accuracy of an unbroken run; the history file's lines; the progress line on a terminal only;
+// usage errors naming the flag.
 
+#include <fcntl.h>
+#include <pty.h>
 #include <signal.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <random>
+#include <regex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -111,6 +121,81 @@ std::string Field(absl::string_view line, absl::string_view key) {
   if (at == absl::string_view::npos) return "";
   absl::string_view rest = line.substr(at + quoted.size());
   return std::string(rest.substr(0, rest.find_first_of(",}")));
+}
+
+// What gradctl printed with its stderr on a pseudo-terminal (stdout to a file, stdin empty).
+struct TerminalRun {
+  int exit_code = -1;
+  std::string out;
+  std::string terminal;  // stderr, as the terminal received it
+};
+
+TerminalRun RunGradctlOnTerminal(const fs::path& dir, const std::vector<std::string>& args) {
+  TerminalRun run;
+  int controller = -1;
+  int terminal = -1;
+  if (openpty(&controller, &terminal, nullptr, nullptr, nullptr) != 0) {
+    ADD_FAILURE() << "openpty: " << std::strerror(errno);
+    return run;
+  }
+  // No output processing, so that the bytes read are the bytes gradctl wrote ("\n" stays "\n"
+  // rather than becoming "\r\n", which would look like a refresh).
+  termios settings;
+  if (tcgetattr(terminal, &settings) == 0) {
+    settings.c_oflag &= ~static_cast<tcflag_t>(OPOST);
+    tcsetattr(terminal, TCSANOW, &settings);
+  }
+  const std::string out_path = (dir / "gradctl_terminal.stdout").string();
+  std::vector<std::string> argv_strings = {GRADCTL_BINARY};
+  argv_strings.insert(argv_strings.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& arg : argv_strings) argv.push_back(arg.data());
+  argv.push_back(nullptr);
+  // The environment without GRADCTL_AUTH_TOKEN (as RunGradctl), made before fork: between fork
+  // and exec only async-signal-safe calls are allowed.
+  std::vector<char*> envp;
+  for (char** each = environ; *each != nullptr; ++each) {
+    if (std::strncmp(*each, "GRADCTL_AUTH_TOKEN=", 19) != 0) envp.push_back(*each);
+  }
+  envp.push_back(nullptr);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int out = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int in = open("/dev/null", O_RDONLY);
+    if (out < 0 || in < 0 || dup2(in, STDIN_FILENO) < 0 || dup2(out, STDOUT_FILENO) < 0 ||
+        dup2(terminal, STDERR_FILENO) < 0) {
+      _exit(127);
+    }
+    close(controller);
+    execve(argv[0], argv.data(), envp.data());
+    _exit(127);
+  }
+  close(terminal);
+  if (pid < 0) {
+    ADD_FAILURE() << "fork: " << std::strerror(errno);
+    close(controller);
+    return run;
+  }
+  // Read until every writer has closed the terminal (EIO on Linux), so that the child never
+  // blocks on a full terminal buffer.
+  char buffer[4096];
+  for (;;) {
+    const ssize_t n = read(controller, buffer, sizeof(buffer));
+    if (n > 0) {
+      run.terminal.append(buffer, static_cast<size_t>(n));
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      break;
+    }
+  }
+  close(controller);
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  run.out = ReadFile(out_path);
+  return run;
 }
 
 class GradctlTrainTest : public ::testing::Test {
@@ -245,6 +330,32 @@ TEST_F(GradctlTrainTest, KilledMidRunAndResumedEndsLikeAnUnbrokenRun) {
   const std::string unbroken_accuracy =
       unbroken.out.substr(unbroken.out.find(accuracy_line), accuracy_line.size() + 6);
   EXPECT_THAT(resumed.out, HasSubstr(unbroken_accuracy));
+}
+
+TEST_F(GradctlTrainTest, ProgressLineOnATerminalOnly) {
+  const TerminalRun run = RunGradctlOnTerminal(dir_, TrainArgs("terminal"));
+  ASSERT_EQ(run.exit_code, 0) << run.terminal;
+  // Refreshed in place: every refresh starts with "\r" and the line ends once, at the end.
+  const std::regex refresh(absl::StrCat(R"(\repoch \d+/)", kEpochs, R"(  step (\d+)/)", kSteps,
+                                        R"(  loss \d+\.\d{4}  \d+ samples/s  ETA \d+:\d\d +)"));
+  std::vector<int64_t> steps;
+  for (std::sregex_iterator it(run.terminal.begin(), run.terminal.end(), refresh), end; it != end;
+       ++it) {
+    steps.push_back(std::stoll((*it)[1].str()));
+  }
+  ASSERT_FALSE(steps.empty()) << "no progress line in: " << run.terminal;
+  EXPECT_EQ(steps.front(), 1) << run.terminal;      // the first step shows at once
+  EXPECT_EQ(steps.back(), kSteps) << run.terminal;  // and the last one always
+  EXPECT_EQ(run.terminal.back(), '\n') << run.terminal;
+  EXPECT_EQ(std::count(run.terminal.begin(), run.terminal.end(), '\n'), 1) << run.terminal;
+  EXPECT_THAT(run.out, HasSubstr("test_accuracy="));
+  EXPECT_EQ(run.out.find('\r'), std::string::npos) << run.out;  // stdout is not the terminal
+
+  // Off a terminal, stderr gets nothing at all.
+  const GradctlRun piped = Gradctl(TrainArgs("piped"));
+  ASSERT_EQ(piped.exit_code, 0) << piped;
+  EXPECT_EQ(piped.err, "");
+  EXPECT_THAT(piped.out, HasSubstr("test_accuracy="));
 }
 
 TEST_F(GradctlTrainTest, ResumeWithoutACheckpointFails) {

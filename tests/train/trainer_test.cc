@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -307,6 +309,48 @@ TEST_F(TrainerTest, RefusesACheckpointOfAnotherConfiguration) {
               StatusIs(absl::StatusCode::kInvalidArgument, "position.json: field \"config\""));
 }
 
+TEST_F(TrainerTest, RefusesACheckpointWhoseStepDisagreesWithItsPosition) {
+  std::unique_ptr<Trainer> trainer = MakeTrainer(Options(AmsGrad()));
+  ASSERT_NE(trainer, nullptr);
+  ASSERT_TRUE(trainer->Step().ok());
+  ASSERT_TRUE(trainer->SaveCheckpoint().ok());
+  const fs::path position = dir_ / "checkpoint" / "position.json";
+  std::string json;
+  {
+    std::ifstream file(position);
+    json.assign(std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>());
+  }
+  const size_t at = json.find("\"step\":1,");
+  ASSERT_NE(at, std::string::npos) << json;
+  json.replace(at, 9, "\"step\":2,");
+  std::ofstream(position, std::ios::trunc) << json;
+  EXPECT_THAT(MakeTrainer(Options(AmsGrad()))->RestoreCheckpoint(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       "step=2 is not epoch=0 times 5 batches plus batch_in_epoch=1"));
+}
+
+TEST_F(TrainerTest, HugeEpochsAndBatchSizeDoNotOverflow) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  TrainerOptions options = Options(Momentum());
+  options.batch_size = kMax;
+  options.epochs = kMax;
+  std::unique_ptr<Trainer> whole = MakeTrainer(options);
+  ASSERT_NE(whole, nullptr);
+  EXPECT_EQ(whole->batches_per_epoch(), 1);
+  EXPECT_EQ(whole->total_steps(), kMax);
+  absl::StatusOr<StepReport> report = whole->Step();
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->batch_size, 37);  // every example in the one batch
+  EXPECT_TRUE(report->epoch_end);
+
+  options.batch_size = 8;
+  std::unique_ptr<Trainer> saturated = MakeTrainer(options);
+  ASSERT_NE(saturated, nullptr);
+  EXPECT_EQ(saturated->batches_per_epoch(), 5);
+  EXPECT_EQ(saturated->total_steps(), kMax);  // saturated, not wrapped
+  EXPECT_FALSE(saturated->Done());
+}
+
 TEST_F(TrainerTest, CreateRefusesBadOptionsAndData) {
   auto create = [&](TrainerOptions options, ParameterTensors parameters, const LabeledData* data) {
     return Trainer::Create(client_.get(), std::move(options), std::move(parameters), data).status();
@@ -320,6 +364,9 @@ TEST_F(TrainerTest, CreateRefusesBadOptionsAndData) {
   shards.shards = kMaxShards + 1;
   EXPECT_THAT(create(shards, parameters, &data_),
               StatusIs(absl::StatusCode::kInvalidArgument, "shards=65 is out of range"));
+  shards.shards = 2;  // bn1 is in training mode: its statistics are the whole batch's
+  EXPECT_THAT(create(shards, parameters, &data_),
+              StatusIs(absl::StatusCode::kInvalidArgument, "shards=2 cannot be used: layers[1]"));
   EXPECT_THAT(create(Options(SgdOptions()), parameters, &data_),
               StatusIs(absl::StatusCode::kInvalidArgument, "sgd.lr is required"));
   ParameterTensors missing = parameters;

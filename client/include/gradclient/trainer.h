@@ -69,7 +69,8 @@ struct TrainerOptions {
   bool shuffle = true;
   // Default: 0.
   uint64_t seed = 0;
-  // CallOptions::shards of every call. Range 1..kMaxShards. Default: 1.
+  // CallOptions::shards of every call. Range 1..kMaxShards; above 1 only for a network without a
+  // batch_norm2d in training mode, whose statistics are the whole batch's. Default: 1.
   int shards = 1;
   // Where checkpoints go (created when needed); empty for none. Default: empty.
   std::string checkpoint_dir;
@@ -114,13 +115,20 @@ struct Evaluation {
 gradengine::ParameterTensors InitializeParameters(const gradengine::NetworkSpec& network,
                                                   uint64_t seed);
 
+// Writes <dir>/<name>.npy for every tensor (creating `dir`): the layout of a checkpoint's
+// params/ and of a trained network's parameters directory. Errors: InvalidArgument for a
+// name that is not a file name inside `dir` (empty, holding a '/' or starting with '.'); file
+// errors name the path.
+absl::Status WriteTensorFiles(const std::string& dir, const gradengine::ParameterTensors& tensors);
+
 class Trainer {
  public:
   // `parameters` must hold every parameter and buffer gradengine::LayerParameters lists for
   // the network (buffers optional in training mode take their fill when absent) with those
   // shapes; `train` must outlive the Trainer. Errors: InvalidArgument naming the option or the
-  // tensor (an option out of range, a missing, misshapen or unknown parameter, labels of another
-  // count than the inputs, no examples), and ValidateOptimizerOptions' errors.
+  // tensor (an option out of range, shards > 1 with a batch_norm2d in training mode, a missing,
+  // misshapen or unknown parameter, labels of another count than the inputs, no examples), and
+  // ValidateOptimizerOptions' errors.
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(Client* client, TrainerOptions options,
                                                          gradengine::ParameterTensors parameters,
                                                          const LabeledData* train);
