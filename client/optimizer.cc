@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "gradengine/network.h"
+#include "gradengine/overloaded.h"
 #include "gradengine/tensor.h"
 
 namespace gradclient {
@@ -25,12 +26,7 @@ namespace {
 using gradengine::ParameterTensors;
 using gradengine::Tensor;
 
-template <class... Ts>
-struct Overloaded : Ts... {
-  using Ts::operator()...;
-};
-template <class... Ts>
-Overloaded(Ts...) -> Overloaded<Ts...>;
+using gradengine::Overloaded;
 
 // torch's CPU kernels, element by element, as they round in float32. A Python float handed to a
 // kernel as a Scalar becomes a float (Scalar::to<float>) before it meets a tensor element.

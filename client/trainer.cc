@@ -38,6 +38,7 @@
 #include "gradclient/npy.h"
 #include "gradclient/optimizer.h"
 #include "gradengine/network.h"
+#include "gradengine/overloaded.h"
 #include "gradengine/tensor.h"
 
 namespace gradclient {
@@ -47,12 +48,7 @@ namespace fs = std::filesystem;
 using gradengine::ParameterTensors;
 using gradengine::Tensor;
 
-template <class... Ts>
-struct Overloaded : Ts... {
-  using Ts::operator()...;
-};
-template <class... Ts>
-Overloaded(Ts...) -> Overloaded<Ts...>;
+using gradengine::Overloaded;
 
 // The checkpoint's files (see trainer.h).
 constexpr char kPositionFile[] = "position.json";

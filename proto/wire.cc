@@ -16,6 +16,7 @@
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/wire_format_lite.h"
+#include "gradengine/overloaded.h"
 #include "gradengine/quote.h"
 
 namespace gradwire {
@@ -40,13 +41,7 @@ using gradengine::ObjectiveKind;
 using gradengine::Tensor;
 using gradengine::TensorView;
 
-// The overload set std::visit dispatches a LayerOp to.
-template <typename... Ts>
-struct Overloaded : Ts... {
-  using Ts::operator()...;
-};
-template <typename... Ts>
-Overloaded(Ts...) -> Overloaded<Ts...>;
+using gradengine::Overloaded;
 
 // The wire enum for each engine activation, and back.
 constexpr std::pair<ActivationKind, grad::v1::ActivationKind> kActivations[] = {

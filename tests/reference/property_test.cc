@@ -42,6 +42,7 @@
 #include "absl/types/span.h"
 #include "gradengine/engine.h"
 #include "gradengine/network.h"
+#include "gradengine/overloaded.h"
 #include "gradengine/tensor.h"
 #include "gtest/gtest.h"
 #include "tests/reference/reference.h"
@@ -177,12 +178,7 @@ bool HasKink(ActivationKind kind) {
          kind == ActivationKind::kElu;
 }
 
-template <typename... Ts>
-struct Overloaded : Ts... {
-  using Ts::operator()...;
-};
-template <typename... Ts>
-Overloaded(Ts...) -> Overloaded<Ts...>;
+using gradengine::Overloaded;
 
 // One random case. It owns every tensor; MakeRequest() borrows views of them, so a case stays
 // where it is while its requests are in use.

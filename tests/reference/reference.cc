@@ -8,6 +8,8 @@
 #include <utility>
 #include <variant>
 
+#include "gradengine/overloaded.h"
+
 namespace gradtest {
 namespace {
 
@@ -781,12 +783,7 @@ int RefInputSource(const NetworkSpec& network, size_t i) {
 
 namespace {
 
-template <typename... Ts>
-struct Overloaded : Ts... {
-  using Ts::operator()...;
-};
-template <typename... Ts>
-Overloaded(Ts...) -> Overloaded<Ts...>;
+using gradengine::Overloaded;
 
 // The parameter or buffer "<layer>.<suffix>" with the shape gradengine::LayerParameters gives
 // it: the supplied tensor, or for an optional one that is absent its fill value.

@@ -25,6 +25,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "gradclient/npy.h"
+#include "gradengine/overloaded.h"
 #include "tests/tolerance.h"
 
 namespace gradtest {
@@ -326,12 +327,7 @@ absl::StatusOr<bool> ParseFlag(absl::Span<const absl::string_view> tokens,
   return tokens[0] == "1";
 }
 
-template <typename... Ts>
-struct Overloaded : Ts... {
-  using Ts::operator()...;
-};
-template <typename... Ts>
-Overloaded(Ts...) -> Overloaded<Ts...>;
+using gradengine::Overloaded;
 
 // Whether `layer` returns its buffers updated, in a result's running_stats.
 bool UpdatesBuffers(const LayerSpec& layer) {

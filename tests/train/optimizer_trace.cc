@@ -33,6 +33,7 @@
 #include "gradclient/optimizer.h"
 #include "gradclient/trainer.h"
 #include "gradengine/network.h"
+#include "gradengine/overloaded.h"
 #include "gradengine/tensor.h"
 #include "server/server.h"
 
@@ -51,12 +52,7 @@ constexpr int64_t kExamples = 64;
 constexpr int64_t kBatch = 16;
 constexpr int64_t kClasses = 5;
 
-template <class... Ts>
-struct Overloaded : Ts... {
-  using Ts::operator()...;
-};
-template <class... Ts>
-Overloaded(Ts...) -> Overloaded<Ts...>;
+using gradengine::Overloaded;
 
 gradengine::NetworkSpec Network() {
   gradengine::NetworkSpec network;
