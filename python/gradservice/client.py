@@ -427,34 +427,39 @@ class Client:
                   for i, (name, array) in enumerate(zip(call.param_names, call.param_arrays))]
         return params, _wire.tensor_header(call.input_array, ref=refs.get("input")), refs
 
-    def _forward_once(self, base, call):
+    def _call_once(self, method, base, call, frame, decode, add_objective=None):
+        """One unsharded call of `method`: `base` (the request without its tensors) completed
+        with the tensor headers of `call` (references into shared memory when a lease holds
+        them) and `add_objective(skeleton, refs)`, framed around the arrays by `frame` and
+        the response decoded by `decode`."""
         lease = self._shm.acquire(call, base) if self._shm is not None else None
         try:
-            skeleton = pb.ForwardRequest()
+            skeleton = type(base)()
             skeleton.CopyFrom(base)
-            params, input_header, _ = self._tensors(call, lease)
+            params, input_header, refs = self._tensors(call, lease)
             skeleton.parameters.extend(params)
             skeleton.input.CopyFrom(input_header)
+            if add_objective is not None:
+                add_objective(skeleton, refs)
             if lease is not None:
                 lease.fill_placement(skeleton.placement)
-            request = _wire.join(_wire.frame_forward(skeleton, call.param_arrays,
-                                                     call.input_array))
-            response, attempts = self._call("Forward", request, call.deadline)
-            decoded = self._decode(_wire.decode_forward, response, "Forward", lease)
+            request = _wire.join(frame(skeleton))
+            response, attempts = self._call(method, request, call.deadline)
+            decoded = self._decode(decode, response, method, lease)
         finally:
             if lease is not None:
                 lease.release_unless_used()
         decoded["attempts"] = attempts
         return decoded
 
+    def _forward_once(self, base, call):
+        return self._call_once(
+            "Forward", base, call,
+            lambda skeleton: _wire.frame_forward(skeleton, call.param_arrays, call.input_array),
+            _wire.decode_forward)
+
     def _gradients_once(self, base, call):
-        lease = self._shm.acquire(call, base) if self._shm is not None else None
-        try:
-            skeleton = pb.ComputeGradientsRequest()
-            skeleton.CopyFrom(base)
-            params, input_header, refs = self._tensors(call, lease)
-            skeleton.parameters.extend(params)
-            skeleton.input.CopyFrom(input_header)
+        def add_objective(skeleton, refs):
             objective = call.objective
             if isinstance(objective, Mse):
                 skeleton.objective.mse_target.CopyFrom(
@@ -471,17 +476,12 @@ class Client:
                                                        dtype=pb.DATA_TYPE_INT64))
                 ce.label_smoothing = float(objective.label_smoothing)
                 ce.ignore_index = int(objective.ignore_index)
-            if lease is not None:
-                lease.fill_placement(skeleton.placement)
-            request = _wire.join(_wire.frame_gradients(skeleton, call.param_arrays,
-                                                       call.input_array, call.objective_array))
-            response, attempts = self._call("ComputeGradients", request, call.deadline)
-            decoded = self._decode(_wire.decode_gradients, response, "ComputeGradients", lease)
-        finally:
-            if lease is not None:
-                lease.release_unless_used()
-        decoded["attempts"] = attempts
-        return decoded
+
+        return self._call_once(
+            "ComputeGradients", base, call,
+            lambda skeleton: _wire.frame_gradients(skeleton, call.param_arrays,
+                                                   call.input_array, call.objective_array),
+            _wire.decode_gradients, add_objective)
 
     def _decode(self, decode, response, method, lease):
         try:
